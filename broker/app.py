@@ -1,0 +1,65 @@
+"""The Celery application on Redis (kombu).
+
+Queues: ``intake`` (detect and choose the face), one ``engine.<name>`` per engine (embed + search,
+and enrolment into that engine), ``fusion`` (merge rank lists) and ``gallery`` (maintenance:
+snapshots, expunge). Tasks are acknowledged late and rejected when a worker dies, so a message is
+redelivered rather than lost; every task is idempotent (see ``workers.tasks``) so redelivery is safe.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from quorum.config import ENGINE_NAMES, settings
+
+INTAKE_QUEUE = "intake"
+FUSION_QUEUE = "fusion"
+GALLERY_QUEUE = "gallery"
+
+
+def engine_queue(engine: str) -> str:
+    return f"engine.{engine}"
+
+
+ALL_QUEUES = (INTAKE_QUEUE, *(engine_queue(e) for e in ENGINE_NAMES), FUSION_QUEUE, GALLERY_QUEUE)
+
+# Which queue each worker role consumes.
+ROLE_QUEUES = {
+    "intake": INTAKE_QUEUE,
+    **{e: engine_queue(e) for e in ENGINE_NAMES},
+    "fusion": FUSION_QUEUE,
+    "gallery": GALLERY_QUEUE,
+}
+
+
+def make_app(redis_url: str | None = None) -> Celery:
+    url = redis_url or settings().redis_url
+    app = Celery("quorum", broker=url, backend=url, include=["workers.tasks"])
+    app.conf.update(
+        task_queues=[Queue(q) for q in ALL_QUEUES],
+        task_default_queue=INTAKE_QUEUE,
+        task_routes={
+            "quorum.intake.*": {"queue": INTAKE_QUEUE},
+            "quorum.fusion.*": {"queue": FUSION_QUEUE},
+            "quorum.gallery.*": {"queue": GALLERY_QUEUE},
+            # quorum.engine.* tasks are sent with an explicit engine queue (see workers.tasks).
+        },
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=False,
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+    return app
+
+
+app = make_app()

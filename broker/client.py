@@ -1,0 +1,95 @@
+"""Submitting probes and waiting for results — the Python face of the stream protocol.
+
+Nothing here is Python-only: an agency's own software does the same with two Redis commands,
+``XADD quorum:intake:<agency> * payload <ProbeRequest JSON>`` and ``XREAD`` on
+``quorum:results:<agency>`` (or ``GET quorum:result:<agency>:<request_id>``). See README.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from pathlib import Path
+
+import redis as redis_lib
+
+from schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
+
+from broker import keys
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class QuorumClient:
+    def __init__(self, redis_url: str, agency_id: str, user_id: str) -> None:
+        self.redis = redis_lib.Redis.from_url(redis_url)
+        self.agency_id = agency_id
+        self.user_id = user_id
+
+    def submit(self, image: bytes | str | Path | ObjectImage, *, case_number: str, offence_code: str,
+               purpose: str, candidates: int = 250, face_index: int | None = None,
+               request_id: str | None = None) -> str:
+        """Put a probe request on this agency's intake stream; returns its request id."""
+        if isinstance(image, ObjectImage):
+            ref: ObjectImage | InlineImage = image
+        else:
+            data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+            ref = InlineImage(data_b64=base64.b64encode(data).decode())
+        req = ProbeRequest(
+            request_id=request_id or new_request_id(),
+            agency_id=self.agency_id,
+            user_id=self.user_id,
+            case_number=case_number,
+            offence_code=offence_code,
+            purpose=purpose,
+            image=ref,
+            candidates=candidates,
+            face_index=face_index,
+        )
+        self.submit_raw(req.model_dump_json(exclude_none=True))
+        return req.request_id
+
+    def submit_raw(self, payload: str | bytes) -> str:
+        """Write an arbitrary payload (used by tests to send broken messages). Returns the entry id."""
+        entry = self.redis.xadd(keys.intake_stream(self.agency_id), {"payload": payload})
+        return entry.decode() if isinstance(entry, bytes) else entry
+
+    def result(self, request_id: str) -> CandidateList | ErrorResult | None:
+        raw = self.redis.get(keys.result_key(self.agency_id, request_id))
+        return parse_result(raw) if raw else None
+
+    def wait(self, request_id: str, timeout: float = 120.0) -> CandidateList | ErrorResult:
+        """Block until the request's result is published (raises TimeoutError)."""
+        return self.wait_all([request_id], timeout=timeout)[request_id]
+
+    def wait_all(self, request_ids: list[str], timeout: float = 600.0,
+                 progress=None) -> dict[str, CandidateList | ErrorResult]:
+        """Wait for many results; ``progress(n_done)`` is called as they arrive."""
+        pending = set(request_ids)
+        done: dict[str, CandidateList | ErrorResult] = {}
+        deadline = time.monotonic() + timeout
+        stream = keys.results_stream(self.agency_id)
+        last = "$"
+        while True:
+            # Check the keys first: results published before we started reading the stream count.
+            ids = sorted(pending)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                raws = self.redis.mget([keys.result_key(self.agency_id, r) for r in chunk])
+                for rid, raw in zip(chunk, raws, strict=True):
+                    if raw:
+                        done[rid] = parse_result(raw)
+                        pending.discard(rid)
+            if progress:
+                progress(len(done))
+            if not pending:
+                return done
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(pending)} of {len(request_ids)} results not published in {timeout}s")
+            resp = self.redis.xread({stream: last}, block=int(min(remaining, 1.0) * 1000) or 1, count=1000)
+            if resp:
+                last = resp[0][1][-1][0]

@@ -1,0 +1,55 @@
+"""Every Redis key and stream name in one place.
+
+Names carry the agency so that a Redis ACL user per agency can be confined to
+``quorum:intake:<agency>`` (write) and ``quorum:results:<agency>`` / ``quorum:result:<agency>:*`` (read).
+"""
+
+from __future__ import annotations
+
+INTAKE_STREAM_PREFIX = "quorum:intake:"
+INTAKE_GROUP = "quorum-gateway"
+
+
+def intake_stream(agency: str) -> str:
+    return f"{INTAKE_STREAM_PREFIX}{agency}"
+
+
+def results_stream(agency: str) -> str:
+    return f"quorum:results:{agency}"
+
+
+def result_key(agency: str, request_id: str) -> str:
+    """The published result of one request, kept for ``result_ttl_s`` (lookup and idempotency)."""
+    return f"quorum:result:{agency}:{request_id}"
+
+
+def request_key(agency: str, request_id: str) -> str:
+    """Claimed by the gateway for a request id: the stream entry that carried it first."""
+    return f"quorum:request:{agency}:{request_id}"
+
+
+def job_key(request_id: str) -> str:
+    """A search in flight: agency, case, probe key, face, expected engines, timings."""
+    return f"quorum:job:{request_id}"
+
+
+def job_results_key(request_id: str) -> str:
+    """Hash engine -> EngineResult JSON for a search in flight."""
+    return f"quorum:job:{request_id}:engines"
+
+
+def job_published_key(request_id: str) -> str:
+    return f"quorum:job:{request_id}:published"
+
+
+def gallery_log(engine: str) -> str:
+    """Append-only stream of gallery changes for one engine; every replica of its index applies it."""
+    return f"quorum:gallery:log:{engine}"
+
+
+def gallery_label_counter(engine: str) -> str:
+    return f"quorum:gallery:next_label:{engine}"
+
+
+GALLERY_SUBJECTS = "quorum:gallery:subjects"  # hash subject id -> JSON {images: [...], enrolled_at}
+REJECTED_STREAM = "quorum:rejected"  # every refused message, for the operators

@@ -1,0 +1,44 @@
+"""Prometheus metrics, defined once.
+
+Naming follows Prometheus conventions: one ``quorum_`` prefix, base units in the name, ``_total`` on
+counters, and labels only from small bounded sets (agency, engine, stage, outcome, error code, queue),
+never request or subject ids. Deployment rules and dashboards in ``deploy/`` use these names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+PROBES_RECEIVED = Counter("quorum_probes_received_total", "Probe requests read from intake streams", ["agency"])
+PROBES_REJECTED = Counter(
+    "quorum_probes_rejected_total", "Probe requests answered with an error instead of a search", ["agency", "code"]
+)
+SEARCHES_COMPLETED = Counter(
+    "quorum_searches_completed_total", "Fused candidate lists published", ["agency", "outcome"]
+)
+SEARCH_DURATION = Histogram(
+    "quorum_search_duration_seconds",
+    "From gateway receipt to fused result",
+    ["outcome"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+)
+ENGINE_DURATION = Histogram(
+    "quorum_engine_duration_seconds",
+    "Time an engine spends per probe",
+    ["engine", "stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+ENGINE_FAILURES = Counter("quorum_engine_failures_total", "Engine results with an error", ["engine", "code"])
+GALLERY_TEMPLATES = Gauge("quorum_gallery_templates", "Live templates in this worker's index", ["engine"])
+QUEUE_LENGTH = Gauge("quorum_queue_length", "Messages waiting in a Celery queue", ["queue"])
+TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
+
+_started = False
+
+
+def start_metrics_server(port: int) -> None:
+    """Serve /metrics on ``port`` (0 = do not serve). Safe to call more than once."""
+    global _started
+    if port and not _started:
+        start_http_server(port, addr="0.0.0.0")
+        _started = True

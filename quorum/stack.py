@@ -1,0 +1,200 @@
+"""The local stack behind ``quorum up`` / ``quorum down``: Redis and one process per role.
+
+With no configuration everything runs on this machine: a ``redis-server`` on the port of
+``QUORUM_REDIS_URL`` (started only when nothing answers there and the URL is local), the embedded
+disk store (or the S3 server configured), the gateway and one Celery worker per queue. State lives
+under ``QUORUM_HOME`` (``run/`` pid files, ``logs/`` one log per process); ``down`` stops exactly
+what ``up`` started, using those pid files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis as redis_lib
+import structlog
+
+from broker.app import ROLE_QUEUES
+from quorum.config import Settings
+
+log = structlog.get_logger()
+
+ROLES = ("gateway", *ROLE_QUEUES)
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The environment that makes a child process see the same settings as this one."""
+    env = dict(os.environ)
+    env.update({
+        "QUORUM_HOME": s.home,
+        "QUORUM_REDIS_URL": s.redis_url,
+        "QUORUM_S3_ENDPOINT": s.s3_endpoint,
+        "QUORUM_S3_ACCESS_KEY": s.s3_access_key,
+        "QUORUM_S3_SECRET_KEY": s.s3_secret_key,
+        "QUORUM_S3_BUCKET": s.s3_bucket,
+        "QUORUM_S3_SECURE": str(s.s3_secure).lower(),
+        "QUORUM_ENGINES": ",".join(s.engines),
+        "QUORUM_DEVICE": s.device,
+        "QUORUM_FUSION_METHOD": s.fusion_method,
+        "QUORUM_FUSION_DEADLINE_S": str(s.fusion_deadline_s),
+        "PYTHONUNBUFFERED": "1",
+    })
+    # Engines run one per process; keep each from spawning a thread per core on a small machine.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class Stack:
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.home = Path(s.home)
+        self.run_dir = self.home / "run"
+        self.log_dir = self.home / "logs"
+
+    # ---- redis ------------------------------------------------------------------------------
+    def _redis_reachable(self) -> bool:
+        try:
+            return bool(redis_lib.Redis.from_url(self.s.redis_url, socket_connect_timeout=0.5).ping())
+        except redis_lib.RedisError:
+            return False
+
+    def start_redis(self) -> bool:
+        """Start a local redis-server for the configured URL if none answers. True if started."""
+        if self._redis_reachable():
+            return False
+        url = urlparse(self.s.redis_url)
+        if url.hostname not in {"127.0.0.1", "localhost", "::1"}:
+            raise RuntimeError(f"Redis at {self.s.redis_url} does not answer, and it is not local to start")
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        data = self.home / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([exe, "--bind", "127.0.0.1", "--port", str(url.port or 6379), "--daemonize", "yes",
+                        "--pidfile", str(self.run_dir / "redis.pid"), "--dir", str(data),
+                        "--logfile", str(self.log_dir / "redis.log"), "--save", "", "--appendonly", "yes"],
+                       check=True)
+        for _ in range(100):
+            if self._redis_reachable():
+                return True
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start; see " + str(self.log_dir / "redis.log"))
+
+    # ---- processes --------------------------------------------------------------------------
+    def _pidfile(self, role: str, i: int = 0) -> Path:
+        return self.run_dir / f"{role}-{i}.pid"
+
+    def _alive(self, pidfile: Path) -> int | None:
+        try:
+            pid = int(pidfile.read_text())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+        try:  # a zombie (PID 1 here does not reap) is not alive
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return None
+        except OSError:
+            return None
+        return pid
+
+    def start_process(self, role: str, i: int = 0, *, metrics_port: int = 0) -> int:
+        pidfile = self._pidfile(role, i)
+        pid = self._alive(pidfile)
+        if pid:
+            return pid
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = settings_env(self.s)
+        env["QUORUM_METRICS_PORT"] = str(metrics_port)
+        args = [sys.executable, "-m", "quorum.cli"] + (["gateway"] if role == "gateway" else ["worker", role])
+        with open(self.log_dir / f"{role}-{i}.log", "ab") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    cwd=str(Path(__file__).resolve().parent.parent))
+        pidfile.write_text(str(proc.pid))
+        return proc.pid
+
+    def up(self, roles: tuple[str, ...] = ROLES, *, metrics_base: int = 0, timeout: float = 180.0) -> None:
+        started_redis = self.start_redis()
+        if started_redis:
+            (self.run_dir / "redis.started").write_text("1")
+        for i, role in enumerate(roles):
+            self.start_process(role, metrics_port=metrics_base + i if metrics_base else 0)
+        self.wait_ready(roles, timeout=timeout)
+
+    def wait_ready(self, roles: tuple[str, ...], timeout: float = 180.0) -> None:
+        from broker.app import make_app
+
+        app = make_app(self.s.redis_url)
+        r = redis_lib.Redis.from_url(self.s.redis_url)
+        want = {r_ for r_ in roles if r_ != "gateway"}
+        deadline = time.monotonic() + timeout
+        while True:
+            for role in roles:
+                if not self._alive(self._pidfile(role)):
+                    tail = (self.log_dir / f"{role}-0.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the {role} process exited during start:\n{tail}")
+            replies = app.control.ping(timeout=1.0) or []
+            ready = {next(iter(rep)).split("@", 1)[0] for rep in replies}
+            gateway_ok = "gateway" not in roles or any(True for _ in r.scan_iter("quorum:gateway:alive:*"))
+            if want <= ready and gateway_ok:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout}s: waiting for {sorted(want - ready)}"
+                                   + ("" if gateway_ok else " and the gateway"))
+            time.sleep(0.5)
+
+    def down(self) -> list[str]:
+        stopped = []
+        for pidfile in sorted(self.run_dir.glob("*.pid")) if self.run_dir.exists() else []:
+            if pidfile.name == "redis.pid":
+                continue
+            pid = self._alive(pidfile)
+            if pid:
+                _terminate(pid)
+                stopped.append(pidfile.stem)
+            pidfile.unlink(missing_ok=True)
+        marker = self.run_dir / "redis.started"
+        if marker.exists():
+            pid = self._alive(self.run_dir / "redis.pid")
+            if pid:
+                _terminate(pid)
+                stopped.append("redis")
+            marker.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> dict[str, str]:
+        out = {"redis": "up" if self._redis_reachable() else "down"}
+        for role in ROLES:
+            out[role] = "running" if self._alive(self._pidfile(role)) else "stopped"
+        return out
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return
+        except (ProcessLookupError, OSError):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

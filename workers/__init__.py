@@ -1,0 +1,1 @@
+"""Quorum workers: image decoding, face detection/alignment and the embedding engines."""

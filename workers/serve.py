@@ -1,0 +1,65 @@
+"""Process entry points: ``quorum worker ROLE`` and ``quorum gateway``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+
+import structlog
+
+from broker.app import ROLE_QUEUES, app
+from quorum import metrics
+from quorum.config import settings
+from quorum.logging import configure_logging
+
+log = structlog.get_logger()
+
+
+def _start_metrics() -> None:
+    port = settings().metrics_port
+    if not port:
+        return
+    try:
+        metrics.start_metrics_server(port)
+        log.info("metrics.serving", port=port)
+    except OSError as exc:  # a taken port must not stop a worker
+        log.warning("metrics.port_unavailable", port=port, error=str(exc))
+
+
+def run_worker(role: str, concurrency: int = 1) -> None:
+    """A Celery worker consuming the queue of ``role``; engine roles preload model and gallery."""
+    if role not in ROLE_QUEUES:
+        raise SystemExit(f"unknown role {role!r}; roles: {', '.join(ROLE_QUEUES)}")
+    s = settings()
+    configure_logging(s.log_level, s.log_json)
+    from workers import instrument
+    from workers.runtime import runtime
+
+    instrument.install()
+    runtime.role = role
+    _start_metrics()
+    if role in s.engines:
+        runtime.replica(role)  # loads the model and catches up with the gallery before taking work
+        metrics.GALLERY_TEMPLATES.labels(role).set(len(runtime.replica(role).index))
+    elif role == "intake":
+        _ = runtime.detector
+    node = f"{role}@{socket.gethostname()}-{os.getpid()}"
+    # solo pool: tasks run in this process, next to the model and index loaded above. Scale out by
+    # running more worker processes (each a full replica), not by forking.
+    app.worker_main(["worker", "-Q", ROLE_QUEUES[role], "-n", node, "--pool", "solo",
+                     "--loglevel", s.log_level, "--without-gossip", "--without-mingle"])
+
+
+def run_gateway() -> None:
+    s = settings()
+    configure_logging(s.log_level, s.log_json)
+    from workers.gateway import Gateway
+    from workers.runtime import runtime
+
+    _start_metrics()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Gateway(runtime.redis, runtime.store, s).run(stop)
