@@ -12,8 +12,8 @@ import click
 from quorum.config import settings
 from quorum.logging import configure_logging
 
-DEFAULT_AGENCY = "demo-agency"
-DEFAULT_USER = "demo-user"
+from quorum.demo import DEMO_AGENCY as DEFAULT_AGENCY
+from quorum.demo import DEMO_USER as DEFAULT_USER
 
 
 @click.group()
@@ -88,17 +88,19 @@ def status() -> None:
 
 # ---- gallery ------------------------------------------------------------------------------------
 
-def _progress_bar(total_label: str):
+def _tqdm_bar(label: str, total: int):
+    """A progress callback ``update(done)`` drawing a bar on stderr; closes itself when complete."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=total_label, unit="img", file=sys.stderr)
+    bar = tqdm(desc=label, total=total, unit="img", file=sys.stderr)
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
+    def update(done: int) -> None:
         bar.n = done
         bar.refresh()
+        if done >= total:
+            bar.close()
 
-    return bar, update
+    return update
 
 
 @main.command()
@@ -111,9 +113,8 @@ def enroll(folder: Path, batch: int) -> None:
 
     s = settings()
     items = folder_items(folder)
-    bar, update = _progress_bar("enrolling (image x engine)")
-    report = enrol(s, open_store(s), items, batch=batch, progress=update)
-    bar.close()
+    bar = _tqdm_bar("enrolling (image x engine)", len(items) * len(s.engines))
+    report = enrol(s, open_store(s), items, batch=batch, progress=lambda done, total: bar(done))
     click.echo(f"{report.images} images; templates added: {report.enrolled}; "
                f"failed to enrol: { {e: len(f) for e, f in report.failed.items()} } in {report.seconds:.1f}s")
 
@@ -204,44 +205,19 @@ def search(image: Path, case_number: str, offence_code: str, purpose: str, top: 
 @click.option("--keep-running", is_flag=True, help="leave the stack up afterwards")
 def demo(data: Path | None, keep_running: bool) -> None:
     """Start the stack, enrol the ci gallery, search every probe through the queue, print hit rates."""
-    from broker.client import QuorumClient
-    from quorum.demo import format_scorecard, read_split, score_results
-    from quorum.galleryadmin import enrol
-    from quorum.objectstore import open_store
+    from quorum.demo import enrol_and_search, read_split
     from quorum.stack import Stack
 
     s = settings()
     ci = (data or s.shared_data()) / "ci"
     if not (ci / "split.csv").exists():
         raise click.ClickException(f"no split.csv under {ci}; set QUORUM_DATA_DIR or pass --data")
-    rows = read_split(ci)
     stack = Stack(s)
-    click.echo(f"[1/4] starting the stack under {s.home} (store: {s.store_kind}) ...")
+    click.echo(f"[1/4] starting the stack under {s.home} (redis {s.redis_url}, store: {s.store_kind}) ...")
     t0 = time.monotonic()
     stack.up()
     try:
-        gallery_rows = [r for r in rows if r.role in {"gallery", "distractor_gallery"}]
-        click.echo(f"[2/4] enrolling {len(gallery_rows)} gallery images into {len(s.engines)} engines ...")
-        bar, update = _progress_bar("enrolling (image x engine)")
-        report = enrol(s, open_store(s), [(r.identity, r.path) for r in gallery_rows], progress=update)
-        bar.close()
-        click.echo(f"      templates added {report.enrolled}, failed to enrol "
-                   f"{ {e: len(f) for e, f in report.failed.items()} } ({report.seconds:.0f}s)")
-        probes = [r for r in rows if r.role in {"probe", "unknown_probe"}]
-        click.echo(f"[3/4] searching {len(probes)} probes through the queue ...")
-        client = QuorumClient(s.redis_url, DEFAULT_AGENCY, DEFAULT_USER)
-        truth = {}
-        t1 = time.monotonic()
-        for r in probes:
-            rid = client.submit(r.path, case_number="DEMO-0001", offence_code="DEMO", purpose="demo")
-            truth[rid] = r.identity if r.role == "probe" else None
-        bar, _ = _progress_bar("searching")
-        bar.total = len(truth)
-        results = client.wait_all(list(truth), timeout=3600, progress=lambda n: (setattr(bar, "n", n), bar.refresh()))
-        bar.close()
-        card = score_results(truth, results, s.engines)
-        click.echo(f"[4/4] results ({len(probes) / (time.monotonic() - t1):.1f} searches/s):")
-        click.echo(format_scorecard(card, s.engines))
+        enrol_and_search(s, read_split(ci), echo=click.echo, bar_factory=_tqdm_bar)
         click.echo(f"total {time.monotonic() - t0:.0f}s")
     finally:
         if not keep_running:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from schemas import CandidateList, ErrorResult
 
+DEMO_AGENCY = "demo-agency"
+DEMO_USER = "demo-user"
+
 
 @dataclass(frozen=True)
 class SplitRow:
@@ -86,3 +89,39 @@ def format_scorecard(card: Scorecard, engines: tuple[str, ...]) -> str:
     if card.degraded:
         lines.append(f"degraded lists (an engine missing): {card.degraded}")
     return "\n".join(lines)
+
+
+def enrol_and_search(s, rows: list[SplitRow], *, echo=print, bar_factory=None) -> tuple[Scorecard, dict]:
+    """Enrol the split's gallery and distractors, search its probes through the queue, score them.
+
+    The stack must be up. Returns the scorecard and timings/enrolment figures.
+    """
+    import time
+
+    from broker.client import QuorumClient
+    from quorum.galleryadmin import enrol
+    from quorum.objectstore import open_store
+
+    bar_factory = bar_factory or (lambda label, total: None)
+    gallery_rows = [r for r in rows if r.role in {"gallery", "distractor_gallery"}]
+    echo(f"[2/4] enrolling {len(gallery_rows)} gallery images into {len(s.engines)} engines ...")
+    bar = bar_factory("enrolling (image x engine)", len(gallery_rows) * len(s.engines))
+    report = enrol(s, open_store(s), [(r.identity, r.path) for r in gallery_rows],
+                   progress=(lambda done, total: bar(done)) if bar else None)
+    echo(f"      templates added {report.enrolled}, failed to enrol "
+         f"{ {e: len(f) for e, f in report.failed.items()} } ({report.seconds:.0f}s)")
+    probes = [r for r in rows if r.role in {"probe", "unknown_probe"}]
+    echo(f"[3/4] searching {len(probes)} probes through the queue ...")
+    client = QuorumClient(s.redis_url, DEMO_AGENCY, DEMO_USER)
+    truth: dict[str, str | None] = {}
+    t1 = time.monotonic()
+    for r in probes:
+        rid = client.submit(r.path, case_number="DEMO-0001", offence_code="DEMO", purpose="demo")
+        truth[rid] = r.identity if r.role == "probe" else None
+    bar = bar_factory("searching", len(truth))
+    results = client.wait_all(list(truth), timeout=3600, progress=bar)
+    elapsed = time.monotonic() - t1
+    card = score_results(truth, results, s.engines)
+    echo(f"[4/4] results ({len(probes) / elapsed:.1f} searches/s through the queue):")
+    echo(format_scorecard(card, s.engines))
+    return card, {"enrol": report, "search_seconds": elapsed, "results": results, "truth": truth}

@@ -152,16 +152,23 @@ class Stack:
                                    + ("" if gateway_ok else " and the gateway"))
             time.sleep(0.5)
 
+    def stop_process(self, role: str, i: int = 0) -> bool:
+        """Stop one process (SIGTERM, then SIGKILL after a grace period). True if it was running."""
+        pidfile = self._pidfile(role, i)
+        pid = self._alive(pidfile)
+        if pid:
+            _terminate(pid)
+        pidfile.unlink(missing_ok=True)
+        return pid is not None
+
     def down(self) -> list[str]:
         stopped = []
         for pidfile in sorted(self.run_dir.glob("*.pid")) if self.run_dir.exists() else []:
             if pidfile.name == "redis.pid":
                 continue
-            pid = self._alive(pidfile)
-            if pid:
-                _terminate(pid)
+            role, _, i = pidfile.stem.rpartition("-")
+            if self.stop_process(role, int(i)):
                 stopped.append(pidfile.stem)
-            pidfile.unlink(missing_ok=True)
         marker = self.run_dir / "redis.started"
         if marker.exists():
             pid = self._alive(self.run_dir / "redis.pid")

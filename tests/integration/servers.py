@@ -1,0 +1,87 @@
+"""Real servers started by the tests themselves, on loopback: redis-server and Ceph radosgw (S3)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+S3_TOOL = REPO.parent / "shared" / "tools" / "s3-radosgw"
+
+
+def free_port(span: int = 1) -> int:
+    """A loopback port with ``span`` consecutive free ports starting at it."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span >= 65000:
+            continue
+        ok = True
+        for p in range(port, port + span):
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return port
+    raise RuntimeError("no free port range")
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is not installed: apt-get install -y redis-server"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([exe, "--bind", "127.0.0.1", "--port", str(self.port), "--daemonize", "yes",
+                        "--pidfile", str(self.dir / "redis.pid"), "--dir", str(self.dir), "--save", "",
+                        "--appendonly", "no", "--logfile", str(self.dir / "redis.log")], check=True)
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        try:
+            redis.Redis(port=self.port).shutdown(nosave=True)
+        except redis.RedisError:
+            pass
+
+
+class S3Server:
+    """Ceph radosgw through ../shared/tools/s3-radosgw (see ../shared/INFRA.md)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = free_port(span=3)
+        self.env: dict[str, str] = {}
+
+    def start(self) -> S3Server:
+        assert S3_TOOL.exists(), f"{S3_TOOL} is missing"
+        out = subprocess.run(["bash", str(S3_TOOL), "up", str(self.dir), str(self.port)], check=True,
+                             capture_output=True, text=True, timeout=300)
+        for line in out.stdout.splitlines():
+            if "=" in line and line.startswith("S3_"):
+                k, v = line.split("=", 1)
+                self.env[k] = v
+        assert {"S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY"} <= set(self.env), out.stdout + out.stderr
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(S3_TOOL), "down", str(self.dir)], capture_output=True, timeout=120)

@@ -1,0 +1,65 @@
+"""The main job on real parts: radosgw (S3), redis-server, Celery worker processes, three real
+engines on real faces. Enrol the ci gallery and distractors, search every probe through the queue."""
+
+from __future__ import annotations
+
+import pytest
+
+from quorum.demo import enrol_and_search, read_split
+from schemas import CandidateList
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def run(s3_stack, data_dir):
+    lines: list[str] = []
+    card, extra = enrol_and_search(s3_stack, read_split(data_dir / "ci"), echo=lines.append)
+    print("\n".join(lines))  # each engine's figure, visible with -s and in CI logs on failure
+    return card, extra
+
+
+def test_every_gallery_image_enrolled_in_every_engine(run):
+    _, extra = run
+    report = extra["enrol"]
+    assert report.images == 320
+    for engine in ("sface", "dlib", "facenet"):
+        failed = len(report.failed.get(engine, []))
+        assert report.enrolled[engine] + failed == 320
+        assert failed <= 3, report.failed[engine]  # LFW deep-funneled: a face is found in nearly all
+
+
+def test_fused_rank1_hit_rate(run):
+    card, _ = run
+    assert card.mated == 442 and card.non_mated == 100
+    assert not card.errors, card.errors
+    assert card.degraded == 0
+    print({who: round(card.rate(who), 3) for who in ("sface", "dlib", "facenet", "fused")})
+    assert card.rate("fused") >= 0.95
+    # Each engine is a working face recogniser on its own (a broken one would sit near 1/320).
+    for engine in ("sface", "dlib", "facenet"):
+        assert card.rate(engine) >= 0.80, engine
+
+
+def test_unknown_probes_come_back_with_scores(run):
+    card, extra = run
+    unknown = [rid for rid, who in extra["truth"].items() if who is None]
+    assert len(unknown) == 100
+    for rid in unknown:
+        res = extra["results"][rid]
+        assert isinstance(res, CandidateList)
+        assert len(res.candidates) == 250
+        assert all(set(c.engines) for c in res.candidates)
+    # Mated probes' best matches stand out more than non-mated ones' do.
+    import statistics
+
+    assert statistics.median(card.mated_top_scores) > statistics.median(card.non_mated_top_scores)
+
+
+def test_candidate_list_contract(run):
+    _, extra = run
+    res = next(r for r in extra["results"].values() if isinstance(r, CandidateList))
+    assert res.notice.startswith("INVESTIGATIVE LEAD ONLY")
+    assert [c.rank for c in res.candidates] == list(range(1, 251))
+    assert res.engines_contributed == ["dlib", "facenet", "sface"]
+    assert len(res.probe_sha256) == 64 and res.face.faces_found >= 1
