@@ -1,8 +1,9 @@
 """Submitting probes and waiting for results — the Python face of the stream protocol.
 
 Nothing here is Python-only: an agency's own software does the same with two Redis commands,
-``XADD quorum:intake:<agency> * payload <ProbeRequest JSON>`` and ``XREAD`` on
-``quorum:results:<agency>`` (or ``GET quorum:result:<agency>:<request_id>``). See README.md.
+``XADD quorum:intake:<agency> * payload <ProbeRequest JSON> timestamp <s> nonce <n> signature <hmac>``
+and ``XREAD`` on ``quorum:results:<agency>`` (or ``GET quorum:result:<agency>:<request_id>``). The
+signature (HMAC-SHA256 with the agency's secret) is specified in ``quorum.signing``. See README.md.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import time
 import uuid
 from pathlib import Path
 
+import json
+
 import redis as redis_lib
 
 from schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
 
 from broker import keys
+from quorum import signing
 
 
 def new_request_id() -> str:
@@ -24,10 +28,14 @@ def new_request_id() -> str:
 
 
 class QuorumClient:
-    def __init__(self, redis_url: str, agency_id: str, user_id: str) -> None:
+    """``secret``: the agency's signing secret (``quorum registry agency add`` prints it once); without
+    it, submissions go unsigned and the gateway refuses them with ``BAD_SIGNATURE``."""
+
+    def __init__(self, redis_url: str, agency_id: str, user_id: str, secret: str | None = None) -> None:
         self.redis = redis_lib.Redis.from_url(redis_url)
         self.agency_id = agency_id
         self.user_id = user_id
+        self.secret = secret
 
     def submit(self, image: bytes | str | Path | ObjectImage, *, case_number: str, offence_code: str,
                purpose: str, candidates: int = 250, face_index: int | None = None,
@@ -52,9 +60,25 @@ class QuorumClient:
         self.submit_raw(req.model_dump_json(exclude_none=True))
         return req.request_id
 
-    def submit_raw(self, payload: str | bytes) -> str:
-        """Write an arbitrary payload (used by tests to send broken messages). Returns the entry id."""
-        entry = self.redis.xadd(keys.intake_stream(self.agency_id), {"payload": payload})
+    def submit_raw(self, payload: str | bytes, *, sign: bool = True) -> str:
+        """Write an arbitrary payload (used by tests to send broken messages), signed when it is a JSON
+        object and the client has a secret. Returns the entry id."""
+        fields: dict = {"payload": payload}
+        if sign and self.secret:
+            try:
+                doc = json.loads(payload)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                try:
+                    fields = signing.sign(self.secret, payload)
+                except Exception:  # e.g. image.data_b64 not base64: send it unsigned, the gateway says why
+                    fields = {"payload": payload}
+        return self.submit_fields(fields)
+
+    def submit_fields(self, fields: dict) -> str:
+        """Write an intake entry with exactly these fields. Returns the entry id."""
+        entry = self.redis.xadd(keys.intake_stream(self.agency_id), fields)
         return entry.decode() if isinstance(entry, bytes) else entry
 
     def result(self, request_id: str) -> CandidateList | ErrorResult | None:

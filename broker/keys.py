@@ -51,5 +51,14 @@ def gallery_label_counter(engine: str) -> str:
     return f"quorum:gallery:next_label:{engine}"
 
 
+def engine_alive(engine: str, node: str) -> str:
+    """Set with a short expiry by a live engine worker's heartbeat thread."""
+    return f"quorum:alive:engine:{engine}:{node}"
+
+
+def engine_alive_pattern(engine: str) -> str:
+    return f"quorum:alive:engine:{engine}:*"
+
+
 GALLERY_SUBJECTS = "quorum:gallery:subjects"  # hash subject id -> JSON {images: [...], enrolled_at}
 REJECTED_STREAM = "quorum:rejected"  # every refused message, for the operators

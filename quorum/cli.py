@@ -137,13 +137,15 @@ def gallery_snapshot() -> None:
 @gallery.command("expunge")
 @click.argument("subject")
 @click.option("--reason", required=True, help="why (court order, no charge filed, ...)")
-def gallery_expunge(subject: str, reason: str) -> None:
-    """Remove SUBJECT from every engine, the object store and the metadata."""
+@click.option("--actor", default=None, help="who does this (default: $QUORUM_OPERATOR or login)")
+def gallery_expunge(subject: str, reason: str, actor: str | None) -> None:
+    """Remove SUBJECT from every engine, the object store and the metadata (audited)."""
+    from quorum.cli_admin import operator_name
     from quorum.galleryadmin import expunge
     from quorum.objectstore import open_store
 
     s = settings()
-    out = expunge(s, open_store(s), subject, reason=reason)
+    out = expunge(s, open_store(s), subject, reason=reason, actor=operator_name(actor))
     click.echo(json.dumps(out))
 
 
@@ -179,14 +181,20 @@ def _print_list(result) -> None:
 @click.option("--face-index", type=int, default=None, help="which face when there are several (0 = largest)")
 @click.option("--agency", default=DEFAULT_AGENCY, show_default=True, envvar="QUORUM_AGENCY")
 @click.option("--user", default=DEFAULT_USER, show_default=True, envvar="QUORUM_USER")
+@click.option("--secret", default=None, envvar="QUORUM_AGENCY_SECRET",
+              help="the agency's signing secret (default: looked up in the local registry)")
 @click.option("--timeout", default=120.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result exactly as the schema defines it")
 def search(image: Path, case_number: str, offence_code: str, purpose: str, top: int, face_index: int | None,
-           agency: str, user: str, timeout: float, as_json: bool) -> None:
+           agency: str, user: str, secret: str | None, timeout: float, as_json: bool) -> None:
     """Search IMAGE through the queue and print the fused candidate list."""
     from broker.client import QuorumClient
 
-    client = QuorumClient(settings().redis_url, agency, user)
+    if secret is None:
+        from quorum import db, registry
+
+        secret = registry.agency_secret(db.get_engine(settings()), agency)
+    client = QuorumClient(settings().redis_url, agency, user, secret)
     rid = client.submit(image, case_number=case_number, offence_code=offence_code, purpose=purpose,
                         candidates=top, face_index=face_index)
     result = client.wait(rid, timeout=timeout)
@@ -224,6 +232,14 @@ def demo(data: Path | None, keep_running: bool) -> None:
             stack.down()
             click.echo("stack stopped")
 
+
+from quorum.cli_admin import ALL_GROUPS  # noqa: E402  (accountability: db, registry, audit, report, ...)
+
+for _group in ALL_GROUPS:
+    main.add_command(_group)
+
+from quorum.cli_eval import calibrate_command, eval_command  # noqa: E402
+main.add_command(eval_command), main.add_command(calibrate_command)
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,11 @@ class Settings:
     max_image_pixels: int = 40_000_000
     min_face_pixels: int = 20  # smaller boxes are refused as FACE_TOO_SMALL
     default_candidates: int = 250
-    fusion_deadline_s: float = 60.0  # fuse what has arrived once this has passed
+    # Once the first engine has answered, fusion waits at most this long for the others, then fuses
+    # what arrived and marks the list degraded. Measured from the first answer, not from receipt, so
+    # a backlog that delays every engine alike degrades nothing.
+    fusion_deadline_s: float = 30.0
+    search_timeout_s: float = 900.0  # from receipt: if no engine has answered by then, answer with an error
     fusion_method: str = "zsum"
     calibration_file: str = ""  # empty: the calibration shipped with the package
     hnsw_m: int = 32
@@ -50,6 +54,12 @@ class Settings:
     data_dir: str = ""  # labelled faces for the demo; default ../shared/data next to the repo
     log_level: str = "INFO"
     log_json: bool = False
+    # Accountability (see README "Accountability"): registry + audit database, signatures, retention.
+    database_url: str = ""  # empty: SQLite at <home>/quorum.db; else e.g. postgresql+psycopg://u@host/db
+    signature_window_s: int = 300  # a submission's timestamp must be within this of the gateway's clock
+    probe_retention_days: int = 90  # `quorum probes purge` deletes older probe images unless a case holds them
+    audit_anchor_interval_s: float = 600.0  # the gateway anchors the audit chain head this often (0: never)
+    audit_anchor_retention_days: int = 2555  # S3 object-lock (COMPLIANCE) retention of each anchor
 
     @property
     def store_kind(self) -> str:

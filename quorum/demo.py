@@ -91,6 +91,15 @@ def format_scorecard(card: Scorecard, engines: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def provision_demo(s) -> str:
+    """Register the demo agency, a certified investigator, the offence code and purpose the demo
+    uses (idempotent); returns the agency's signing secret."""
+    from quorum import db, registry
+
+    return registry.provision(db.get_engine(s), DEMO_AGENCY, users={DEMO_USER: "investigator"},
+                              offences=("DEMO",), purposes=("demo",), actor="demo")
+
+
 def enrol_and_search(s, rows: list[SplitRow], *, echo=print, bar_factory=None) -> tuple[Scorecard, dict]:
     """Enrol the split's gallery and distractors, search its probes through the queue, score them.
 
@@ -112,7 +121,7 @@ def enrol_and_search(s, rows: list[SplitRow], *, echo=print, bar_factory=None) -
          f"{ {e: len(f) for e, f in report.failed.items()} } ({report.seconds:.0f}s)")
     probes = [r for r in rows if r.role in {"probe", "unknown_probe"}]
     echo(f"[3/4] searching {len(probes)} probes through the queue ...")
-    client = QuorumClient(s.redis_url, DEMO_AGENCY, DEMO_USER)
+    client = QuorumClient(s.redis_url, DEMO_AGENCY, DEMO_USER, provision_demo(s))
     truth: dict[str, str | None] = {}
     t1 = time.monotonic()
     for r in probes:

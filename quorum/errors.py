@@ -25,6 +25,25 @@ class Code(StrEnum):
     NO_FACE = "NO_FACE"
     FACE_INDEX_OUT_OF_RANGE = "FACE_INDEX_OUT_OF_RANGE"
     FACE_TOO_SMALL = "FACE_TOO_SMALL"
+    # Accountability: who may search, and why (checked by the gateway before any image is stored).
+    BAD_SIGNATURE = "BAD_SIGNATURE"  # unsigned, or the HMAC does not match the agency's secret
+    STALE_TIMESTAMP = "STALE_TIMESTAMP"  # signed timestamp outside the allowed window
+    REPLAYED_NONCE = "REPLAYED_NONCE"  # the nonce was already used within the window
+    UNKNOWN_AGENCY = "UNKNOWN_AGENCY"
+    AGENCY_SUSPENDED = "AGENCY_SUSPENDED"
+    USER_UNKNOWN = "USER_UNKNOWN"
+    USER_OTHER_AGENCY = "USER_OTHER_AGENCY"  # the user belongs to another agency
+    USER_INACTIVE = "USER_INACTIVE"
+    ROLE_NOT_ALLOWED = "ROLE_NOT_ALLOWED"  # e.g. an auditor or operator submitting a search
+    CERTIFICATE_MISSING = "CERTIFICATE_MISSING"  # no face-search training certificate on record
+    CERTIFICATE_EXPIRED = "CERTIFICATE_EXPIRED"
+    CASE_NUMBER_MISSING = "CASE_NUMBER_MISSING"  # absent, blank or a placeholder
+    CASE_NUMBER_MALFORMED = "CASE_NUMBER_MALFORMED"
+    OFFENCE_UNKNOWN = "OFFENCE_UNKNOWN"
+    PURPOSE_NOT_ALLOWED = "PURPOSE_NOT_ALLOWED"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # the agency's daily search quota is used up
+    PROBE_ENROL_REFUSED = "PROBE_ENROL_REFUSED"  # a probe image may never be enrolled in the gallery
+    DISPOSITION_REFUSED = "DISPOSITION_REFUSED"  # a disposition that breaks the rules (see quorum.audit)
     # The system could not answer in time or a part is down: retrying may help.
     ENGINE_FAILED = "ENGINE_FAILED"
     ENGINE_TIMEOUT = "ENGINE_TIMEOUT"
@@ -32,6 +51,7 @@ class Code(StrEnum):
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
     NO_ENGINE_RESULT = "NO_ENGINE_RESULT"  # deadline passed with no engine answering
+    AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"  # the audit database cannot be written: nothing runs unaudited
     INTERNAL = "INTERNAL"
 
 
@@ -42,6 +62,7 @@ RETRYABLE = frozenset(
         Code.STORE_UNAVAILABLE,
         Code.BROKER_UNAVAILABLE,
         Code.NO_ENGINE_RESULT,
+        Code.AUDIT_UNAVAILABLE,
         Code.INTERNAL,
     }
 )

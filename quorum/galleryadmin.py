@@ -3,10 +3,16 @@
 Enrolment uploads each image to the object store under ``gallery/<sha256>``, records the subject,
 and sends batched ``quorum.engine.enroll`` tasks to every engine's queue; the engine workers embed
 the faces and append templates to each engine's gallery log, which every replica applies.
+
+Both are audited (``quorum.audit``: ``gallery.enrol``, ``gallery.expunge``). A probe image is never
+enrolled: an image whose SHA-256 names a stored probe (``probes/<sha256>``) or any probe ever
+submitted (the audit trail) makes the whole enrolment fail with ``PROBE_ENROL_REFUSED``, audited,
+before anything is stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +24,9 @@ import structlog
 
 from broker import keys
 from broker.app import engine_queue, make_app
+from quorum import audit, db
 from quorum.config import Settings
+from quorum.errors import Code, InputError
 from quorum.objectstore import ObjectStore, put_content
 
 log = structlog.get_logger()
@@ -44,15 +52,34 @@ class EnrolReport:
     seconds: float = 0.0
 
 
+def refuse_probes(s: Settings, store: ObjectStore, images: list[tuple[str, bytes]], *, actor: str) -> None:
+    """Raise ``PROBE_ENROL_REFUSED`` (audited) if any image is a probe, stored or ever submitted."""
+    eng = db.get_engine(s)
+    probes = []
+    for subject, data in images:
+        sha = hashlib.sha256(data).hexdigest()
+        if store.size(f"probes/{sha}") is not None or audit.is_known_probe(eng, sha):
+            probes.append({"subject_id": subject, "sha256": sha})
+    if probes:
+        audit.append(eng, audit.AuditEvent(action=audit.GALLERY_ENROL, outcome="refused",
+                                           code=Code.PROBE_ENROL_REFUSED.value, actor=actor,
+                                           probe_sha256=probes[0]["sha256"], details={"probes": probes[:100]}))
+        raise InputError(Code.PROBE_ENROL_REFUSED,
+                         f"{len(probes)} image(s) are probe images and may never be enrolled: {probes[:3]}")
+
+
 def enrol(s: Settings, store: ObjectStore, items: Iterable[tuple[str, Path]], *, batch: int = 16,
-          timeout: float = 3600.0, progress: Callable[[int, int], None] | None = None) -> EnrolReport:
+          timeout: float = 3600.0, progress: Callable[[int, int], None] | None = None,
+          actor: str = "operator") -> EnrolReport:
     t0 = time.monotonic()
     r = redis_lib.Redis.from_url(s.redis_url)
     app = make_app(s.redis_url)
     records: list[dict] = []
     subjects: dict[str, list[str]] = {}
-    for subject, path in items:
-        key = put_content(store, "gallery", Path(path).read_bytes())
+    images = [(subject, Path(path).read_bytes()) for subject, path in items]
+    refuse_probes(s, store, images, actor=actor)
+    for subject, data in images:
+        key = put_content(store, "gallery", data)
         records.append({"subject_id": subject, "image_key": key})
         subjects.setdefault(subject, []).append(key)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -83,18 +110,28 @@ def enrol(s: Settings, store: ObjectStore, items: Iterable[tuple[str, Path]], *,
         if progress:
             progress(done, total)
     report.seconds = time.monotonic() - t0
+    audit.record(s, audit.AuditEvent(
+        action=audit.GALLERY_ENROL, outcome="ok", actor=actor,
+        details={"images": report.images, "subjects": len(subjects), "enrolled": report.enrolled,
+                 "failed": {e: len(f) for e, f in report.failed.items()},
+                 "subject_ids": sorted(subjects)[:1000]}))
     log.info("gallery.enrolled", images=report.images, enrolled=report.enrolled,
              failed={e: len(f) for e, f in report.failed.items()}, seconds=round(report.seconds, 1))
     return report
 
 
-def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str) -> dict:
-    """Remove a subject from every engine's gallery (via the log), the object store and the metadata."""
+def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor: str = "operator") -> dict:
+    """Remove a subject from every engine's gallery (via the log), the object store and the metadata.
+
+    Audited (``gallery.expunge``, with the reason) before anything is removed."""
     from workers.gallery import log_remove
 
     r = redis_lib.Redis.from_url(s.redis_url)
     raw = r.hget(keys.GALLERY_SUBJECTS, subject)
     images = json.loads(raw)["images"] if raw else []
+    audit.record(s, audit.AuditEvent(action=audit.GALLERY_EXPUNGE, outcome="ok", actor=actor,
+                                     details={"subject_id": subject, "reason": reason, "images": len(images),
+                                              "known": bool(raw), "engines": list(s.engines)}))
     for engine in s.engines:
         log_remove(r, engine, subject, reason)
         done_key = f"quorum:gallery:enrolled:{engine}"

@@ -9,6 +9,7 @@ what ``up`` started, using those pid files.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -30,22 +31,17 @@ ROLES = ("gateway", *ROLE_QUEUES)
 
 
 def settings_env(s: Settings) -> dict[str, str]:
-    """The environment that makes a child process see the same settings as this one."""
+    """The environment that makes a child process see exactly the settings of this one."""
     env = dict(os.environ)
-    env.update({
-        "QUORUM_HOME": s.home,
-        "QUORUM_REDIS_URL": s.redis_url,
-        "QUORUM_S3_ENDPOINT": s.s3_endpoint,
-        "QUORUM_S3_ACCESS_KEY": s.s3_access_key,
-        "QUORUM_S3_SECRET_KEY": s.s3_secret_key,
-        "QUORUM_S3_BUCKET": s.s3_bucket,
-        "QUORUM_S3_SECURE": str(s.s3_secure).lower(),
-        "QUORUM_ENGINES": ",".join(s.engines),
-        "QUORUM_DEVICE": s.device,
-        "QUORUM_FUSION_METHOD": s.fusion_method,
-        "QUORUM_FUSION_DEADLINE_S": str(s.fusion_deadline_s),
-        "PYTHONUNBUFFERED": "1",
-    })
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        env["QUORUM_" + f.name.upper()] = str(value)
+    env.pop("QUORUM_SETTINGS", None)  # already folded into the values above
+    env["PYTHONUNBUFFERED"] = "1"
     # Engines run one per process; keep each from spawning a thread per core on a small machine.
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

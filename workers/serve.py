@@ -46,10 +46,29 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     elif role == "intake":
         _ = runtime.detector
     node = f"{role}@{socket.gethostname()}-{os.getpid()}"
+    if role in s.engines:
+        _start_heartbeat(runtime.redis, role, node)
     # solo pool: tasks run in this process, next to the model and index loaded above. Scale out by
     # running more worker processes (each a full replica), not by forking.
     app.worker_main(["worker", "-Q", ROLE_QUEUES[role], "-n", node, "--pool", "solo",
                      "--loglevel", s.log_level, "--without-gossip", "--without-mingle"])
+
+
+def _start_heartbeat(redis, engine: str, node: str, every_s: float = 3.0) -> None:
+    """Tell fusion this engine is alive (busy, perhaps, but not down) while the process lives."""
+    from broker import keys
+
+    key = keys.engine_alive(engine, node)
+
+    def beat() -> None:
+        while True:
+            try:
+                redis.set(key, "1", ex=int(every_s * 4))
+            except Exception as exc:  # Redis briefly away: keep beating
+                log.warning("heartbeat.failed", error=str(exc))
+            threading.Event().wait(every_s)
+
+    threading.Thread(target=beat, name="engine-heartbeat", daemon=True).start()
 
 
 def run_gateway() -> None:

@@ -1,9 +1,14 @@
 """Celery tasks: thin wrappers that fetch inputs, call pure functions and publish.
 
 A probe's life: the gateway (``workers.gateway``) validates and stores it, then
-``quorum.intake.prepare`` finds the face and fans out one ``quorum.engine.search`` per engine and a
-deadline ``quorum.fusion.fuse``; each engine records its result and, when the last one is in,
-triggers fusion; fusion publishes the candidate list exactly once (``broker.results``).
+``quorum.intake.prepare`` finds the face and fans out one ``quorum.engine.search`` per engine (and a
+backstop ``quorum.fusion.fuse`` at ``search_timeout_s``); each engine records its result and, when the
+last one is in,
+triggers fusion. The first engine to answer starts the fusion deadline: if the others have not
+answered ``fusion_deadline_s`` later and have no live worker (engine workers keep a heartbeat key),
+fusion merges what arrived and marks the list degraded; a missing engine that is alive but behind
+gets more time, up to ``search_timeout_s`` from receipt. Fusion
+publishes the candidate list exactly once (``broker.results``).
 
 Every task is idempotent, so late acknowledgement and redelivery after a worker dies are safe: an
 engine result is a hash field that a rerun overwrites with the same value, enrolment skips
@@ -20,7 +25,7 @@ import structlog
 from broker import keys
 from broker.app import FUSION_QUEUE, app, engine_queue
 from broker.results import publish
-from quorum import metrics
+from quorum import audit, metrics
 from quorum.errors import Code, InputError, QuorumError, ServiceError
 from schemas import CandidateList, EngineCandidate, EngineResult, ErrorResult, FaceInfo, FusedCandidate
 from schemas.messages import MAX_CANDIDATES
@@ -36,6 +41,7 @@ def _publish_error(job: Job, err: QuorumError, stage: str) -> None:
     result = ErrorResult(request_id=job.request_id, agency_id=job.agency_id, stream_entry_id=job.stream_entry_id,
                          code=err.code.value, message=err.message, retryable=err.retryable, stage=stage)
     if publish(runtime.redis, result, ttl_s=s.result_ttl_s):
+        audit.record_result(s, job, result)
         metrics.PROBES_REJECTED.labels(job.agency_id, err.code.value).inc()
         metrics.SEARCHES_COMPLETED.labels(job.agency_id, "error").inc()
         log.info("probe.error", request_id=job.request_id, code=err.code.value, stage=stage)
@@ -74,8 +80,9 @@ def prepare(self, request_id: str) -> str:
     job.save(r, s.result_ttl_s)
     for engine in job.engines:
         search.apply_async(args=[request_id, engine], queue=engine_queue(engine), task_id=f"{request_id}.{engine}")
-    fuse.apply_async(args=[request_id, True], queue=FUSION_QUEUE, countdown=s.fusion_deadline_s,
-                     task_id=f"{request_id}.deadline")
+    # The backstop: answers even if no engine ever does (every engine worker down).
+    fuse.apply_async(args=[request_id, True], queue=FUSION_QUEUE, countdown=s.search_timeout_s,
+                     task_id=f"{request_id}.timeout")
     return "dispatched"
 
 
@@ -132,13 +139,19 @@ def search(request_id: str, engine_name: str) -> str:
     job = Job.load(r, request_id)
     if job is None or r.exists(keys.job_published_key(request_id)):
         return "gone"
+    answered = r.hlen(keys.job_results_key(request_id))
     if not r.hexists(keys.job_results_key(request_id), engine_name):  # a redelivery does not recompute
         result = run_engine(job, engine_name)
-        pipe = r.pipeline(transaction=True)
+        pipe = r.pipeline(transaction=True)  # atomic: exactly one engine sees itself as the first
         pipe.hset(keys.job_results_key(request_id), engine_name, result.model_dump_json())
+        pipe.hlen(keys.job_results_key(request_id))
         pipe.expire(keys.job_results_key(request_id), s.result_ttl_s)
-        pipe.execute()
-    if r.hlen(keys.job_results_key(request_id)) >= len(job.engines):
+        _, answered, _ = pipe.execute()
+        if answered == 1 and len(job.engines) > 1:
+            # First answer in: the others get fusion_deadline_s more, then fusion goes without them.
+            fuse.apply_async(args=[request_id, True], queue=FUSION_QUEUE, countdown=s.fusion_deadline_s,
+                             task_id=f"{request_id}.deadline")
+    if answered >= len(job.engines):
         fuse.apply_async(args=[request_id, False], queue=FUSION_QUEUE)
     return "done"
 
@@ -191,6 +204,16 @@ def fuse(request_id: str, final: bool = False) -> str:
     results = {k.decode(): EngineResult.model_validate_json(v) for k, v in raw.items()}
     if not final and len(results) < len(job.engines):
         return "waiting"
+    missing = [e for e in job.engines if e not in results]
+    if missing and time.time() - job.received_at < s.search_timeout_s:
+        # The deadline passed. An engine whose workers are alive is busy, not down (a backlog, one
+        # slow engine): give it another deadline rather than degrade; the search timeout still bounds
+        # the wait. An engine with no live worker is left out now.
+        alive = [e for e in missing if any(True for _ in r.scan_iter(keys.engine_alive_pattern(e), count=100))]
+        if alive:
+            fuse.apply_async(args=[request_id, True], queue=FUSION_QUEUE, countdown=s.fusion_deadline_s)
+            log.info("fusion.deadline_extended", request_id=request_id, waiting_for=alive)
+            return "extended"
     ok = {e: res for e, res in results.items() if res.status == "ok"}
     failed = {e: res.error_code or Code.ENGINE_FAILED.value for e, res in results.items() if res.status != "ok"}
     for e in job.engines:
@@ -218,6 +241,8 @@ def fuse(request_id: str, final: bool = False) -> str:
         degraded=bool(failed), duration_ms=round(duration * 1000, 1),
     )
     if publish(r, result, ttl_s=s.result_ttl_s):
+        audit.record_result(s, job, result, engines={e: {"status": res.status, "embed_ms": res.embed_ms,
+                                                          "search_ms": res.search_ms} for e, res in results.items()})
         outcome = "degraded" if failed else "ok"
         metrics.SEARCHES_COMPLETED.labels(job.agency_id, outcome).inc()
         metrics.SEARCH_DURATION.labels(outcome).observe(duration)

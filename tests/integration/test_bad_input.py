@@ -36,7 +36,11 @@ def env(disk_stack, data_dir):
     items = [(d.name, sorted(d.iterdir())[0]) for d in subjects]
     report = enrol(disk_stack, open_store(disk_stack), items)
     assert all(n == 25 for n in report.enrolled.values()), report
-    client = QuorumClient(disk_stack.redis_url, AGENCY, "u1")
+    from quorum import db, registry
+
+    secret = registry.provision(db.get_engine(disk_stack), AGENCY, users={"u1": "investigator"},
+                                offences=("PC211",), purposes=("investigation",))
+    client = QuorumClient(disk_stack.redis_url, AGENCY, "u1", secret)
     return disk_stack, client, subjects
 
 
@@ -90,7 +94,8 @@ def test_each_bad_input_gets_its_code_and_nothing_is_lost(env, data_dir):
         "NO_FACE": _probe(_b64(no_face)),
         "IMAGE_TOO_LARGE": _probe(_b64(b"\xff\xd8\xff" + b"\0" * (s.max_image_bytes + 10))),
         "IMAGE_TOO_LARGE ": _probe(_b64(_png_claiming(100_000, 100_000))),  # decompression bomb
-        "INVALID_MESSAGE": _probe(_b64(face_jpeg), case_number=None),  # breaks the schema
+        "CASE_NUMBER_MISSING": _probe(_b64(face_jpeg), case_number=None),
+        "INVALID_MESSAGE": _probe(_b64(face_jpeg), candidates="many"),  # breaks the schema
         "INVALID_MESSAGE ": "{not json",
         "INVALID_MESSAGE  ": _probe({"data_b64": "@@@ not base64 @@@"}),
         "INVALID_MESSAGE   ": _probe(_b64(face_jpeg), surprise_field=1),

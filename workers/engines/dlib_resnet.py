@@ -26,7 +26,9 @@ class DlibEngine(BaseEngine):
     name = "dlib"
     dim = 128
 
-    def __init__(self, device: str = "auto", *, flip: bool = False, box_scale: float = 1.0) -> None:
+    # Measured on 400 LFW dev pairs (10-fold): YuNet box 98.25%, flipped 98.75%; box grown 1.15x
+    # 98.75%, flipped 99.00%, so both are on (flip doubles the ~100 ms/face cost).
+    def __init__(self, device: str = "auto", *, flip: bool = True, box_scale: float = 1.15) -> None:
         models = package_dir("face_recognition_models") / "models"
         self.flip = flip
         self.box_scale = box_scale

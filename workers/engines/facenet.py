@@ -66,6 +66,8 @@ class FaceNetEngine(BaseEngine):
     name = "facenet"
     dim = 512
 
+    # Measured on 400 LFW dev pairs (10-fold, flip0/flip1): mtcnn-sim 97.00/97.25%, mtcnn-sim-square
+    # 95.50/96.75%, YuNet box crop 93.75/92.50%, mtcnn-sim fed BGR 89.25/89.75%.
     def __init__(self, device: str = "auto", *, align: str = "mtcnn-sim", flip: bool = True, rgb: bool = True) -> None:
         self.align = align  # "mtcnn-sim" | "mtcnn-sim-square" | "box"
         self.flip = flip

@@ -101,6 +101,8 @@ class SFaceEngine(BaseEngine):
     name = "sface"
     dim = 128
 
+    # Measured (bench/verify_engines.py, 1200 LFW dev pairs, 10-fold): RGB 99.42%; flip-averaging
+    # 99.50% (+1 pair) at twice the cost, so it stays off. BGR input was 0.25 pt worse on 400 pairs.
     def __init__(self, device: str = "auto", *, flip: bool = False, rgb: bool = True) -> None:
         import onnxruntime as ort
 

@@ -1,0 +1,136 @@
+"""The audit chain on SQLite and on PostgreSQL: appends from many writers, verification, tampering
+(edit, delete, reorder, rewrite) caught, anchors, queries."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from quorum import audit, db
+from quorum.audit import AuditEvent, DiskAnchors
+from tests.unit.accountability_db import eng, pg_database  # noqa: F401  (fixtures)
+
+
+def _fill(eng, n=6):  # noqa: F811
+    for i in range(n):
+        audit.append(eng, AuditEvent(action=audit.SEARCH_SUBMITTED, outcome="accepted" if i % 2 else "refused",
+                                     code="" if i % 2 else "OFFENCE_UNKNOWN", actor=f"u{i % 3}",
+                                     agency="a" if i < 4 else "b", request_id=f"r{i}", case_number=f"C-{i % 2}",
+                                     offence_code="PC211", purpose="criminal-investigation",
+                                     probe_sha256="ab" * 32, details={"i": i, "ünï": "code"}))
+
+
+def test_chain_links_and_verifies(eng):  # noqa: F811
+    _fill(eng)
+    rows = list(audit.rows(eng))
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[0]["prev_hash"] == audit.GENESIS
+    assert all(b["prev_hash"] == a["hash"] for a, b in zip(rows, rows[1:], strict=False))
+    rep = audit.verify(eng)
+    assert rep.ok and rep.records == 6 and rep.head_seq == 6, rep.summary()
+
+
+def test_edit_is_caught(eng):  # noqa: F811
+    _fill(eng)
+    with eng.begin() as conn:
+        conn.execute(text("UPDATE audit_log SET case_number = 'C-999' WHERE seq = 3"))
+    rep = audit.verify(eng)
+    assert not rep.ok and rep.first_bad_seq == 3 and "edited" in rep.problem
+
+
+def test_delete_is_caught(eng):  # noqa: F811
+    _fill(eng)
+    with eng.begin() as conn:
+        conn.execute(text("DELETE FROM audit_log WHERE seq = 4"))
+    rep = audit.verify(eng)
+    assert not rep.ok and rep.first_bad_seq == 4 and "missing" in rep.problem
+
+
+def test_reorder_is_caught(eng):  # noqa: F811
+    _fill(eng)
+    with eng.begin() as conn:  # swap the seq of records 2 and 5
+        conn.execute(text("UPDATE audit_log SET seq = -1 WHERE seq = 2"))
+        conn.execute(text("UPDATE audit_log SET seq = 2 WHERE seq = 5"))
+        conn.execute(text("UPDATE audit_log SET seq = 5 WHERE seq = -1"))
+    rep = audit.verify(eng)
+    assert not rep.ok and rep.first_bad_seq == 2
+
+
+def test_rewritten_chain_is_caught_by_its_anchors(eng, tmp_path):  # noqa: F811
+    anchors = DiskAnchors(tmp_path / "objects")
+    _fill(eng, 4)
+    assert audit.anchor(eng, anchors)["seq"] == 4
+    assert audit.anchor(eng, anchors)["seq"] == 5  # the anchoring record itself is anchored next time
+    assert audit.verify(eng, anchors).anchors_checked == 2
+    # Rewrite record 2 and recompute every hash after it: the chain alone looks fine ...
+    rows = list(audit.rows(eng))
+    rows[1]["purpose"] = "something innocent"
+    prev = rows[0]["hash"]
+    with eng.begin() as conn:
+        for r in rows[1:]:
+            r["prev_hash"] = prev
+            r["hash"] = prev = audit.record_hash(r)
+            conn.execute(db.audit_log.update().where(db.audit_log.c.seq == r["seq"])
+                         .values(purpose=r["purpose"], prev_hash=r["prev_hash"], hash=r["hash"]))
+    assert audit.verify(eng).ok
+    rep = audit.verify(eng, anchors)  # ... but not against the anchors
+    assert not rep.ok and rep.first_bad_seq == 4 and "rewritten" in rep.problem
+    # Truncation past an anchor is caught too.
+    with eng.begin() as conn:
+        conn.execute(text("DELETE FROM audit_log WHERE seq >= 5"))
+    assert not audit.verify(eng, anchors).ok
+
+
+def test_disk_anchors_are_write_once(tmp_path):
+    anchors = DiskAnchors(tmp_path)
+    assert anchors.put(audit.anchor_key(7), b'{"seq":7}')
+    assert not anchors.put(audit.anchor_key(7), b'{"seq":7,"hash":"forged"}')
+    path = tmp_path / audit.anchor_key(7)
+    assert path.read_bytes() == b'{"seq":7}' and not os.access(path, os.W_OK) or os.geteuid() == 0
+    assert oct(path.stat().st_mode & 0o777) == "0o444"
+
+
+def _writer(url: str, n: int, who: str) -> None:
+    db.dispose_all()
+    eng = db.get_engine(url)
+    for i in range(n):
+        audit.append(eng, AuditEvent(action="test.concurrent", outcome="ok", actor=who, details={"i": i}))
+
+
+def test_concurrent_writers_in_several_processes_never_fork_the_chain(eng):  # noqa: F811
+    url = eng.url.render_as_string(hide_password=False)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(url, 25, f"w{k}")) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    rep = audit.verify(eng)
+    assert rep.ok and rep.records == 100, rep.summary()
+
+
+def test_query_filters(eng):  # noqa: F811
+    _fill(eng)
+    assert [r["request_id"] for r in audit.query(eng, agency="b")] == ["r4", "r5"]
+    assert [r["seq"] for r in audit.query(eng, actor="u0")] == [1, 4]
+    assert len(audit.query(eng, case_number="C-1")) == 3
+    assert len(audit.query(eng, action="search.*")) == 6
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    assert len(audit.query(eng, since=tomorrow)) == 0
+    assert len(audit.query(eng, until=tomorrow, limit=2)) == 2
+    assert audit.is_known_probe(eng, "ab" * 32) and not audit.is_known_probe(eng, "cd" * 32)
+
+
+def test_an_unreachable_database_is_audit_unavailable():
+    from quorum.errors import Code, ServiceError
+
+    bad = db.get_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", migrate=False)
+    with pytest.raises(ServiceError) as exc:
+        audit.append(bad, AuditEvent(action="x", outcome="ok"))
+    assert exc.value.code == Code.AUDIT_UNAVAILABLE and exc.value.retryable
+    db.dispose_all()

@@ -1,0 +1,103 @@
+"""The three embedding engines on real LFW faces: shape, normalisation, discrimination, equivalence."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quorum.errors import Code, ServiceError
+from workers.detect import Detector, Face, align_arcface, decode_image
+from workers.engines import ENGINES, Engine, get_engine
+
+LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}
+
+# (person, image A, image B) from ci/: two photos of each; the other people act as impostors.
+PEOPLE = [
+    ("Aaron_Peirsol", 1, 2),
+    ("Daniel_Radcliffe", 1, 2),
+    ("Hugh_Grant", 1, 2),
+]
+DIMS = {"sface": 128, "dlib": 128, "facenet": 512}
+
+
+@pytest.fixture(scope="module")
+def data() -> Path:
+    d = Path(os.environ.get("QUORUM_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    if not (d / "ci").is_dir():
+        pytest.fail(f"face data not found under {d}; set QUORUM_DATA_DIR")
+    return d
+
+
+@pytest.fixture(scope="module")
+def samples(data: Path) -> list[tuple[str, np.ndarray, Face]]:
+    det = Detector()
+    out = []
+    for person, *nums in PEOPLE:
+        for n in nums:
+            path = data / "ci" / "faces" / person / f"{person}_{n:04d}.jpg"
+            if not path.exists():
+                pytest.fail(f"missing test image {path}")
+            img = decode_image(path.read_bytes(), **LIMITS)
+            faces = det.detect(img)
+            face = min(faces, key=lambda f: abs(f.box[0] + f.box[2] / 2 - 125) + abs(f.box[1] + f.box[3] / 2 - 125))
+            out.append((person, img, face))
+    return out
+
+
+def test_registry() -> None:
+    assert ENGINES == ("sface", "dlib", "facenet")
+    with pytest.raises(ValueError, match="sface"):
+        get_engine("nope")
+    assert get_engine("sface", "cpu") is get_engine("sface", "cpu")
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_embeddings_and_discrimination(name: str, samples: list[tuple[str, np.ndarray, Face]]) -> None:
+    eng = get_engine(name, "cpu")
+    assert isinstance(eng, Engine)
+    assert eng.name == name and eng.dim == DIMS[name] and eng.version and eng.provenance
+    embs = eng.embed_batch([(img, face) for _, img, face in samples])
+    assert embs.shape == (len(samples), DIMS[name]) and embs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embs, axis=1), 1.0, atol=1e-5)
+    single = eng.embed(samples[0][1], samples[0][2])
+    assert single.shape == (DIMS[name],) and single.dtype == np.float32
+    assert float(single @ embs[0]) > 0.9999  # batch and single agree
+    sims = embs @ embs.T
+    people = [p for p, _, _ in samples]
+    for i in range(0, len(samples), 2):
+        genuine = sims[i, i + 1]
+        impostors = [sims[i, j] for j in range(len(samples)) if people[j] != people[i]]
+        assert genuine > max(impostors), (name, people[i], genuine, max(impostors))
+
+
+def test_empty_batch() -> None:
+    out = get_engine("sface", "cpu").embed_batch([])
+    assert out.shape == (0, 128) and out.dtype == np.float32
+
+
+def test_model_failure_becomes_engine_failed(samples: list[tuple[str, np.ndarray, Face]]) -> None:
+    eng = get_engine("sface", "cpu")
+    with pytest.raises(ServiceError) as ei:
+        eng.embed(np.zeros((10, 10, 5), np.uint8), samples[0][2])
+    assert ei.value.code == Code.ENGINE_FAILED and ei.value.retryable
+
+
+def test_sface_onnxruntime_matches_cv2_dnn(samples: list[tuple[str, np.ndarray, Face]]) -> None:
+    from workers.engines.sface import SFaceEngine, cv2_reference
+
+    eng = get_engine("sface", "cpu")
+    assert isinstance(eng, SFaceEngine) and not eng.flip  # the reference has no flip-averaging
+    for _, img, face in samples[:2]:
+        ours = eng.embed(img, face)
+        ref = cv2_reference(align_arcface(img, face, 112))
+        ref = ref / np.linalg.norm(ref)
+        assert float(ours @ ref) > 0.999
+
+
+def test_sface_graph_is_folded() -> None:
+    eng = get_engine("sface", "cpu")
+    session = eng._session  # type: ignore[attr-defined]
+    assert [i.name for i in session.get_inputs()] == ["data"]

@@ -1,0 +1,172 @@
+"""Registry, dispositions, case holds, probe retention and the usage report, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+
+from quorum import audit, db, dispositions, registry, report, retention
+from quorum.audit import AuditEvent
+from quorum.errors import Code, InputError
+from quorum.objectstore import DiskStore, put_content
+from tests.unit.accountability_db import eng, pg_database  # noqa: F401  (fixtures)
+
+FAR = date(2099, 1, 1)
+
+
+def test_migrations_are_idempotent_and_seed_purposes(eng):  # noqa: F811
+    db.upgrade(eng)
+    assert db.current_revision(eng) == "0001"
+    snap = registry.snapshot(eng)
+    assert snap.purposes["criminal-investigation"] is True
+    for refused in ("general-identification", "non-member-request", "live-scanning", "crowd-scanning"):
+        assert snap.purposes[refused] is False
+
+
+def test_every_registry_change_is_audited_and_bumps_the_version(eng):  # noqa: F811
+    v0 = registry.version(eng)
+    creds = registry.add_agency(eng, "lasd", "LA Sheriff", daily_quota=5, actor="op1")
+    assert len(creds.secret) == 64 and registry.agency_secret(eng, "lasd") == creds.secret
+    registry.add_user(eng, "inv1", "lasd", "investigator", cert_id="T-1", cert_expires=FAR, actor="op1")
+    registry.certify_user(eng, "inv1", "T-2", FAR, actor="op1")
+    registry.add_offence(eng, "PC211", "robbery", actor="op1")
+    registry.set_purpose(eng, "missing-person", False, actor="op1")
+    registry.set_agency_status(eng, "lasd", "suspended", actor="op1", reason="audit finding")
+    registry.set_user_active(eng, "inv1", False, actor="op1")
+    assert registry.version(eng) == v0 + 7
+    actions = [r["action"] for r in audit.query(eng, action="registry.*")]
+    assert actions == ["registry.agency.add", "registry.user.add", "registry.user.certify", "registry.offence.add",
+                       "registry.purpose.set", "registry.agency.suspend", "registry.user.deactivate"]
+    assert all(r["actor"] == "op1" for r in audit.query(eng, action="registry.*"))
+    assert creds.secret not in str(audit.query(eng))  # secrets never reach the trail
+    snap = registry.snapshot(eng)
+    assert snap.agencies["lasd"].status == "suspended" and snap.agencies["lasd"].daily_quota == 5
+    assert snap.users["inv1"].cert_id == "T-2" and not snap.users["inv1"].active
+    assert audit.verify(eng).ok
+
+
+def test_registry_refuses_nonsense(eng):  # noqa: F811
+    registry.add_agency(eng, "a", "A")
+    with pytest.raises(InputError):
+        registry.add_agency(eng, "a", "again")
+    with pytest.raises(InputError) as exc:
+        registry.add_user(eng, "u", "nowhere", "investigator")
+    assert exc.value.code == Code.UNKNOWN_AGENCY
+    with pytest.raises(InputError) as exc:
+        registry.add_user(eng, "u", "a", "wizard")
+    assert exc.value.code == Code.ROLE_NOT_ALLOWED
+
+
+def test_snapshot_cache_reloads_only_on_change(eng):  # noqa: F811
+    cache = registry.SnapshotCache(eng)
+    first = cache.get()
+    assert cache.get() is first
+    registry.add_agency(eng, "b", "B")
+    assert "b" in cache.get().agencies and cache.secret("b")
+
+
+def test_redis_acl_confines_each_agency(eng):  # noqa: F811
+    registry.add_agency(eng, "a", "A")
+    registry.add_agency(eng, "b", "B")
+    registry.set_agency_status(eng, "b", "suspended")
+    acl = registry.render_redis_acl(eng)
+    line_a = next(x for x in acl.splitlines() if x.startswith("user agency-a "))
+    assert " on #" in line_a and "%W~quorum:intake:a " in line_a and "%R~quorum:results:a " in line_a
+    assert "%R~quorum:result:a:*" in line_a and "-@all +xadd +xread +get" in line_a
+    assert next(x for x in acl.splitlines() if x.startswith("user agency-b ")).split()[2] == "off"
+
+
+def _search(eng, rid, agency="a", case="C-1", outcome="ok", sha="ab" * 32, ts=None):  # noqa: F811
+    audit.append(eng, AuditEvent(action=audit.SEARCH_SUBMITTED, outcome="accepted", agency=agency, actor="inv",
+                                 request_id=rid, case_number=case, offence_code="PC211",
+                                 purpose="criminal-investigation", probe_sha256=sha), now=ts)
+    audit.append(eng, AuditEvent(action=audit.SEARCH_RESULT, outcome=outcome, agency=agency, actor="inv",
+                                 request_id=rid, case_number=case, offence_code="PC211",
+                                 purpose="criminal-investigation", probe_sha256=sha), now=ts)
+
+
+def _agency_with_users(eng):  # noqa: F811
+    registry.add_agency(eng, "a", "A")
+    registry.add_agency(eng, "b", "B")
+    for uid, agency, role, exp in (("inv", "a", "investigator", FAR), ("sup", "a", "supervisor", FAR),
+                                   ("aud", "a", "auditor", FAR), ("old", "a", "investigator", date(2020, 1, 1)),
+                                   ("binv", "b", "investigator", FAR)):
+        registry.add_user(eng, uid, agency, role, cert_id=f"T-{uid}", cert_expires=exp)
+
+
+def test_dispositions_and_the_second_look(eng):  # noqa: F811
+    _agency_with_users(eng)
+    _search(eng, "r1")
+    _search(eng, "r2")
+    d = dispositions.record(eng, "r2", "no_lead", "inv")
+    assert d.status == "final"
+    lead = dispositions.record(eng, "r1", "lead_pursued", "inv", candidate="subject-7")
+    assert lead.status == "pending"
+    refusals = [
+        (lambda: dispositions.record(eng, "r1", "lead_pursued", "inv"), Code.DISPOSITION_REFUSED),  # no candidate
+        (lambda: dispositions.record(eng, "nope", "no_lead", "inv"), Code.DISPOSITION_REFUSED),
+        (lambda: dispositions.record(eng, "r1", "guess", "inv"), Code.DISPOSITION_REFUSED),
+        (lambda: dispositions.record(eng, "r1", "no_lead", "binv"), Code.USER_OTHER_AGENCY),
+        (lambda: dispositions.confirm(eng, lead.id, "inv"), Code.DISPOSITION_REFUSED),  # same user
+        (lambda: dispositions.confirm(eng, lead.id, "aud"), Code.ROLE_NOT_ALLOWED),
+        (lambda: dispositions.confirm(eng, lead.id, "old"), Code.CERTIFICATE_EXPIRED),
+        (lambda: dispositions.confirm(eng, lead.id, "binv"), Code.USER_OTHER_AGENCY),
+    ]
+    for fn, code in refusals:
+        with pytest.raises(InputError) as exc:
+            fn()
+        assert exc.value.code == code
+    done = dispositions.confirm(eng, lead.id, "sup")
+    assert done.status == "confirmed" and done.confirmed_by == "sup"
+    with pytest.raises(InputError):
+        dispositions.confirm(eng, lead.id, "sup")  # once only
+    trail = audit.query(eng, action="disposition.*")
+    assert sum(r["outcome"] == "refused" for r in trail) == len(refusals) + 1
+    assert [r["outcome"] for r in trail if r["outcome"] != "refused"] == ["final", "pending", "confirmed"]
+    assert audit.verify(eng).ok
+
+
+def test_usage_report_counts_what_happened(eng):  # noqa: F811
+    _agency_with_users(eng)
+    then = datetime(2025, 6, 1, tzinfo=UTC)
+    _search(eng, "old", ts=then)  # outside the period
+    _search(eng, "r1")
+    _search(eng, "r2", outcome="degraded")
+    _search(eng, "r3", agency="b")
+    audit.append(eng, AuditEvent(action=audit.SEARCH_SUBMITTED, outcome="refused", code="PURPOSE_NOT_ALLOWED",
+                                 agency="a", purpose="crowd-scanning", offence_code="PC211"))
+    dispositions.record(eng, "r1", "no_lead", "inv")
+    today = datetime.now(UTC).date()
+    rep = report.usage(eng, today.isoformat(), (today + timedelta(days=1)).isoformat())
+    assert rep.by(0) == {"a": 3, "b": 1}
+    assert rep.by(1, accepted_only=True) == {"criminal-investigation": 3}
+    assert rep.searches[("a", "crowd-scanning", "PC211", "refused:PURPOSE_NOT_ALLOWED")] == 1
+    assert rep.results == {("a", "ok"): 1, ("a", "degraded"): 1, ("b", "ok"): 1}
+    assert rep.dispositions == {("a", "no_lead", "final"): 1}
+    md, csv_text = report.to_markdown(rep), report.to_csv(rep)
+    assert "| a | 3 | 2 | 1 | 1 | 1 | 0 |" in md and "INVESTIGATIVE LEAD ONLY" in md
+    assert "search,a,crowd-scanning,PC211,refused:PURPOSE_NOT_ALLOWED,1" in csv_text.splitlines()
+    assert "disposition,a,,,no_lead/final,1" in csv_text.splitlines()
+
+
+def test_probe_retention_respects_case_holds(eng, tmp_path):  # noqa: F811
+    store = DiskStore(tmp_path / "objects")
+    keys = {name: put_content(store, "probes", name.encode()) for name in ("old", "held", "fresh", "orphan")}
+    sha = {n: k.rsplit("/", 1)[1] for n, k in keys.items()}
+    long_ago = datetime.now(UTC) - timedelta(days=100)
+    _search(eng, "r-old", case="C-1", sha=sha["old"], ts=long_ago)
+    _search(eng, "r-held", case="C-2", sha=sha["held"], ts=long_ago)
+    _search(eng, "r-fresh", case="C-3", sha=sha["fresh"])
+    retention.hold(eng, "a", "C-2", reason="trial pending", actor="op")
+    dry = retention.purge(eng, store, 90, dry_run=True)
+    assert dry.deleted == [keys["old"]] and store.size(keys["old"]) is not None
+    rep = retention.purge(eng, store, 90, actor="op")
+    assert rep.deleted == [keys["old"]] and rep.held == [keys["held"]] and rep.kept == 1
+    assert rep.unreferenced == [keys["orphan"]]
+    assert store.size(keys["old"]) is None and store.size(keys["held"]) is not None
+    purged = audit.query(eng, action=audit.PROBE_PURGED)
+    assert [r["probe_sha256"] for r in purged] == [sha["old"]]
+    retention.release(eng, "a", "C-2", reason="closed", actor="op")
+    assert retention.purge(eng, store, 90).deleted == [keys["held"]]
+    assert [r["action"] for r in audit.query(eng, action="case.*")] == ["case.hold", "case.release"]
