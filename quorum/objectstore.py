@@ -124,6 +124,8 @@ class S3Store:
         except S3Error as exc:
             if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise ServiceError(Code.STORE_UNAVAILABLE, f"S3 bucket {bucket}: {exc.code}") from exc
+        except ValueError:  # a malformed bucket name or endpoint: configuration, not availability
+            raise
         except Exception as exc:  # urllib3 connection errors and the like
             raise ServiceError(Code.STORE_UNAVAILABLE, f"S3 endpoint {endpoint} unreachable: {exc}") from exc
 
