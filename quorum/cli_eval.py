@@ -24,7 +24,7 @@ def _protocol_options(f):
         click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)),
         click.option("--engines", default="sface,dlib,facenet", show_default=True, help="comma-separated engines"),
         click.option("--seed", default=0, show_default=True, help="seed of every random choice of the protocol"),
-        click.option("--holdout", default=0.3, show_default=True,
+        click.option("--holdout", default=0.4, show_default=True,
                      help="fraction of the multi-image identities held out of the gallery (non-mated probes)"),
         click.option("--gallery-size", type=int, default=None, help="cap on enrolled identities (distractors go first)"),
         click.option("--max-identities", type=int, default=None, help="use a seeded sample of this many identities"),
@@ -98,7 +98,9 @@ def _default_out() -> Path:
 @click.option("--operating-fpir", default=0.01, show_default=True, help="1:N operating point for --groups")
 @click.option("--operating-fmr", default=0.001, show_default=True, help="1:1 operating point for --groups")
 @click.option("--bootstrap", default=1000, show_default=True, help="bootstrap replicates for --groups CIs")
-@click.option("--via-queue", is_flag=True, help="not supported yet: searches always run in process")
+@click.option("--via-queue", is_flag=True,
+              help="also enrol the gallery into the running stack (quorum up) and search every probe through "
+                   "the queue: adds system 'queue' (production fusion) next to the in-process ones")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="report folder [default: $QUORUM_HOME/eval-reports/<time>]")
 def eval_command(data, engines, seed, holdout, gallery_size, max_identities, max_images_per_identity, top_n, cache,
@@ -111,8 +113,6 @@ def eval_command(data, engines, seed, holdout, gallery_size, max_identities, max
     from quorum.config import settings
     from workers import fusion
 
-    if via_queue:
-        raise click.ClickException("--via-queue is not implemented yet; run without it (in process)")
     t0 = time.monotonic()
     data, engine_list, proto, cache = _setup(data, engines, seed, holdout, gallery_size, max_identities,
                                              max_images_per_identity, cache)
@@ -142,6 +142,9 @@ def eval_command(data, engines, seed, holdout, gallery_size, max_identities, max
                 click.echo(f"skipping {m}: calibration unusable: {'; '.join(problems)}", err=True)
                 continue
         outcomes[m] = ev.fusion_outcome(run, m, cal, progress=progress)
+    queue_info = None
+    if via_queue:
+        outcomes["queue"], queue_info = ev.queue_outcome(run, progress=progress, echo=lambda m: click.echo(m, err=True))
     parts = {}
     for p in ("fit", "test", "all"):
         mi, ni = ev.part_indices(run, p)
@@ -151,7 +154,7 @@ def eval_command(data, engines, seed, holdout, gallery_size, max_identities, max
     ev.plot_cmc(outcomes, mi, top_n, out / "cmc.png", f"CMC - {title}")
     ev.plot_det(outcomes, mi, ni, out / "det.png", f"DET - {title}")
     best_single = min(engine_list, key=lambda e: (parts[part][e]["rank1_misses"], e))
-    fused = [m for m in outcomes if m not in engine_list]
+    fused = [m for m in outcomes if m not in engine_list and m != "queue"]
     best_fused = min(fused, key=lambda m: (parts[part][m]["rank1_misses"], m)) if fused else None
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -164,6 +167,7 @@ def eval_command(data, engines, seed, holdout, gallery_size, max_identities, max
         "calibration": None if cal is None else {"path": str(cal_path or fusion.DEFAULT_CALIBRATION),
                                                  "default_method": cal.default_method, "fitted": cal.meta},
         "skipped_methods": skipped,
+        "queue": queue_info,
         "report_part": part,
         "parts": parts,
         "best_single_engine": best_single,

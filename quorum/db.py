@@ -212,6 +212,9 @@ def _alembic_config(conn: Connection):
 
 def upgrade(eng: Engine, revision: str = "head") -> None:
     """Run pending migrations, serialised against other processes doing the same."""
+    import logging
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # no chatter on every process start
     from alembic import command
 
     with write_tx(eng) as conn:

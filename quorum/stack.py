@@ -102,7 +102,17 @@ class Stack:
             return None
         return pid
 
-    def start_process(self, role: str, i: int = 0, *, metrics_port: int = 0) -> int:
+    def _metrics_port(self, role: str, i: int) -> int:
+        """The /metrics port ``up`` assigned to a role (0: none), so a restarted process keeps it."""
+        try:
+            base = int((self.run_dir / "metrics_base").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+        return base + ROLES.index(role) if base and i == 0 and role in ROLES else 0
+
+    def start_process(self, role: str, i: int = 0, *, metrics_port: int | None = None) -> int:
+        if metrics_port is None:
+            metrics_port = self._metrics_port(role, i)
         pidfile = self._pidfile(role, i)
         pid = self._alive(pidfile)
         if pid:
@@ -122,8 +132,10 @@ class Stack:
         started_redis = self.start_redis()
         if started_redis:
             (self.run_dir / "redis.started").write_text("1")
-        for i, role in enumerate(roles):
-            self.start_process(role, metrics_port=metrics_base + i if metrics_base else 0)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "metrics_base").write_text(str(metrics_base))
+        for role in roles:
+            self.start_process(role)
         self.wait_ready(roles, timeout=timeout)
 
     def wait_ready(self, roles: tuple[str, ...], timeout: float = 180.0) -> None:

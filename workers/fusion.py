@@ -394,3 +394,10 @@ def fit(probes: Sequence[FitProbe], engine_scores: Mapping[str, tuple[np.ndarray
             coef, intercept = fit_logistic(np.vstack(xs), np.concatenate(ys), l2=l2, sample_weight=np.concatenate(ws))
             cal.logit[_subset_key(subset)] = LogitModel(tuple(subset), [float(c) for c in coef], intercept)
     return cal
+
+
+def resolve_method(method: str, calibration: Calibration | None) -> str:
+    """``auto`` (or empty) means the calibration's measured-best default, else the calibration-free one."""
+    if method in ("", "auto"):
+        return calibration.default_method if calibration is not None else FALLBACK_METHOD
+    return method

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from quorum.config import load_settings
-from quorum.stack import Stack
-from tests.integration.servers import RedisServer, S3Server
+from quorum.stack import ROLES, Stack
+from tests.integration.servers import RedisServer, S3Server, free_port
 
 
 @pytest.fixture(scope="session")
@@ -16,13 +16,13 @@ def s3_server(tmp_path_factory):
     server.stop()
 
 
-def _stack(tmp_path_factory, name, **overrides):
+def _stack(tmp_path_factory, name, metrics_base=0, **overrides):
     home = tmp_path_factory.mktemp(name)
     redis_server = RedisServer(home / "redis").start()
     s = load_settings(env={}, home=str(home), redis_url=redis_server.url, **overrides)
     stack = Stack(s)
     try:
-        stack.up(timeout=300)
+        stack.up(timeout=300, metrics_base=metrics_base)
     except Exception:
         stack.down()
         redis_server.stop()
@@ -43,9 +43,37 @@ def s3_stack(tmp_path_factory, s3_server):
 
 
 @pytest.fixture(scope="session")
-def disk_stack(tmp_path_factory):
-    """The stack on the embedded disk store, with a short fusion deadline for the degraded tests."""
-    s, stack, redis_server = _stack(tmp_path_factory, "stack-disk", fusion_deadline_s=8.0)
-    yield s
+def _disk(tmp_path_factory):
+    base = free_port(span=len(ROLES))
+    s, stack, redis_server = _stack(tmp_path_factory, "stack-disk", metrics_base=base, fusion_deadline_s=8.0)
+    yield s, {role: base + i for i, role in enumerate(ROLES)}
     stack.down()
     redis_server.stop()
+
+
+@pytest.fixture(scope="session")
+def disk_stack(_disk):
+    """The stack on the embedded disk store, with a short fusion deadline for the degraded tests."""
+    return _disk[0]
+
+
+@pytest.fixture(scope="session")
+def disk_metrics_ports(_disk):
+    """Each process of the disk stack serves /metrics on its own loopback port: role -> port."""
+    return _disk[1]
+
+
+@pytest.fixture(scope="session")
+def member_client(disk_stack):
+    """Factory: register (idempotently) a member agency with a certified investigator, offence PC211 and
+    the purpose "investigation", and return a client that signs with the agency's secret."""
+    from broker.client import QuorumClient
+    from quorum import db, registry
+
+    def make(agency: str, user: str | None = None) -> QuorumClient:
+        user = user or f"{agency}-inv"  # user ids are global: one agency each
+        secret = registry.provision(db.get_engine(disk_stack), agency, users={user: "investigator"},
+                                    offences=("PC211",), purposes=("investigation",))
+        return QuorumClient(disk_stack.redis_url, agency, user, secret)
+
+    return make

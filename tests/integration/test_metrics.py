@@ -1,0 +1,103 @@
+"""Metrics as an SRE sees them: a real Prometheus scrapes every process of the running stack, and the
+names the alert rules and the dashboard use are the names the code exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from quorum import metrics
+from tests.integration.servers import REPO, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _exported_names() -> set[str]:
+    names = set()
+    from prometheus_client.metrics import MetricWrapperBase
+
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            for fam in obj.describe():
+                base = fam.name
+                names |= {base, f"{base}_total", f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    return names
+
+
+def test_rules_and_dashboard_use_only_exported_metric_names():
+    exported = _exported_names()
+    texts = [(REPO / "deploy/prometheus/rules.yml").read_text(),
+             (REPO / "deploy/grafana/quorum-dashboard.json").read_text()]
+    used = set()
+    for t in texts:
+        used |= set(re.findall(r"\bquorum_[a-z_]+\b", t))
+    # Recording rules are named quorum:...; raw series must exist in code.
+    assert used, "no quorum_ metric referenced?"
+    missing = sorted(u for u in used if u not in exported)
+    assert not missing, f"rules/dashboard reference metrics the code does not export: {missing}"
+
+
+def _query(port: int, promql: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member_client, data_dir, tmp_path):
+    from quorum.demo import read_split
+    from quorum.galleryadmin import enrol
+    from quorum.objectstore import open_store
+
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus is not installed: apt-get install -y prometheus"
+    rows = [r for r in read_split(data_dir / "ci") if r.role == "gallery"][60:66]
+    enrol(disk_stack, open_store(disk_stack), [(r.identity, r.path) for r in rows])
+    client = member_client("metrics-agency")
+    rid = client.submit(sorted((data_dir / "ci/faces" / rows[0].identity).iterdir())[1], case_number="M-1",
+                        offence_code="PC211", purpose="investigation")
+    client.wait(rid, timeout=120)
+
+    targets = [f"127.0.0.1:{p}" for p in disk_metrics_ports.values()]
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text("global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: quorum\n"
+                   f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n")
+    port = free_port()
+    proc = subprocess.Popen([exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                up = _query(port, "up")
+                if len(up) == len(targets) and all(r["value"][1] == "1" for r in up):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"not every process is scraped: {up if 'up' in dir() else None}"
+            time.sleep(0.5)
+        time.sleep(2)
+        checks = {
+            "sum(quorum_probes_received_total)": 1,
+            'sum(quorum_searches_completed_total{outcome="ok"})': 1,
+            'sum(quorum_engine_duration_seconds_count{engine="sface",stage="embed"})': 1,
+            'sum(quorum_engine_duration_seconds_count{engine="dlib",stage="search"})': 1,
+            "count(quorum_gallery_templates)": 3,
+            "count(quorum_queue_length)": 1,
+        }
+        for promql, at_least in checks.items():
+            res = _query(port, promql)
+            assert res and float(res[0]["value"][1]) >= at_least, (promql, res)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
