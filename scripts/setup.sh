@@ -23,8 +23,11 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# hnswlib compiles from source on a cold cache (about 70 s).
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -vE "^WARNING: Location|^\s*$" || true
+# hnswlib compiles from source on a cold cache (about 70 s). Output goes to a log, shown on failure.
+log=$(mktemp)
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test]"; } >"$log" 2>&1; then
+  cat "$log"; echo "setup: pip install failed" >&2; exit 1
+fi
+rm -f "$log"
 .venv/bin/quorum --help >/dev/null
 echo "setup: ready (.venv)"
