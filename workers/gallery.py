@@ -245,13 +245,43 @@ class GalleryReplica:
             "subjects": self.index.subjects,
             "created_at": stamp,
         }
+        previous = self._read_pointer()
         self.store.put(self._pointer_key, json.dumps(pointer).encode())
         log.info("gallery.snapshot_saved", engine=self.engine, templates=len(self.index), log_id=self.applied_id)
+        # The log before the *previous* snapshot is no longer needed by anyone: a starting replica
+        # loads this snapshot, and a running one that fell behind it notices the gap and reloads.
+        # Keeping one generation of overlap spares replicas that are merely a little behind.
+        if previous and previous.get("engine_version") == self.engine_version and previous["log_id"] != "0-0":
+            trimmed = self.redis.xtrim(self.log_key, minid=previous["log_id"], approximate=False)
+            log.info("gallery.log_trimmed", engine=self.engine, entries=trimmed, before=previous["log_id"])
         return pointer
+
+    def _read_pointer(self) -> dict | None:
+        from quorum.errors import InputError
+
+        try:
+            return json.loads(self.store.get(self._pointer_key))
+        except InputError:
+            return None
+
+    def _missed_entries(self) -> bool:
+        """True when the log was trimmed past what this replica has applied (it fell too far behind)."""
+        if not self.redis.exists(self.log_key):
+            return False
+        info = self.redis.xinfo_stream(self.log_key)
+        first = info.get("first-entry")
+        # Entries are only ever removed by trimming from the front (never XDEL), so: something was
+        # trimmed, and the oldest entry left is newer than the last one this replica applied.
+        trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
+        return bool(trimmed and first and _id_tuple(_s(first[0])) > _id_tuple(self.applied_id))
 
     def sync(self, batch: int = 5000) -> int:
         """Apply every log entry after the last one applied. Returns how many entries were read."""
         total = 0
+        if self._missed_entries():
+            log.warning("gallery.replica_behind_trimmed_log", engine=self.engine, applied=self.applied_id)
+            if not self.load_snapshot():
+                raise RuntimeError(f"{self.engine}: the gallery log was trimmed but no snapshot can be loaded")
         while True:
             resp = self.redis.xread({self.log_key: self.applied_id}, count=batch)
             if not resp:
@@ -287,6 +317,11 @@ class GalleryReplica:
                 flush()
                 self.index.remove_subject(_s(f["subject"]))
         flush()
+
+
+def _id_tuple(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _s(v: bytes | str) -> str:

@@ -84,3 +84,33 @@ def test_replicas_snapshots_and_log(redis_url, store, request):
     assert not c.load_snapshot()
     c.sync()
     assert len(c.index) == 0 and c.skipped_other_version == 601
+
+
+def test_log_trimmed_after_snapshots_and_stale_replicas_recover(redis_url, store, request):
+    from broker import keys
+
+    r = redis.Redis.from_url(redis_url)
+    engine = f"trim-{request.node.callspec.id}"
+    v = _vecs(300, 11)
+    log_add_entries(r, engine, "v1", [f"a{i}" for i in range(100)], v[:100], [f"gallery/a{i}" for i in range(100)])
+    stale = _replica(r, store, engine)
+    stale.sync()  # then falls asleep at 100 entries
+    writer = _replica(r, store, engine)
+    writer.save_snapshot()  # first snapshot: nothing to trim yet
+    assert r.xlen(keys.gallery_log(engine)) == 100
+    log_add_entries(r, engine, "v1", [f"b{i}" for i in range(100)], v[100:200], [f"gallery/b{i}" for i in range(100)])
+    log_remove(r, engine, "a5", reason="expunge")
+    writer.save_snapshot()  # second: the log before the first snapshot's position goes
+    assert r.xlen(keys.gallery_log(engine)) == 1 + 101  # the position entry itself stays
+    log_add_entries(r, engine, "v1", [f"c{i}" for i in range(50)], v[200:250], [f"gallery/c{i}" for i in range(50)])
+    writer.save_snapshot()  # third: everything before the second's position goes
+    assert r.xlen(keys.gallery_log(engine)) == 1 + 50
+    log_remove(r, engine, "b7", reason="expunge")
+
+    fresh = _replica(r, store, engine)
+    fresh.load_snapshot()
+    fresh.sync()
+    stale.sync()  # missed trimmed entries: must reload from the snapshot, not silently skip them
+    writer.sync()
+    for rep in (fresh, stale, writer):
+        assert len(rep.index) == 248 and "a5" not in rep.index and "b7" not in rep.index and "c49" in rep.index
