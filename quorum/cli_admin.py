@@ -25,6 +25,15 @@ def operator_name(actor: str | None = None) -> str:
     return actor or os.environ.get("QUORUM_OPERATOR") or getpass.getuser()
 
 
+def _emit(text: str, out: Path | None) -> None:
+    """Write ``text`` to ``out`` when given, else to standard output."""
+    if out:
+        out.write_text(text)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
 def _engine():
     from quorum import db
 
@@ -239,11 +248,7 @@ def redis_acl(out: Path | None, service_user: str, service_password_sha256: str)
 
     text = registry.render_redis_acl(_engine(), service_user=service_user,
                                      service_password_sha256=service_password_sha256)
-    if out:
-        out.write_text(text)
-        click.echo(f"wrote {out}")
-    else:
-        click.echo(text, nl=False)
+    _emit(text, out)
 
 
 # ---- audit -----------------------------------------------------------------------------------------
@@ -318,11 +323,7 @@ def report_usage(since: str, until: str, fmt: str, out: Path | None) -> None:
 
     rep = report.usage(_engine(), since, until)
     text = report.to_markdown(rep) if fmt == "md" else report.to_csv(rep)
-    if out:
-        out.write_text(text)
-        click.echo(f"wrote {out}")
-    else:
-        click.echo(text, nl=False)
+    _emit(text, out)
 
 
 # ---- dispositions ------------------------------------------------------------------------------------

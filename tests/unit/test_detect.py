@@ -26,16 +26,8 @@ LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}
 
 
 @pytest.fixture(scope="module")
-def data() -> Path:
-    d = Path(os.environ.get("QUORUM_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
-    if not (d / "ci").is_dir():
-        pytest.fail(f"face data not found under {d}; set QUORUM_DATA_DIR")
-    return d
-
-
-@pytest.fixture(scope="module")
-def jpeg_bytes(data: Path) -> bytes:
-    return (data / "ci" / "faces" / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg").read_bytes()
+def jpeg_bytes(data_dir: Path) -> bytes:
+    return (data_dir / "ci" / "faces" / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +132,7 @@ def test_face_dict_roundtrip() -> None:
         Face.from_dict({"box": [1, 2, 3]})
 
 
-def test_detects_lfw_face(data: Path, detector: Detector, jpeg_bytes: bytes) -> None:
+def test_detects_lfw_face(data_dir: Path, detector: Detector, jpeg_bytes: bytes) -> None:
     faces = detector.detect(decode_image(jpeg_bytes, **LIMITS))
     assert faces
     x, y, w, h = faces[0].box
@@ -150,8 +142,8 @@ def test_detects_lfw_face(data: Path, detector: Detector, jpeg_bytes: bytes) -> 
     assert lm[0, 0] < lm[1, 0]  # first eye is on the image's left
 
 
-def test_group_photo_sorted_and_chosen(data: Path, detector: Detector) -> None:
-    img = decode_image((data / "ci" / "extras" / "multi_face_group.jpg").read_bytes(), **LIMITS)
+def test_group_photo_sorted_and_chosen(data_dir: Path, detector: Detector) -> None:
+    img = decode_image((data_dir / "ci" / "extras" / "multi_face_group.jpg").read_bytes(), **LIMITS)
     faces = detector.detect(img)
     assert len(faces) >= 4
     areas = [f.area for f in faces]

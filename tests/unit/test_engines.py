@@ -24,20 +24,12 @@ DIMS = {"sface": 128, "dlib": 128, "facenet": 512}
 
 
 @pytest.fixture(scope="module")
-def data() -> Path:
-    d = Path(os.environ.get("QUORUM_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
-    if not (d / "ci").is_dir():
-        pytest.fail(f"face data not found under {d}; set QUORUM_DATA_DIR")
-    return d
-
-
-@pytest.fixture(scope="module")
-def samples(data: Path) -> list[tuple[str, np.ndarray, Face]]:
+def samples(data_dir: Path) -> list[tuple[str, np.ndarray, Face]]:
     det = Detector()
     out = []
     for person, *nums in PEOPLE:
         for n in nums:
-            path = data / "ci" / "faces" / person / f"{person}_{n:04d}.jpg"
+            path = data_dir / "ci" / "faces" / person / f"{person}_{n:04d}.jpg"
             if not path.exists():
                 pytest.fail(f"missing test image {path}")
             img = decode_image(path.read_bytes(), **LIMITS)
