@@ -88,11 +88,11 @@ def status() -> None:
 
 # ---- gallery ------------------------------------------------------------------------------------
 
-def _tqdm_bar(label: str, total: int):
+def _tqdm_bar(label: str, total: int, unit: str = "img"):
     """A progress callback ``update(done)`` drawing a bar on stderr; closes itself when complete."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=label, total=total, unit="img", file=sys.stderr)
+    bar = tqdm(desc=label, total=total, unit=unit, file=sys.stderr)
 
     def update(done: int) -> None:
         bar.n = done

@@ -127,7 +127,7 @@ def enrol_and_search(s, rows: list[SplitRow], *, echo=print, bar_factory=None) -
     for r in probes:
         rid = client.submit(r.path, case_number="DEMO-0001", offence_code="DEMO", purpose="demo")
         truth[rid] = r.identity if r.role == "probe" else None
-    bar = bar_factory("searching", len(truth))
+    bar = bar_factory("searching (probes answered)", len(truth))
     results = client.wait_all(list(truth), timeout=3600, progress=bar)
     elapsed = time.monotonic() - t1
     card = score_results(truth, results, s.engines)
