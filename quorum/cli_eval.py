@@ -182,7 +182,8 @@ def eval_command(data, engines, seed, holdout, gallery_size, max_identities, max
     report["elapsed_s"] = round(time.monotonic() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     click.echo(_table(parts[part], fpirs))
-    click.echo("* FPIR target finer than 1 / non-mated probes: not resolvable on this data")
+    if any(not x["resolvable"] for m in parts[part].values() for x in m["fnir_at_fpir"]):
+        click.echo("* FPIR target finer than 1 / non-mated probes: not resolvable on this data")
     click.echo(f"failures: " + "; ".join(
         f"{e}: {report['engines'][e]['failure_to_enrol']} to enrol, {report['engines'][e]['probe_failures']} probes"
         for e in engine_list))

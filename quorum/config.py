@@ -43,7 +43,10 @@ class Settings:
     # a backlog that delays every engine alike degrades nothing.
     fusion_deadline_s: float = 30.0
     search_timeout_s: float = 900.0  # from receipt: if no engine has answered by then, answer with an error
-    fusion_method: str = "zsum"
+    # auto: the method the calibration file measured best (see BENCHMARKS.md); any of
+    # workers.fusion.METHODS names one. Calibrated methods fall back to zsum if the calibration
+    # does not match the running engines' versions.
+    fusion_method: str = "auto"
     calibration_file: str = ""  # empty: the calibration shipped with the package
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200

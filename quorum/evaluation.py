@@ -38,9 +38,8 @@ import hashlib
 import json
 import math
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -669,6 +668,26 @@ def run_searches(protocol: Protocol, engines: Sequence[str], cache_dir: Path | s
         echo(f"embedding {len(missing)} images not in the cache ({cache.root}) ...")
         uniq = sorted(missing)
         fill_cache_parallel(uniq, list(engines), cache.root, jobs=jobs, progress=progress)
+    # The searches themselves are cached too (a few minutes for lfw-dev): keyed by everything they
+    # depend on, so any change of images, protocol, engine version, detector or index settings misses.
+    run_key = hashlib.sha1(json.dumps({
+        "gallery": [im.rel for im in protocol.gallery], "mated": [im.rel for im in protocol.mated],
+        "nonmated": [im.rel for im in protocol.nonmated], "split": sorted(protocol.split.items()),
+        "keys": keys, "versions": {e: _embed_version(eng.version, det) for e, eng in engs.items()},
+        "top_n": top_n, "hnsw": [s.hnsw_m, s.hnsw_ef_construction, s.hnsw_ef_search],
+    }).encode()).hexdigest()
+    run_file = cache.root / "runs" / f"{run_key}.pkl"
+    if run_file.exists():
+        import pickle
+
+        try:
+            with open(run_file, "rb") as fh:
+                cached = pickle.load(fh)
+            cached.protocol = protocol
+            echo(f"searches from the cache: {run_file}")
+            return cached
+        except Exception:  # a stale or unreadable file: search again
+            pass
     subjects = [im.identity for im in protocol.gallery]
     runs: dict[str, EngineRun] = {}
     ng = len(protocol.gallery)
@@ -693,7 +712,16 @@ def run_searches(protocol: Protocol, engines: Sequence[str], cache_dir: Path | s
             hits.append((np.asarray([sub_idx[h.subject_id] for h in res], dtype=np.int32),
                          np.asarray([h.score for h in res], dtype=np.float32)))
         runs[e] = EngineRun(e, eng.version, status[:ng], status[ng:], vecs[:ng], vecs[ng:], hits)
-    return Run(protocol, subjects, runs, top_n)
+    result = Run(protocol, subjects, runs, top_n)
+    import os
+    import pickle
+
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, run_file)
+    return result
 
 
 def engine_outcome(run: Run, engine: str) -> Outcome:

@@ -258,6 +258,21 @@ def _calibrated_totals(method: str, lists: Mapping[str, Sequence[Ranked]], subje
     return total
 
 
+def effective_method(method: str, engines: Sequence[str], calibration: Calibration | None,
+                     versions: Mapping[str, str] | None) -> str:
+    """The method that will really run for these engines: a calibrated method whose calibration is
+    missing, or was fitted on other engine versions, falls back to the calibration-free one (logged)."""
+    if method not in CALIBRATED:
+        return method
+    problems = ["no calibration loaded"] if calibration is None else calibration.mismatches(list(engines), versions)
+    if method == "logit" and not problems and _subset_key(engines) not in calibration.logit:
+        problems = [f"no logit model for {_subset_key(engines)}"]
+    if problems:
+        log.warning("fusion.calibration_mismatch", method=method, fallback=FALLBACK_METHOD, problems=problems)
+        return FALLBACK_METHOD
+    return method
+
+
 def fuse(lists: Mapping[str, Sequence[Ranked]], n: int, method: str = "zsum",
          weights: Mapping[str, float] | None = None, *, calibration: Calibration | None = None,
          versions: Mapping[str, str] | None = None) -> list[Fused]:
@@ -271,13 +286,7 @@ def fuse(lists: Mapping[str, Sequence[Ranked]], n: int, method: str = "zsum",
         raise ValueError(f"unknown fusion method {method!r}; known: {', '.join(METHODS)}")
     weights = weights or {}
     present = {e: r for e, r in lists.items() if r}
-    if method in CALIBRATED:
-        problems = ["no calibration loaded"] if calibration is None else calibration.mismatches(list(present), versions)
-        if method == "logit" and not problems and _subset_key(present) not in calibration.logit:
-            problems = [f"no logit model for {_subset_key(present)}"]
-        if problems:
-            log.warning("fusion.calibration_mismatch", method=method, fallback=FALLBACK_METHOD, problems=problems)
-            method = FALLBACK_METHOD
+    method = effective_method(method, list(present), calibration, versions)
     per_engine = {e: {r.subject_id: (r.rank, r.score) for r in ranked} for e, ranked in present.items()}
     subjects = sorted(set().union(*(p.keys() for p in per_engine.values()))) if per_engine else []
     if not subjects:

@@ -39,6 +39,13 @@ class Runtime:
 
         return Detector()
 
+    @cached_property
+    def calibration(self):
+        """Score normalisation and fusion models fitted by ``quorum calibrate`` (None if unavailable)."""
+        from workers.fusion import load_calibration
+
+        return load_calibration(self.settings.calibration_file)
+
     def engine(self, name: str):
         if name not in self._engines:
             from workers.engines import get_engine

@@ -226,7 +226,11 @@ def fuse(request_id: str, final: bool = False) -> str:
         r.set(keys.job_published_key(request_id), 1, ex=s.result_ttl_s)
         return code.value
     lists = {e: [fusion.Ranked(c.subject_id, c.rank, c.score) for c in res.candidates] for e, res in ok.items()}
-    fused = fusion.fuse(lists, job.candidates, method=s.fusion_method)
+    versions = {e: res.engine_version for e, res in ok.items()}
+    cal = runtime.calibration
+    method = fusion.effective_method(fusion.resolve_method(s.fusion_method, cal),
+                                     [e for e, lst in lists.items() if lst], cal, versions)
+    fused = fusion.fuse(lists, job.candidates, method=method, calibration=cal, versions=versions)
     face = job.face or {}
     duration = time.time() - job.received_at
     result = CandidateList(
@@ -237,7 +241,7 @@ def fuse(request_id: str, final: bool = False) -> str:
         candidates=[FusedCandidate(rank=f.rank, subject_id=f.subject_id, fused_score=f.fused_score,
                                    engines={e: {"rank": rk, "score": sc} for e, (rk, sc) in f.engines.items()})
                     for f in fused],
-        fusion_method=s.fusion_method, engines_contributed=sorted(ok), engines_failed=failed,
+        fusion_method=method, engines_contributed=sorted(ok), engines_failed=failed,
         degraded=bool(failed), duration_ms=round(duration * 1000, 1),
     )
     if publish(r, result, ttl_s=s.result_ttl_s):

@@ -62,4 +62,9 @@ def test_candidate_list_contract(run):
     assert res.notice.startswith("INVESTIGATIVE LEAD ONLY")
     assert [c.rank for c in res.candidates] == list(range(1, 251))
     assert res.engines_contributed == ["dlib", "facenet", "sface"]
+    # Production runs the fusion the shipped calibration measured best: had the calibration not
+    # matched the running engines' versions, fusion would have fallen back to zsum.
+    from workers.fusion import load_calibration
+
+    assert res.fusion_method == load_calibration().default_method
     assert len(res.probe_sha256) == 64 and res.face.faces_found >= 1
