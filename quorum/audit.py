@@ -34,6 +34,7 @@ The gateway anchors every ``audit_anchor_interval_s``; ``quorum audit anchor`` d
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import io
 import json
 import os
@@ -278,19 +279,22 @@ def anchor_key(seq: int) -> str:
     return f"{ANCHOR_PREFIX}{seq:012d}.json"
 
 
-class AnchorStore:
+class AnchorStore(ABC):
     """Write-once storage of chain heads."""
 
     kind = "none"
 
+    @abstractmethod
     def put(self, key: str, body: bytes) -> bool:  # False: an anchor with that key exists already
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def keys(self) -> list[str]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def get(self, key: str) -> bytes:
-        raise NotImplementedError
+        ...
 
     def read_all(self) -> list[dict]:
         return [json.loads(self.get(k)) for k in self.keys()]
