@@ -34,11 +34,11 @@ The gateway anchors every ``audit_anchor_interval_s``; ``quorum audit anchor`` d
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
 import io
 import json
 import os
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
