@@ -73,16 +73,17 @@ def _with_image(doc: dict, data: bytes) -> dict:
     return {**doc, "image": {"data_b64": base64.b64encode(data).decode()}}
 
 
-def _answers(r, wanted: dict[str, str], timeout=60.0) -> dict[str, ErrorResult]:
-    """``wanted``: entry id -> agency. Error results name the intake entry they answer."""
-    got: dict[str, ErrorResult] = {}
+def _answers(r, wanted: set[tuple[str, str]], timeout=60.0) -> dict[tuple[str, str], ErrorResult]:
+    """``wanted``: (agency, intake entry id) pairs — entry ids are per stream, so two agencies' streams
+    can hand out the same one. Error results name the intake entry they answer."""
+    got: dict[tuple[str, str], ErrorResult] = {}
     deadline = time.monotonic() + timeout
-    while set(wanted) - set(got) and time.monotonic() < deadline:
-        for agency in set(wanted.values()):
+    while wanted - set(got) and time.monotonic() < deadline:
+        for agency in {a for a, _ in wanted}:
             for _, fields in r.xrange(keys.results_stream(agency)):
                 res = parse_result(fields[b"payload"])
-                if isinstance(res, ErrorResult) and res.stream_entry_id in wanted:
-                    got[res.stream_entry_id] = res
+                if isinstance(res, ErrorResult) and (agency, res.stream_entry_id) in wanted:
+                    got[(agency, res.stream_entry_id)] = res
         time.sleep(0.3)
     return got
 
@@ -158,8 +159,9 @@ def test_policy_violations_are_refused_before_detection_and_audited(world):
     entries = {}
     for name, agency, doc, fields, code in cases:
         entry = r.xadd(keys.intake_stream(agency), fields).decode()
-        entries[entry] = (name, agency, doc, code)
-    answers = _answers(r, {e: v[1] for e, v in entries.items()})
+        entries[(agency, entry)] = (name, agency, doc, code)
+    assert len(entries) == len(cases)
+    answers = _answers(r, set(entries))
     assert isinstance(qc.wait(q_ok["request_id"], timeout=120), CandidateList)
     for entry, (name, agency, doc, code) in entries.items():
         assert entry in answers, f"no answer for: {name}"
