@@ -37,7 +37,7 @@ QUEUE_ROLES = {
     "fusion": "fusion",
     "gallery": "gallery",
 }
-NON_APP_SERVICES = {"redis", "minio", "prometheus"}
+NON_APP_SERVICES = {"redis", "minio", "postgres", "prometheus"}
 # Grafana-only template variables, replaced by values Prometheus accepts.
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$agency": ".*"}
 
