@@ -6,6 +6,11 @@ Names carry the agency so that a Redis ACL user per agency can be confined to
 
 from __future__ import annotations
 
+def as_str(v: bytes | str) -> str:
+    """Redis replies come as bytes (the clients do not decode): stream ids, key names, field values."""
+    return v.decode() if isinstance(v, bytes) else v
+
+
 INTAKE_STREAM_PREFIX = "quorum:intake:"
 INTAKE_GROUP = "quorum-gateway"
 

@@ -22,6 +22,8 @@ import hnswlib
 import numpy as np
 import structlog
 
+from broker.keys import as_str
+
 log = structlog.get_logger()
 
 
@@ -273,7 +275,7 @@ class GalleryReplica:
         # Entries are only ever removed by trimming from the front (never XDEL), so: something was
         # trimmed, and the oldest entry left is newer than the last one this replica applied.
         trimmed = int(info.get("entries-added", 0)) > int(info.get("length", 0))
-        return bool(trimmed and first and _id_tuple(_s(first[0])) > _id_tuple(self.applied_id))
+        return bool(trimmed and first and _id_tuple(as_str(first[0])) > _id_tuple(self.applied_id))
 
     def sync(self, batch: int = 5000) -> int:
         """Apply every log entry after the last one applied. Returns how many entries were read."""
@@ -289,7 +291,7 @@ class GalleryReplica:
             entries = resp[0][1]
             self._apply(entries)
             total += len(entries)
-            self.applied_id = _s(entries[-1][0])
+            self.applied_id = as_str(entries[-1][0])
             if len(entries) < batch:
                 return total
 
@@ -304,18 +306,18 @@ class GalleryReplica:
                 labels.clear(), subjects.clear(), vecs.clear()
 
         for _entry_id, fields in entries:
-            f = {_s(k): v for k, v in fields.items()}
-            op = _s(f["op"])
+            f = {as_str(k): v for k, v in fields.items()}
+            op = as_str(f["op"])
             if op == "add":
-                if _s(f["version"]) != self.engine_version:
+                if as_str(f["version"]) != self.engine_version:
                     self.skipped_other_version += 1
                     continue
                 labels.append(int(f["label"]))
-                subjects.append(_s(f["subject"]))
+                subjects.append(as_str(f["subject"]))
                 vecs.append(_vec_from_bytes(f["vec"], self.dim))
             elif op == "remove":
                 flush()
-                self.index.remove_subject(_s(f["subject"]))
+                self.index.remove_subject(as_str(f["subject"]))
         flush()
 
 
@@ -323,9 +325,6 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def log_add_entries(redis, engine: str, engine_version: str, subjects: Sequence[str], vectors: np.ndarray,

@@ -32,6 +32,7 @@ import structlog
 from pydantic import ValidationError
 
 from broker import keys
+from broker.keys import as_str
 from broker.app import ALL_QUEUES, INTAKE_QUEUE
 from broker.results import publish
 from quorum import audit, metrics, policy, signing
@@ -44,9 +45,6 @@ from workers.job import Job
 
 log = structlog.get_logger()
 
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def nonce_key(agency: str, nonce: str) -> str:
@@ -139,7 +137,7 @@ class Gateway:
             return
         self._last_discover = time.monotonic()
         for key in self.redis.scan_iter(match=keys.INTAKE_STREAM_PREFIX + "*", _type="STREAM", count=1000):
-            name = _s(key)
+            name = as_str(key)
             if name in self.streams:
                 continue
             try:
@@ -184,7 +182,7 @@ class Gateway:
             for _, entries in resp or []:
                 for entry_id, fields in entries:
                     if fields:
-                        self.handle(stream, _s(entry_id), fields)
+                        self.handle(stream, as_str(entry_id), fields)
                         n += 1
             start = "0-0"
             while True:
@@ -192,9 +190,9 @@ class Gateway:
                                                          self.claim_idle_ms, start_id=start, count=100)
                 for entry_id, fields in claimed:
                     if fields:
-                        self.handle(stream, _s(entry_id), fields)
+                        self.handle(stream, as_str(entry_id), fields)
                         n += 1
-                start = _s(nxt)
+                start = as_str(nxt)
                 if start == "0-0":
                     break
         return n
@@ -210,7 +208,7 @@ class Gateway:
         n = 0
         for stream, entries in resp or []:
             for entry_id, fields in entries:
-                self.handle(_s(stream), _s(entry_id), fields)
+                self.handle(as_str(stream), as_str(entry_id), fields)
                 n += 1
         return n
 
@@ -255,7 +253,7 @@ class Gateway:
         log.info("probe.rejected", request_id=request_id, code=err.code.value, reason=err.message)
 
     def _handle(self, agency: str, entry_id: str, fields: dict) -> None:
-        f = {_s(k): v for k, v in fields.items()}
+        f = {as_str(k): v for k, v in fields.items()}
         raw = f.get("payload")
         request_id = None
         doc = None
@@ -293,7 +291,7 @@ class Gateway:
         claim = keys.request_key(agency, req.request_id)
         ttl = self.settings.result_ttl_s
         if not self.redis.set(claim, entry_id, nx=True, ex=ttl):
-            first = _s(self.redis.get(claim) or b"")
+            first = as_str(self.redis.get(claim) or b"")
             if first != entry_id:
                 self._reject(agency, entry_id, req.request_id,
                              InputError(Code.DUPLICATE_REQUEST, f"request id already used by entry {first}"),
@@ -357,7 +355,7 @@ class Gateway:
             raise InputError(Code.STALE_TIMESTAMP, "the stream entry id lies in the future")
         signed = signing.verify(secret, doc, fields, now=received, window_s=window)
         key = nonce_key(agency, signed.nonce)
-        if not self.redis.set(key, entry_id, nx=True, ex=2 * window + 60) and _s(self.redis.get(key) or b"") != entry_id:
+        if not self.redis.set(key, entry_id, nx=True, ex=2 * window + 60) and as_str(self.redis.get(key) or b"") != entry_id:
             raise InputError(Code.REPLAYED_NONCE, f"nonce {signed.nonce} was used before")
 
     def _take_quota(self, agency: str, entry_id: str) -> InputError | None:

@@ -46,6 +46,14 @@ class Runtime:
 
         return load_calibration(self.settings.calibration_file)
 
+    def load_image(self, key: str):
+        """Fetch an image from the store and decode it, under the configured size limits (BGR array)."""
+        from workers.detect import decode_image
+
+        s = self.settings
+        data = self.store.get(key, max_bytes=s.max_image_bytes)
+        return decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+
     def engine(self, name: str):
         if name not in self._engines:
             from workers.engines import get_engine

@@ -57,10 +57,9 @@ def prepare(self, request_id: str) -> str:
         log.warning("intake.job_missing", request_id=request_id)
         return "missing"
     try:
-        from workers.detect import choose_face, decode_image
+        from workers.detect import choose_face
 
-        data = runtime.store.get(job.image_key, max_bytes=s.max_image_bytes)
-        image = decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        image = runtime.load_image(job.image_key)
         faces = runtime.detector.detect(image)
         idx, face = choose_face(faces, job.face_index, min_face_pixels=s.min_face_pixels)
     except InputError as err:
@@ -96,15 +95,13 @@ def engine_list_length(job: Job) -> int:
 
 def run_engine(job: Job, engine_name: str) -> EngineResult:
     """Embed the probe's chosen face with one engine and search that engine's gallery."""
-    from workers.detect import Face, decode_image
+    from workers.detect import Face
 
-    s = runtime.settings
     engine = runtime.engine(engine_name)
     try:
         replica = runtime.replica(engine_name)
         t0 = time.perf_counter()
-        data = runtime.store.get(job.image_key, max_bytes=s.max_image_bytes)
-        image = decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        image = runtime.load_image(job.image_key)
         vec = engine.embed(image, Face.from_dict(job.face))
         t1 = time.perf_counter()
         replica.sync()
@@ -163,7 +160,7 @@ def enroll(engine_name: str, items: list[dict]) -> dict:
     ``items``: ``[{"subject_id": ..., "image_key": ...}]``. Returns counts and, per image that could
     not be enrolled, its stable error code (failure to enrol is data, not an exception).
     """
-    from workers.detect import choose_face, decode_image
+    from workers.detect import choose_face
     from workers.gallery import log_add_entries
 
     r, s = runtime.redis, runtime.settings
@@ -176,8 +173,7 @@ def enroll(engine_name: str, items: list[dict]) -> dict:
         if r.sismember(done_key, f"{subject}|{key}|{engine.version}"):
             continue
         try:
-            data = runtime.store.get(key, max_bytes=s.max_image_bytes)
-            image = decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+            image = runtime.load_image(key)
             _, face = choose_face(runtime.detector.detect(image), None, min_face_pixels=s.min_face_pixels)
             todo.append((subject, key, image, face))
         except QuorumError as err:
