@@ -83,9 +83,11 @@ def enrol(s: Settings, store: ObjectStore, items: Iterable[tuple[str, Path]], *,
         records.append({"subject_id": subject, "image_key": key})
         subjects.setdefault(subject, []).append(key)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    names = list(subjects)
+    olds = r.hmget(keys.GALLERY_SUBJECTS, names) if names else []  # one round trip, not one per subject
     pipe = r.pipeline()
-    for subject, imgs in subjects.items():
-        old = r.hget(keys.GALLERY_SUBJECTS, subject)
+    for subject, old in zip(names, olds, strict=True):
+        imgs = subjects[subject]
         prev = json.loads(old)["images"] if old else []
         pipe.hset(keys.GALLERY_SUBJECTS, subject,
                   json.dumps({"images": sorted(set(prev) | set(imgs)), "enrolled_at": now}))
