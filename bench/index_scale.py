@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from quorum.config import Settings
+from core.config import Settings
 from workers.gallery import GalleryIndex
 
 
@@ -41,12 +41,18 @@ def main() -> None:
     args = ap.parse_args()
     s = Settings()
     efs = args.ef or [s.hnsw_ef_search]
-    print(f"# index_scale: {platform.machine()} python {platform.python_version()}; M={s.hnsw_m} "
-          f"ef_construction={s.hnsw_ef_construction}; k={args.k}; SYNTHETIC clustered vectors")
-    print("# recall@10 / recall@K: overlap with exact brute-force top lists; mate@K: a noisy copy of a gallery"
-          " item (a 'second photo') finds that item in its top K")
-    print(f"{'size':>9} {'dim':>4} {'build_s':>8} {'index_MB':>9} {'ef':>5} {'q_med_ms':>9} {'q_p95_ms':>9} "
-          f"{'recall@10':>9} {'recall@K':>9} {'mate@K':>7}")
+    print(
+        f"# index_scale: {platform.machine()} python {platform.python_version()}; M={s.hnsw_m} "
+        f"ef_construction={s.hnsw_ef_construction}; k={args.k}; SYNTHETIC clustered vectors"
+    )
+    print(
+        "# recall@10 / recall@K: overlap with exact brute-force top lists; mate@K: a noisy copy of a gallery"
+        " item (a 'second photo') finds that item in its top K"
+    )
+    print(
+        f"{'size':>9} {'dim':>4} {'build_s':>8} {'index_MB':>9} {'ef':>5} {'q_med_ms':>9} {'q_p95_ms':>9} "
+        f"{'recall@10':>9} {'recall@K':>9} {'mate@K':>7}"
+    )
     for n in args.sizes:
         rng = np.random.default_rng(args.seed)
         g = clustered(n, args.dim, rng)
@@ -54,12 +60,11 @@ def main() -> None:
         src = rng.integers(0, n, args.queries)
         mates = g[src] + 0.25 * rng.standard_normal((args.queries, args.dim)).astype(np.float32) / np.sqrt(args.dim)
         mates /= np.linalg.norm(mates, axis=1, keepdims=True)
-        idx = GalleryIndex(args.dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=efs[0],
-                           capacity=n)
+        idx = GalleryIndex(args.dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=efs[0], capacity=n)
         t0 = time.perf_counter()
         step = 50_000
         for i in range(0, n, step):
-            idx.add(list(range(i, min(n, i + step))), [str(j) for j in range(i, min(n, i + step))], g[i:i + step])
+            idx.add(list(range(i, min(n, i + step))), [str(j) for j in range(i, min(n, i + step))], g[i : i + step])
         build = time.perf_counter() - t0
         data, _ = idx.to_bytes()
         truths = [np.argsort(-(g @ v))[: args.k].astype(str) for v in q]
@@ -73,10 +78,15 @@ def main() -> None:
                 ids = [h.subject_id for h in got]
                 hit += len(set(truth) & set(ids))
                 hit10 += len(set(truth[:10]) & set(ids[:10]))
-            mate = np.mean([str(j) in {h.subject_id for h in idx.search(v, args.k)} for v, j in zip(mates, src)])
-            print(f"{n:>9} {args.dim:>4} {build:>8.1f} {len(data) / 2**20:>9.1f} {ef:>5} {np.median(lat):>9.2f} "
-                  f"{np.percentile(lat, 95):>9.2f} {hit10 / (10 * len(q)):>9.4f} {hit / (args.k * len(q)):>9.4f} "
-                  f"{mate:>7.3f}", flush=True)
+            mate = np.mean(
+                [str(j) in {h.subject_id for h in idx.search(v, args.k)} for v, j in zip(mates, src, strict=False)]
+            )
+            print(
+                f"{n:>9} {args.dim:>4} {build:>8.1f} {len(data) / 2**20:>9.1f} {ef:>5} {np.median(lat):>9.2f} "
+                f"{np.percentile(lat, 95):>9.2f} {hit10 / (10 * len(q)):>9.4f} {hit / (args.k * len(q)):>9.4f} "
+                f"{mate:>7.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

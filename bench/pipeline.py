@@ -21,18 +21,19 @@ from pathlib import Path
 
 import redis
 
+from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
 from broker import keys
 from broker.client import QuorumClient
-from quorum.config import load_settings
-from quorum.demo import DEMO_AGENCY, DEMO_USER, provision_demo, read_split
-from quorum.galleryadmin import enrol
-from quorum.objectstore import open_store
-from quorum.stack import Stack
+from cli.stack import Stack
+from core.config import load_settings
+from core.objectstore import open_store
+from evaluation.ci_split import read_split
+from workers.enrolment import enrol
 
 
 def _pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def main() -> None:
@@ -54,12 +55,17 @@ def main() -> None:
         rows = read_split(args.data / "ci")
         gallery = [(r.identity, r.path) for r in rows if r.role in {"gallery", "distractor_gallery"}]
         rep = enrol(s, open_store(s), gallery)
-        print(f"enrolled {rep.images} images x {len(s.engines)} engines in {rep.seconds:.1f}s "
-              f"({rep.images * len(s.engines) / rep.seconds:.1f} templates/s)")
+        print(
+            f"enrolled {rep.images} images x {len(s.engines)} engines in {rep.seconds:.1f}s "
+            f"({rep.images * len(s.engines) / rep.seconds:.1f} templates/s)"
+        )
         probes = [r.path for r in rows if r.role == "probe"]
         client = QuorumClient(s.redis_url, DEMO_AGENCY, DEMO_USER, secret)
         r = redis.Redis.from_url(s.redis_url)
-        print(f"{'conc':>4} {'n':>4} {'searches/s':>10} {'lat_med_s':>9} {'lat_p95_s':>9}  engine medians (embed/search ms)")
+        print(
+            f"{'conc':>4} {'n':>4} {'searches/s':>10} {'lat_med_s':>9} {'lat_p95_s':>9}"
+            "  engine medians (embed/search ms)"
+        )
         for conc in args.concurrency:
             todo = list(probes[: args.probes])
             inflight: dict[str, float] = {}
@@ -83,10 +89,15 @@ def main() -> None:
                     d = per_engine.setdefault(e.decode(), {"embed": [], "search": []})
                     d["embed"].append(res["embed_ms"])
                     d["search"].append(res["search_ms"])
-            eng = "  ".join(f"{e} {statistics.median(v['embed']):.0f}/{statistics.median(v['search']):.1f}"
-                            for e, v in sorted(per_engine.items()))
-            print(f"{conc:>4} {len(lat):>4} {len(lat) / wall:>10.2f} {statistics.median(lat):>9.2f} "
-                  f"{_pct(lat, 95):>9.2f}  {eng}", flush=True)
+            eng = "  ".join(
+                f"{e} {statistics.median(v['embed']):.0f}/{statistics.median(v['search']):.1f}"
+                for e, v in sorted(per_engine.items())
+            )
+            print(
+                f"{conc:>4} {len(lat):>4} {len(lat) / wall:>10.2f} {statistics.median(lat):>9.2f} "
+                f"{_pct(lat, 95):>9.2f}  {eng}",
+                flush=True,
+            )
     finally:
         stack.down()
 

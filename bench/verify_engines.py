@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.detect import Detector, Face, decode_image  # noqa: E402
-from workers.engines import l2_normalise  # noqa: E402
+from workers.detect import Detector, Face, decode_image
+from workers.engines import l2_normalise
 
 VARIANTS: dict[str, list[tuple[str, dict]]] = {
     "sface": [("rgb", {"rgb": True}), ("bgr", {"rgb": False})],
@@ -76,8 +76,8 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, folds: int = 10) -> tuple[f
     cands = np.unique(scores)
 
     def best(idx: np.ndarray) -> tuple[float, float]:
-        s, l = scores[idx], labels[idx]
-        accs = [((s >= t) == l).mean() for t in cands]
+        s, lab = scores[idx], labels[idx]
+        accs = [((s >= t) == lab).mean() for t in cands]
         i = int(np.argmax(accs))
         return float(accs[i]), float(cands[i])
 
@@ -115,8 +115,10 @@ def main() -> None:
         if face is not None:
             images[f], faces[f] = img, face
     det_ms = (time.perf_counter() - t0) / len(files) * 1000
-    print(f"{len(pairs)} pairs, {len(files)} images, {len(files) - len(faces)} without a face; "
-          f"YuNet {det_ms:.1f} ms/image (incl. decode)")
+    print(
+        f"{len(pairs)} pairs, {len(files)} images, {len(files) - len(faces)} without a face; "
+        f"YuNet {det_ms:.1f} ms/image (incl. decode)"
+    )
 
     from workers.engines.dlib_resnet import DlibEngine
     from workers.engines.facenet import FaceNetEngine
@@ -141,7 +143,7 @@ def main() -> None:
                 a = l2_normalise(eng._forward(crops))
                 t_fwd += time.perf_counter() - t
                 b = l2_normalise(eng._forward([c[:, ::-1].copy() for c in crops]))
-                for k, va, vb in zip(chunk, a, b):
+                for k, va, vb in zip(chunk, a, b, strict=False):
                     emb[k], embf[k] = va, l2_normalise(va + vb)
             ms = (t_crop + t_fwd) / len(keys) * 1000
             for flip, table in ((0, emb), (1, embf)):
@@ -154,11 +156,14 @@ def main() -> None:
                     labels.append(same)
                 cv, best, thr = accuracy(np.array(scores), np.array(labels))
                 rows.append((name, vname, flip, cv, best, thr, ms * (1 + flip)))
-                print(f"{name:8s} {vname:18s} flip{flip}  acc10f {cv * 100:6.2f}%  best {best * 100:6.2f}% "
-                      f"@ {thr:.3f}  {ms * (1 + flip):6.1f} ms/face", flush=True)
+                print(
+                    f"{name:8s} {vname:18s} flip{flip}  acc10f {cv * 100:6.2f}%  best {best * 100:6.2f}% "
+                    f"@ {thr:.3f}  {ms * (1 + flip):6.1f} ms/face",
+                    flush=True,
+                )
 
     print("\nengine   variant            flip  10-fold  best-thr  ms/face")
-    for name, vname, flip, cv, best, thr, ms in rows:
+    for name, vname, flip, cv, best, _thr, ms in rows:
         print(f"{name:8s} {vname:18s} {flip:4d}  {cv * 100:6.2f}%  {best * 100:6.2f}%  {ms:6.1f}")
 
 

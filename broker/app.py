@@ -11,7 +11,15 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from quorum.config import ENGINE_NAMES, settings
+from core.config import settings
+from core.engines import ENGINE_NAMES
+
+# Task names: the workers register these names (workers.tasks); senders use them (no import of workers).
+TASK_PREPARE = "quorum.intake.prepare"
+TASK_SEARCH = "quorum.engine.search"
+TASK_ENROLL = "quorum.engine.enroll"
+TASK_FUSE = "quorum.fusion.fuse"
+TASK_SNAPSHOT = "quorum.gallery.snapshot"
 
 INTAKE_QUEUE = "intake"
 FUSION_QUEUE = "fusion"

@@ -3,24 +3,23 @@
 Nothing here is Python-only: an agency's own software does the same with two Redis commands,
 ``XADD quorum:intake:<agency> * payload <ProbeRequest JSON> timestamp <s> nonce <n> signature <hmac>``
 and ``XREAD`` on ``quorum:results:<agency>`` (or ``GET quorum:result:<agency>:<request_id>``). The
-signature (HMAC-SHA256 with the agency's secret) is specified in ``quorum.signing``. See README.md.
+signature (HMAC-SHA256 with the agency's secret) is specified in ``broker.signing``. See README.md.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-
-import json
 
 import redis as redis_lib
 
+from broker import keys, signing
+from broker.keys import as_str
 from schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
-
-from broker import keys
-from quorum import signing
 
 
 def new_request_id() -> str:
@@ -36,10 +35,21 @@ class QuorumClient:
         self.agency_id = agency_id
         self.user_id = user_id
         self.secret = secret
+        # request id -> the intake entry that carried it: a refusal decided before the request id can
+        # be trusted is answered on the results stream only, keyed by that entry (``stream_entry_id``).
+        self.entries: dict[str, str] = {}
 
-    def submit(self, image: bytes | str | Path | ObjectImage, *, case_number: str, offence_code: str,
-               purpose: str, candidates: int = 250, face_index: int | None = None,
-               request_id: str | None = None) -> str:
+    def submit(
+        self,
+        image: bytes | str | Path | ObjectImage,
+        *,
+        case_number: str,
+        offence_code: str,
+        purpose: str,
+        candidates: int = 250,
+        face_index: int | None = None,
+        request_id: str | None = None,
+    ) -> str:
         """Put a probe request on this agency's intake stream; returns its request id."""
         if isinstance(image, ObjectImage):
             ref: ObjectImage | InlineImage = image
@@ -57,7 +67,7 @@ class QuorumClient:
             candidates=candidates,
             face_index=face_index,
         )
-        self.submit_raw(req.model_dump_json(exclude_none=True))
+        self.entries[req.request_id] = self.submit_raw(req.model_dump_json(exclude_none=True))
         return req.request_id
 
     def submit_raw(self, payload: str | bytes, *, sign: bool = True) -> str:
@@ -86,22 +96,32 @@ class QuorumClient:
         return parse_result(raw) if raw else None
 
     def wait(self, request_id: str, timeout: float = 120.0) -> CandidateList | ErrorResult:
-        """Block until the request's result is published (raises TimeoutError)."""
+        """Block until the request is answered: its result, or a refusal of the entry that carried it
+        (raises TimeoutError)."""
         return self.wait_all([request_id], timeout=timeout)[request_id]
 
-    def wait_all(self, request_ids: list[str], timeout: float = 600.0,
-                 progress=None) -> dict[str, CandidateList | ErrorResult]:
-        """Wait for many results; ``progress(n_done)`` is called as they arrive."""
+    def wait_all(
+        self, request_ids: list[str], timeout: float = 600.0, progress: Callable[[int], object] | None = None
+    ) -> dict[str, CandidateList | ErrorResult]:
+        """Wait for many answers; ``progress(n_done)`` is called as they arrive.
+
+        An answer is the request's published result (``GET quorum:result:<agency>:<id>``), or, for a
+        request this client submitted, an error on the results stream naming the intake entry that
+        carried it (refusals decided before the request id is trusted are only there). The stream is
+        read from just before the first of those entries, so an answer that came before this call is
+        not missed.
+        """
         pending = set(request_ids)
         done: dict[str, CandidateList | ErrorResult] = {}
         deadline = time.monotonic() + timeout
         stream = keys.results_stream(self.agency_id)
-        last = "$"
+        by_entry = {self.entries[r]: r for r in request_ids if r in self.entries}
+        last = _just_before(min(by_entry, key=_entry_order)) if by_entry else "$"
         while True:
             # Check the keys first: results published before we started reading the stream count.
             ids = sorted(pending)
             for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
+                chunk = ids[start : start + 500]
                 raws = self.redis.mget([keys.result_key(self.agency_id, r) for r in chunk])
                 for rid, raw in zip(chunk, raws, strict=True):
                     if raw:
@@ -114,6 +134,32 @@ class QuorumClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{len(pending)} of {len(request_ids)} results not published in {timeout}s")
-            resp = self.redis.xread({stream: last}, block=int(min(remaining, 1.0) * 1000) or 1, count=1000)
-            if resp:
-                last = resp[0][1][-1][0]
+            resp: list = self.redis.xread({stream: last}, block=int(min(remaining, 1.0) * 1000) or 1, count=1000)  # type: ignore[assignment]  # redis-py's union return
+            for _, entries in resp or []:
+                for entry_id, fields in entries:
+                    last = as_str(entry_id)
+                    self._match_refusal(fields, by_entry, pending, done)
+
+    @staticmethod
+    def _match_refusal(
+        fields: dict, by_entry: dict[str, str], pending: set[str], done: dict[str, CandidateList | ErrorResult]
+    ) -> None:
+        if not by_entry or as_str(fields.get(b"type", fields.get("type", b""))) != "error":
+            return
+        result = parse_result(fields.get(b"payload", fields.get("payload", b"")))
+        rid = by_entry.get(result.stream_entry_id or "") if isinstance(result, ErrorResult) else None
+        if rid is not None and rid in pending:
+            done[rid] = result
+            pending.discard(rid)
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _just_before(entry_id: str) -> str:
+    """A stream id just before the millisecond of ``entry_id``: an answer to that entry, written later
+    by the same Redis clock, has a larger id on any stream (XREAD is exclusive of the id it is given)."""
+    ms, _ = _entry_order(entry_id)
+    return f"{max(ms - 1, 0)}-0"

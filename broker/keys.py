@@ -6,6 +6,7 @@ Names carry the agency so that a Redis ACL user per agency can be confined to
 
 from __future__ import annotations
 
+
 def as_str(v: bytes | str) -> str:
     """Redis replies come as bytes (the clients do not decode): stream ids, key names, field values."""
     return v.decode() if isinstance(v, bytes) else v
@@ -63,6 +64,29 @@ def engine_alive(engine: str, node: str) -> str:
 
 def engine_alive_pattern(engine: str) -> str:
     return f"quorum:alive:engine:{engine}:*"
+
+
+def gallery_enrolled(engine: str) -> str:
+    """Set of ``subject|image_key|engine_version`` already enrolled into an engine (enrolment is idempotent)."""
+    return f"quorum:gallery:enrolled:{engine}"
+
+
+def nonce_key(agency: str, nonce: str) -> str:
+    """A signed entry's nonce, kept for twice the signature window (replay refusal)."""
+    return f"quorum:nonce:{agency}:{nonce}"
+
+
+def quota_key(agency: str, day: str) -> str:
+    """Searches accepted for an agency on a UTC day (``YYYYMMDD``)."""
+    return f"quorum:quota:{agency}:{day}"
+
+
+GATEWAY_ALIVE_PREFIX = "quorum:gateway:alive:"
+
+
+def gateway_alive(consumer: str) -> str:
+    """Set with a short expiry by a running gateway (``quorum status`` and the local stack read it)."""
+    return f"{GATEWAY_ALIVE_PREFIX}{consumer}"
 
 
 GALLERY_SUBJECTS = "quorum:gallery:subjects"  # hash subject id -> JSON {images: [...], enrolled_at}

@@ -5,6 +5,7 @@ This package imports no worker code. JSON Schema files generated from these mode
 receives; ``python -m schemas.export`` regenerates them and a test checks they are current.
 """
 
+from schemas.job import Job, SearchedFace
 from schemas.messages import (
     INVESTIGATIVE_LEAD_NOTICE,
     SCHEMA_VERSION,
@@ -35,8 +36,10 @@ __all__ = [
     "FusedCandidate",
     "ImageRef",
     "InlineImage",
+    "Job",
     "ObjectImage",
     "ProbeRequest",
     "ResultMessage",
+    "SearchedFace",
     "parse_result",
 ]

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from schemas.job import Job
 from schemas.messages import EngineResult, ProbeRequest, result_json_schema
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
@@ -17,6 +18,7 @@ def generated() -> dict[str, dict]:
         "probe-request.schema.json": ProbeRequest.model_json_schema(),
         "result.schema.json": result_json_schema(),
         "engine-result.schema.json": EngineResult.model_json_schema(),
+        "job.schema.json": Job.model_json_schema(),  # internal: the search in flight between stages
     }
     for name, schema in out.items():
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -13,11 +13,11 @@ Every model forbids unknown fields: a typo in a field name is an error, not a si
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 MAX_CANDIDATES = 250
 
 INVESTIGATIVE_LEAD_NOTICE = (
@@ -105,9 +105,7 @@ class FusedCandidate(_Model):
     rank: int = Field(ge=1)
     subject_id: str
     fused_score: float
-    engines: dict[str, EngineHit] = Field(
-        description="each engine that returned this subject: its rank and raw score"
-    )
+    engines: dict[str, EngineHit] = Field(description="each engine that returned this subject: its rank and raw score")
 
 
 class FaceInfo(_Model):
@@ -139,7 +137,7 @@ class CandidateList(_Model):
 
 
 class ErrorResult(_Model):
-    """A request that could not be searched, with a stable code from ``quorum.errors.Code``."""
+    """A request that could not be searched, with a stable code from ``core.errors.Code``."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     type: Literal["error"] = "error"

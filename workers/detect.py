@@ -1,26 +1,31 @@
 """Image decoding, face detection (YuNet), face choice and ArcFace-style alignment.
 
-Why the decoder parses headers itself: an image's dimensions must be known *before* the pixels are
-decoded, or a small file claiming 100000x100000 pixels (a decompression bomb) would allocate tens of
-gigabytes inside OpenCV. Only formats whose headers we can read are accepted (JPEG, PNG, WebP, BMP);
-anything else is NOT_AN_IMAGE. The same walk over the file also detects truncation, which OpenCV hides
-(it decodes a cut JPEG and fills the missing rows with grey, which would silently poison an embedding).
+Decoding untrusted bytes (:func:`decode_image`) is done with Pillow, which reads an image's format and
+dimensions from its header before any pixel is decoded (a small file claiming 100000x100000 pixels is
+refused before it allocates anything) and converts every mode agencies send (CMYK, 16-bit, grey,
+alpha, palette; EXIF orientation applied). What Pillow does not catch is kept here, small and pure:
+a JPEG cut short or missing its end marker, or a PNG without IEND, decodes with grey rows in place of
+the lost data and would silently poison an embedding, so both are walked to their end first.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import struct
 import threading
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import structlog
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from quorum.errors import Code, InputError, ServiceError
+from core.errors import Code, InputError, ServiceError
 
 log = structlog.get_logger()
 
@@ -46,13 +51,6 @@ ARCFACE_TEMPLATE_112 = np.array(
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Header:
-    kind: str
-    width: int
-    height: int
-
-
 def _truncated(kind: str) -> InputError:
     return InputError(Code.IMAGE_TRUNCATED, f"{kind} data ends before the end of the image")
 
@@ -61,8 +59,8 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 _JPEG_STANDALONE = {0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7}
 
 
-def _jpeg_header(data: bytes) -> _Header:
-    """Walk the JPEG segments: dimensions from the first SOF, completeness from reaching EOI.
+def _check_jpeg_complete(data: bytes) -> None:
+    """Walk the JPEG segments to EOI (a first SOF is required); raise IMAGE_TRUNCATED if the data ends first.
 
     Entropy-coded data after SOS is scanned for the next real marker (0xFF not followed by a stuffed
     0x00 or a restart marker), so an EXIF thumbnail's own EOI (inside APP1, skipped by length) and
@@ -112,17 +110,15 @@ def _jpeg_header(data: bytes) -> _Header:
                 break
     if not width or not height:
         raise InputError(Code.NOT_AN_IMAGE, "JPEG without a frame header")
-    return _Header("JPEG", width, height)
 
 
-def _png_header(data: bytes) -> _Header:
-    """Read IHDR for the dimensions, then walk the chunks to IEND (missing IEND = truncated)."""
+def _check_png_complete(data: bytes) -> None:
+    """Walk the chunks from IHDR to IEND (missing IEND = truncated)."""
     n = len(data)
     if n < 33:
         raise _truncated("PNG")
     if data[12:16] != b"IHDR":
         raise InputError(Code.NOT_AN_IMAGE, "PNG without IHDR")
-    width, height = struct.unpack(">II", data[16:24])
     pos = 8
     while True:
         if pos + 8 > n:
@@ -135,92 +131,82 @@ def _png_header(data: bytes) -> _Header:
         if ctype == b"IEND":
             break
         pos = end
-    return _Header("PNG", width, height)
 
 
-def _webp_header(data: bytes) -> _Header:
-    n = len(data)
-    if n < 30:
-        raise _truncated("WebP")
-    riff_size = struct.unpack("<I", data[4:8])[0]
-    if n < 8 + riff_size:
-        raise _truncated("WebP")
-    chunk = data[12:16]
-    if chunk == b"VP8X":
-        width = 1 + int.from_bytes(data[24:27], "little")
-        height = 1 + int.from_bytes(data[27:30], "little")
-    elif chunk == b"VP8L":
-        bits = int.from_bytes(data[21:25], "little")
-        width = 1 + (bits & 0x3FFF)
-        height = 1 + ((bits >> 14) & 0x3FFF)
-    elif chunk == b"VP8 ":
-        width, height = struct.unpack("<HH", data[26:30])
-        width &= 0x3FFF
-        height &= 0x3FFF
-    else:
-        raise InputError(Code.NOT_AN_IMAGE, "unknown WebP chunk")
-    return _Header("WebP", width, height)
+# Formats accepted from agencies. Pillow reads more (PDF, EPS, ICNS ...): those are refused.
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 
 
-def _bmp_header(data: bytes) -> _Header:
-    n = len(data)
-    if n < 26:
-        raise _truncated("BMP")
-    file_size = struct.unpack("<I", data[2:6])[0]
-    if n < file_size:
-        raise _truncated("BMP")
-    width, height = struct.unpack("<ii", data[18:26])
-    return _Header("BMP", abs(width), abs(height))
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Identify the format and read the dimensions without decoding any pixel."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked next
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InputError(Code.IMAGE_TOO_LARGE, f"image over the decompression-bomb limit: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(Code.NOT_AN_IMAGE, "not a JPEG, PNG, WebP, BMP, TIFF or GIF image") from exc
+    if im.format not in ACCEPTED_FORMATS:
+        raise InputError(Code.NOT_AN_IMAGE, f"{im.format} images are not accepted")
+    width, height = im.size
+    if width * height > max_pixels:
+        raise InputError(
+            Code.IMAGE_TOO_LARGE, f"image is {width}x{height}, over {max_pixels} pixels", width=width, height=height
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise InputError(Code.IMAGE_TOO_SMALL, f"image is {width}x{height}, under {MIN_IMAGE_SIDE} px a side")
+    return im
 
 
-def read_header(data: bytes) -> _Header:
-    """Identify the format and read the dimensions without decoding pixels."""
-    if data[:3] == b"\xff\xd8\xff":
-        return _jpeg_header(data)
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return _png_header(data)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return _webp_header(data)
-    if data[:2] == b"BM":
-        return _bmp_header(data)
-    raise InputError(Code.NOT_AN_IMAGE, "not a JPEG, PNG, WebP or BMP image")
+def _to_bgr(im: Image.Image) -> np.ndarray:
+    """Any decoded mode as 8-bit BGR: CMYK and palette through Pillow, 16-bit and float grey scaled."""
+    if im.mode in {"I;16", "I;16B", "I;16L", "I"}:
+        grey = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        grey8 = np.clip(grey * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return cv2.cvtColor(grey8, cv2.COLOR_GRAY2BGR)
+    if im.mode == "F":
+        grey = np.asarray(im, dtype=np.float64)
+        lo, hi = float(grey.min()), float(grey.max())
+        grey8 = ((grey - lo) * (255.0 / (hi - lo or 1.0))).round().astype(np.uint8)
+        return cv2.cvtColor(grey8, cv2.COLOR_GRAY2BGR)
+    rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
     """Decode untrusted bytes into a BGR uint8 image, refusing bombs, truncation and tiny images.
 
-    EXIF orientation is applied (OpenCV's default for IMREAD_COLOR), so a phone photo stored sideways
-    reaches the detector upright.
+    Pillow identifies the format and reads the dimensions from the header alone, so a small file
+    claiming 100000x100000 pixels is refused before any pixel is allocated; it decodes, converts any
+    mode (CMYK, 16-bit, grey, alpha, palette) to 8-bit colour and applies the EXIF orientation, so a
+    phone photo stored sideways reaches the detector upright. JPEG and PNG completeness is checked by
+    walking their structure: libjpeg decodes a JPEG cut short (or missing its end marker) and fills the
+    missing rows with grey, which would silently poison an embedding. (Pillow's pixels are identical
+    to OpenCV's decoder on the LFW JPEGs, so templates do not change with the decoder.)
     """
     if not data:
         raise InputError(Code.IMAGE_EMPTY, "image is empty")
     if len(data) > max_bytes:
-        raise InputError(
-            Code.IMAGE_TOO_LARGE, f"image is {len(data)} bytes, over {max_bytes}", bytes=len(data)
-        )
-    header = read_header(bytes(data))
-    pixels = header.width * header.height
-    if pixels > max_pixels:
-        raise InputError(
-            Code.IMAGE_TOO_LARGE,
-            f"image is {header.width}x{header.height}, over {max_pixels} pixels",
-            width=header.width,
-            height=header.height,
-        )
-    if min(header.width, header.height) < MIN_IMAGE_SIDE:
-        raise InputError(
-            Code.IMAGE_TOO_SMALL,
-            f"image is {header.width}x{header.height}, under {MIN_IMAGE_SIDE} px a side",
-        )
+        raise InputError(Code.IMAGE_TOO_LARGE, f"image is {len(data)} bytes, over {max_bytes}", bytes=len(data))
+    data = bytes(data)
+    im = _open(data, max_pixels)
+    if im.format in {"JPEG", "MPO"}:
+        _check_jpeg_complete(data)
+    elif im.format == "PNG":
+        _check_png_complete(data)
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error as exc:
-        raise InputError(Code.NOT_AN_IMAGE, f"{header.kind} could not be decoded") from exc
-    if image is None or image.size == 0:
-        raise InputError(Code.NOT_AN_IMAGE, f"{header.kind} could not be decoded")
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+        image = _to_bgr(im)
+    except InputError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(Code.NOT_AN_IMAGE, f"{im.format} could not be decoded: {type(exc).__name__}") from exc
     if min(image.shape[:2]) < MIN_IMAGE_SIDE:  # headers can lie
         raise InputError(Code.IMAGE_TOO_SMALL, "image under the minimum size")
-    return np.ascontiguousarray(image, dtype=np.uint8)
+    return image
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +242,7 @@ class Face:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Face":
+    def from_dict(cls, d: dict[str, Any]) -> Face:
         try:
             box = tuple(float(v) for v in d["box"])
             lms = tuple((float(p[0]), float(p[1])) for p in d["landmarks"])
@@ -298,9 +284,7 @@ class Detector:
         self.max_side = max_side
         self._lock = threading.Lock()  # the cv2 object holds per-call state (input size)
         try:
-            self._net = cv2.FaceDetectorYN.create(
-                _yunet_path(), "", (320, 320), score_threshold, nms_threshold, top_k
-            )
+            self._net = cv2.FaceDetectorYN.create(_yunet_path(), "", (320, 320), score_threshold, nms_threshold, top_k)
         except cv2.error as exc:
             raise ServiceError(Code.ENGINE_FAILED, f"cannot load YuNet: {exc}") from exc
 
@@ -340,9 +324,7 @@ class Detector:
         return faces
 
 
-def choose_face(
-    faces: Sequence[Face], index: int | None, *, min_face_pixels: int | None = None
-) -> tuple[int, Face]:
+def choose_face(faces: Sequence[Face], index: int | None, *, min_face_pixels: int | None = None) -> tuple[int, Face]:
     """Pick the requested face (0-based into the largest-first list), or the largest.
 
     ``min_face_pixels`` defaults to the configured setting; boxes whose shorter side is under it are
@@ -358,7 +340,7 @@ def choose_face(
             faces=len(faces),
         )
     if min_face_pixels is None:
-        from quorum.config import settings
+        from core.config import settings
 
         min_face_pixels = settings().min_face_pixels
     face = faces[i]
@@ -411,9 +393,7 @@ def arcface_transform(landmarks: np.ndarray | Sequence[Sequence[float]], size: i
 
 def warp(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     dsize = (size, size) if isinstance(size, int) else size
-    return cv2.warpAffine(
-        image, matrix, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-    )
+    return cv2.warpAffine(image, matrix, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def align_arcface(image: np.ndarray, face: Face, size: int = 112) -> np.ndarray:

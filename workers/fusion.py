@@ -163,13 +163,15 @@ class Calibration:
             "default_method": self.default_method,
             "engines": {k: vars(v).copy() for k, v in sorted(self.engines.items())},
             "weights": dict(sorted(self.weights.items())),
-            "logit": {k: {"engines": list(m.engines), "features": list(FEATURES), "coef": m.coef,
-                          "intercept": m.intercept} for k, m in sorted(self.logit.items())},
+            "logit": {
+                k: {"engines": list(m.engines), "features": list(FEATURES), "coef": m.coef, "intercept": m.intercept}
+                for k, m in sorted(self.logit.items())
+            },
             "meta": self.meta,
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+    def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
         if d.get("format") != CALIBRATION_FORMAT:
             raise ValueError(f"unsupported calibration format {d.get('format')!r}")
         engines = {k: EngineCalibration(**v) for k, v in d["engines"].items()}
@@ -181,14 +183,15 @@ class Calibration:
         method = d.get("default_method", FALLBACK_METHOD)
         if method not in METHODS:
             raise ValueError(f"calibration names unknown default method {method!r}")
-        return cls(engines, {k: float(v) for k, v in d.get("weights", {}).items()}, logit, method,
-                   dict(d.get("meta", {})))
+        return cls(
+            engines, {k: float(v) for k, v in d.get("weights", {}).items()}, logit, method, dict(d.get("meta", {}))
+        )
 
     def save(self, path: Path | str) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     @classmethod
-    def load(cls, path: Path | str) -> "Calibration":
+    def load(cls, path: Path | str) -> Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -215,8 +218,9 @@ def _subset_key(engines: Sequence[str]) -> str:
     return "+".join(sorted(engines))
 
 
-def _features(lists: Mapping[str, Sequence[Ranked]], subjects: Sequence[str], engines: Sequence[str],
-              cal: Calibration) -> np.ndarray:
+def _features(
+    lists: Mapping[str, Sequence[Ranked]], subjects: Sequence[str], engines: Sequence[str], cal: Calibration
+) -> np.ndarray:
     """Per candidate: for each engine (in ``engines`` order) z, per-probe robust z, present (0/1)."""
     cols = []
     for e in engines:
@@ -231,8 +235,13 @@ def _features(lists: Mapping[str, Sequence[Ranked]], subjects: Sequence[str], en
     return np.column_stack(cols) if cols else np.zeros((len(subjects), 0))
 
 
-def _calibrated_totals(method: str, lists: Mapping[str, Sequence[Ranked]], subjects: list[str],
-                       cal: Calibration, weights: Mapping[str, float]) -> np.ndarray:
+def _calibrated_totals(
+    method: str,
+    lists: Mapping[str, Sequence[Ranked]],
+    subjects: list[str],
+    cal: Calibration,
+    weights: Mapping[str, float],
+) -> np.ndarray:
     engines = sorted(lists)
     if method == "logit":
         model = cal.logit.get(_subset_key(engines))
@@ -258,8 +267,9 @@ def _calibrated_totals(method: str, lists: Mapping[str, Sequence[Ranked]], subje
     return total
 
 
-def effective_method(method: str, engines: Sequence[str], calibration: Calibration | None,
-                     versions: Mapping[str, str] | None) -> str:
+def effective_method(
+    method: str, engines: Sequence[str], calibration: Calibration | None, versions: Mapping[str, str] | None
+) -> str:
     """The method that will really run for these engines: a calibrated method whose calibration is
     missing, or was fitted on other engine versions, falls back to the calibration-free one (logged)."""
     if method not in CALIBRATED:
@@ -273,9 +283,15 @@ def effective_method(method: str, engines: Sequence[str], calibration: Calibrati
     return method
 
 
-def fuse(lists: Mapping[str, Sequence[Ranked]], n: int, method: str = "zsum",
-         weights: Mapping[str, float] | None = None, *, calibration: Calibration | None = None,
-         versions: Mapping[str, str] | None = None) -> list[Fused]:
+def fuse(
+    lists: Mapping[str, Sequence[Ranked]],
+    n: int,
+    method: str = "zsum",
+    weights: Mapping[str, float] | None = None,
+    *,
+    calibration: Calibration | None = None,
+    versions: Mapping[str, str] | None = None,
+) -> list[Fused]:
     """Merge engine lists into the top ``n`` subjects, best first (ties broken by subject id).
 
     ``calibration`` is needed by ``zsum_cal``, ``llr`` and ``logit``; ``versions`` (engine ->
@@ -333,8 +349,9 @@ class FitProbe:
     mate: str | None  # the enrolled subject of the probe's identity; None for a non-mated probe
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iters: int = 50,
-                 sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iters: int = 50, sample_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression by Newton's method (IRLS); numpy only.
 
     Features are standardised internally (the penalty then treats them alike) and the coefficients
@@ -365,9 +382,15 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iters: int =
     return coef, intercept
 
 
-def fit(probes: Sequence[FitProbe], engine_scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
-        versions: Mapping[str, str], *, default_method: str = FALLBACK_METHOD, l2: float = 1e-3,
-        meta: Mapping[str, Any] | None = None) -> Calibration:
+def fit(
+    probes: Sequence[FitProbe],
+    engine_scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    versions: Mapping[str, str],
+    *,
+    default_method: str = FALLBACK_METHOD,
+    l2: float = 1e-3,
+    meta: Mapping[str, Any] | None = None,
+) -> Calibration:
     """Learn a :class:`Calibration` from fit data.
 
     ``engine_scores``: engine -> (genuine scores, impostor scores) of the fit probes against the
@@ -383,8 +406,16 @@ def fit(probes: Sequence[FitProbe], engine_scores: Mapping[str, tuple[np.ndarray
         imp = np.asarray(imp, dtype=np.float64)
         if gen.size < 2 or imp.size < 2:
             raise ValueError(f"{e}: too few scores to calibrate ({gen.size} genuine, {imp.size} impostor)")
-        engines[e] = EngineCalibration(e, versions[e], float(imp.mean()), float(imp.std(ddof=1)),
-                                       float(gen.mean()), float(gen.std(ddof=1)), int(imp.size), int(gen.size))
+        engines[e] = EngineCalibration(
+            e,
+            versions[e],
+            float(imp.mean()),
+            float(imp.std(ddof=1)),
+            float(gen.mean()),
+            float(gen.std(ddof=1)),
+            int(imp.size),
+            int(gen.size),
+        )
     cal = Calibration(engines, {e: 1.0 for e in engines}, {}, default_method, dict(meta or {}))
     names = sorted(engines)
     for k in range(1, len(names) + 1):

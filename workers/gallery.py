@@ -11,6 +11,7 @@ number of workers per engine serve the same gallery, and a worker that starts la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -36,8 +37,9 @@ class Hit:
 class GalleryIndex:
     """An HNSW index of templates; several templates may belong to one subject."""
 
-    def __init__(self, dim: int, *, m: int = 32, ef_construction: int = 200, ef_search: int = 400,
-                 capacity: int = 1024) -> None:
+    def __init__(
+        self, dim: int, *, m: int = 32, ef_construction: int = 200, ef_search: int = 400, capacity: int = 1024
+    ) -> None:
         self.dim = dim
         self.m = m
         self.ef_construction = ef_construction
@@ -173,14 +175,13 @@ class GalleryIndex:
         # label the file holds that the metadata does not.
         for lab in self._index.get_ids_list():
             if int(lab) not in self.label_subject:
-                try:
+                with contextlib.suppress(RuntimeError):
                     self._index.mark_deleted(int(lab))
-                except RuntimeError:
-                    pass
         return self
 
 
 # ---- the log-backed replica ------------------------------------------------------------------
+
 
 def _vec_to_bytes(v: np.ndarray) -> bytes:
     return np.asarray(v, dtype="<f4").tobytes()
@@ -193,8 +194,19 @@ def _vec_from_bytes(b: bytes, dim: int) -> np.ndarray:
 class GalleryReplica:
     """One engine's index kept in step with the gallery log in Redis and snapshots in the store."""
 
-    def __init__(self, engine: str, engine_version: str, dim: int, redis, store, *, m: int, ef_construction: int,
-                 ef_search: int, capacity: int) -> None:
+    def __init__(
+        self,
+        engine: str,
+        engine_version: str,
+        dim: int,
+        redis,
+        store,
+        *,
+        m: int,
+        ef_construction: int,
+        ef_search: int,
+        capacity: int,
+    ) -> None:
         from broker import keys
 
         self.engine = engine
@@ -213,15 +225,19 @@ class GalleryReplica:
         return f"gallery/{self.engine}/latest.json"
 
     def load_snapshot(self) -> bool:
-        from quorum.errors import InputError
+        from core.errors import InputError
 
         try:
             pointer = json.loads(self.store.get(self._pointer_key))
         except InputError:
             return False
         if pointer.get("engine_version") != self.engine_version:
-            log.warning("gallery.snapshot_version_mismatch", engine=self.engine,
-                        snapshot=pointer.get("engine_version"), ours=self.engine_version)
+            log.warning(
+                "gallery.snapshot_version_mismatch",
+                engine=self.engine,
+                snapshot=pointer.get("engine_version"),
+                ours=self.engine_version,
+            )
             return False
         meta = json.loads(self.store.get(pointer["meta_key"]))
         data = self.store.get(pointer["index_key"])
@@ -259,7 +275,7 @@ class GalleryReplica:
         return pointer
 
     def _read_pointer(self) -> dict | None:
-        from quorum.errors import InputError
+        from core.errors import InputError
 
         try:
             return json.loads(self.store.get(self._pointer_key))
@@ -326,9 +342,9 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-
-def log_add_entries(redis, engine: str, engine_version: str, subjects: Sequence[str], vectors: np.ndarray,
-                    images: Sequence[str]) -> list[int]:
+def log_add_entries(
+    redis, engine: str, engine_version: str, subjects: Sequence[str], vectors: np.ndarray, images: Sequence[str]
+) -> list[int]:
     """Append templates to an engine's gallery log; labels come from one atomic counter."""
     from broker import keys
 
@@ -339,8 +355,17 @@ def log_add_entries(redis, engine: str, engine_version: str, subjects: Sequence[
     labels = list(range(last - n + 1, last + 1))
     pipe = redis.pipeline(transaction=True)
     for lab, subj, vec, img in zip(labels, subjects, vectors, images, strict=True):
-        pipe.xadd(keys.gallery_log(engine), {"op": "add", "label": lab, "subject": subj, "version": engine_version,
-                                              "image": img, "vec": _vec_to_bytes(vec)})
+        pipe.xadd(
+            keys.gallery_log(engine),
+            {
+                "op": "add",
+                "label": lab,
+                "subject": subj,
+                "version": engine_version,
+                "image": img,
+                "vec": _vec_to_bytes(vec),
+            },
+        )
     pipe.execute()
     return labels
 

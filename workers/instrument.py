@@ -9,7 +9,8 @@ from __future__ import annotations
 import structlog
 from celery import signals
 
-from quorum import metrics
+from broker.app import TASK_FUSE, TASK_PREPARE, TASK_SEARCH
+from core import metrics
 
 log = structlog.get_logger()
 _installed = False
@@ -25,9 +26,9 @@ def install() -> None:
     def _bind(task_id=None, task=None, args=None, **_):
         structlog.contextvars.clear_contextvars()
         ctx = {"task": task.name if task else None, "task_id": task_id}
-        if args and task and task.name in {"quorum.intake.prepare", "quorum.engine.search", "quorum.fusion.fuse"}:
+        if args and task and task.name in {TASK_PREPARE, TASK_SEARCH, TASK_FUSE}:
             ctx["request_id"] = args[0]
-        if args and task and task.name == "quorum.engine.search" and len(args) > 1:
+        if args and task and task.name == TASK_SEARCH and len(args) > 1:
             ctx["engine"] = args[1]
         structlog.contextvars.bind_contextvars(**ctx)
 

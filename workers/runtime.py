@@ -11,7 +11,7 @@ from functools import cached_property
 import redis as redis_lib
 import structlog
 
-from quorum.config import Settings, settings
+from core.config import Settings, settings
 
 log = structlog.get_logger()
 
@@ -29,7 +29,7 @@ class Runtime:
 
     @cached_property
     def store(self):
-        from quorum.objectstore import open_store
+        from core.objectstore import open_store
 
         return open_store(self.settings)
 
@@ -68,9 +68,17 @@ class Runtime:
 
             eng = self.engine(name)
             s = self.settings
-            rep = GalleryReplica(name, eng.version, eng.dim, self.redis, self.store, m=s.hnsw_m,
-                                 ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
-                                 capacity=s.gallery_capacity)
+            rep = GalleryReplica(
+                name,
+                eng.version,
+                eng.dim,
+                self.redis,
+                self.store,
+                m=s.hnsw_m,
+                ef_construction=s.hnsw_ef_construction,
+                ef_search=s.hnsw_ef_search,
+                capacity=s.gallery_capacity,
+            )
             rep.load_snapshot()
             applied = rep.sync()
             log.info("gallery.replica_ready", engine=name, templates=len(rep.index), log_entries_applied=applied)

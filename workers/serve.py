@@ -10,9 +10,9 @@ import threading
 import structlog
 
 from broker.app import ROLE_QUEUES, app
-from quorum import metrics
-from quorum.config import settings
-from quorum.logging import configure_logging
+from core import metrics
+from core.config import settings
+from core.logs import configure_logging
 
 log = structlog.get_logger()
 
@@ -50,8 +50,21 @@ def run_worker(role: str, concurrency: int = 1) -> None:
         _start_heartbeat(runtime.redis, role, node)
     # solo pool: tasks run in this process, next to the model and index loaded above. Scale out by
     # running more worker processes (each a full replica), not by forking.
-    app.worker_main(["worker", "-Q", ROLE_QUEUES[role], "-n", node, "--pool", "solo",
-                     "--loglevel", s.log_level, "--without-gossip", "--without-mingle"])
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            ROLE_QUEUES[role],
+            "-n",
+            node,
+            "--pool",
+            "solo",
+            "--loglevel",
+            s.log_level,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 def _start_heartbeat(redis, engine: str, node: str, every_s: float = 3.0) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from quorum.config import load_settings
-from quorum.stack import ROLES, Stack
+from cli.stack import ROLES, Stack
+from core.config import load_settings
 from tests.integration.servers import RedisServer, S3Server, free_port
 
 
@@ -34,9 +34,13 @@ def _stack(tmp_path_factory, name, metrics_base=0, **overrides):
 def s3_stack(tmp_path_factory, s3_server):
     """The full stack on a real S3 server; the main accuracy run uses it."""
     s, stack, redis_server = _stack(
-        tmp_path_factory, "stack-s3", s3_endpoint=s3_server.env["S3_ENDPOINT"],
-        s3_access_key=s3_server.env["S3_ACCESS_KEY"], s3_secret_key=s3_server.env["S3_SECRET_KEY"],
-        s3_bucket="quorum-test")
+        tmp_path_factory,
+        "stack-s3",
+        s3_endpoint=s3_server.env["S3_ENDPOINT"],
+        s3_access_key=s3_server.env["S3_ACCESS_KEY"],
+        s3_secret_key=s3_server.env["S3_SECRET_KEY"],
+        s3_bucket="quorum-test",
+    )
     yield s
     stack.down()
     redis_server.stop()
@@ -67,13 +71,18 @@ def disk_metrics_ports(_disk):
 def member_client(disk_stack):
     """Factory: register (idempotently) a member agency with a certified investigator, offence PC211 and
     the purpose "investigation", and return a client that signs with the agency's secret."""
+    from accountability import db, registry
     from broker.client import QuorumClient
-    from quorum import db, registry
 
     def make(agency: str, user: str | None = None) -> QuorumClient:
         user = user or f"{agency}-inv"  # user ids are global: one agency each
-        secret = registry.provision(db.get_engine(disk_stack), agency, users={user: "investigator"},
-                                    offences=("PC211",), purposes=("investigation",))
+        secret = registry.provision(
+            db.get_engine(disk_stack),
+            agency,
+            users={user: "investigator"},
+            offences=("PC211",),
+            purposes=("investigation",),
+        )
         return QuorumClient(disk_stack.redis_url, agency, user, secret)
 
     return make

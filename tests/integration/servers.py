@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -45,9 +46,28 @@ class RedisServer:
         exe = shutil.which("redis-server")
         assert exe, "redis-server is not installed: apt-get install -y redis-server"
         self.dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([exe, "--bind", "127.0.0.1", "--port", str(self.port), "--daemonize", "yes",
-                        "--pidfile", str(self.dir / "redis.pid"), "--dir", str(self.dir), "--save", "",
-                        "--appendonly", "no", "--logfile", str(self.dir / "redis.log")], check=True)
+        subprocess.run(
+            [
+                exe,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.dir / "redis.pid"),
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(self.dir / "redis.log"),
+            ],
+            check=True,
+        )
         client = redis.Redis(port=self.port)
         for _ in range(100):
             try:
@@ -58,10 +78,8 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(redis.RedisError):
             redis.Redis(port=self.port).shutdown(nosave=True)
-        except redis.RedisError:
-            pass
 
 
 class S3Server:
@@ -74,8 +92,13 @@ class S3Server:
 
     def start(self) -> S3Server:
         assert S3_TOOL.exists(), f"{S3_TOOL} is missing"
-        out = subprocess.run(["bash", str(S3_TOOL), "up", str(self.dir), str(self.port)], check=True,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            ["bash", str(S3_TOOL), "up", str(self.dir), str(self.port)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         for line in out.stdout.splitlines():
             if "=" in line and line.startswith("S3_"):
                 k, v = line.split("=", 1)

@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker import keys
+from accountability import audit, db, registry
+from broker import keys, signing
 from broker.client import QuorumClient, new_request_id
-from quorum import audit, db, dispositions, registry, signing
-from quorum.errors import Code, InputError
-from quorum.galleryadmin import enrol, expunge
-from quorum.objectstore import content_key, open_store
-from quorum.stack import settings_env
+from cli.stack import settings_env
+from core.errors import Code, InputError
+from core.objectstore import content_key, open_store
 from schemas import CandidateList, ErrorResult, parse_result
+from workers.enrolment import enrol, expunge
 
 pytestmark = pytest.mark.integration
 
@@ -39,17 +39,26 @@ A, B, S, Q, GHOST = "acc-a", "acc-b", "acc-s", "acc-q", "acc-ghost"
 
 @pytest.fixture(scope="module")
 def world(disk_stack, data_dir):
-    from quorum.demo import read_split
+    from evaluation.ci_split import read_split
 
     s = disk_stack
     eng = db.get_engine(s)
-    creds = {ag: registry.add_agency(eng, ag, ag.upper(), daily_quota=1 if ag == Q else 0, actor="test-op")
-             for ag in (A, B, S, Q)}
-    users = [("inv", A, "investigator", "T-1", FAR), ("sup", A, "supervisor", "T-2", FAR),
-             ("aud", A, "auditor", "T-3", FAR), ("op", A, "operator", "T-4", FAR),
-             ("nocert", A, "investigator", None, None), ("old", A, "investigator", "T-5", date(2020, 1, 1)),
-             ("gone", A, "investigator", "T-6", FAR), ("binv", B, "investigator", "T-7", FAR),
-             ("sinv", S, "investigator", "T-8", FAR), ("qinv", Q, "investigator", "T-9", FAR)]
+    creds = {
+        ag: registry.add_agency(eng, ag, ag.upper(), daily_quota=1 if ag == Q else 0, actor="test-op")
+        for ag in (A, B, S, Q)
+    }
+    users = [
+        ("inv", A, "investigator", "T-1", FAR),
+        ("sup", A, "supervisor", "T-2", FAR),
+        ("aud", A, "auditor", "T-3", FAR),
+        ("op", A, "operator", "T-4", FAR),
+        ("nocert", A, "investigator", None, None),
+        ("old", A, "investigator", "T-5", date(2020, 1, 1)),
+        ("gone", A, "investigator", "T-6", FAR),
+        ("binv", B, "investigator", "T-7", FAR),
+        ("sinv", S, "investigator", "T-8", FAR),
+        ("qinv", Q, "investigator", "T-9", FAR),
+    ]
     for uid, ag, role, cert, exp in users:
         registry.add_user(eng, uid, ag, role, cert_id=cert, cert_expires=exp, actor="test-op")
     registry.set_user_active(eng, "gone", False, actor="test-op")
@@ -63,8 +72,15 @@ def world(disk_stack, data_dir):
 
 
 def _doc(agency, user="inv", **kw) -> dict:
-    doc = {"schema_version": 1, "request_id": new_request_id(), "agency_id": agency, "user_id": user,
-           "case_number": "2026-000123", "offence_code": "PC211", "purpose": "criminal-investigation"}
+    doc = {
+        "schema_version": 1,
+        "request_id": new_request_id(),
+        "agency_id": agency,
+        "user_id": user,
+        "case_number": "2026-000123",
+        "offence_code": "PC211",
+        "purpose": "criminal-investigation",
+    }
     doc.update(kw)
     return doc
 
@@ -89,8 +105,14 @@ def _answers(r, wanted: set[tuple[str, str]], timeout=60.0) -> dict[tuple[str, s
 
 
 def _cli(s, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quorum.cli", *args], env={**settings_env(s), **(env or {})},
-                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        env={**settings_env(s), **(env or {})},
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_policy_violations_are_refused_before_detection_and_audited(world):
@@ -125,12 +147,23 @@ def test_policy_violations_are_refused_before_detection_and_audited(world):
     def tampered(p):
         f = signing.sign(sa, p)
         return {**f, "payload": p.replace("2026-000123", "2026-000999")}
+
     add("payload changed after signing", A, _doc(A), Code.BAD_SIGNATURE, fields=tampered)
     add("stale timestamp", A, _doc(A), Code.STALE_TIMESTAMP, fields=lambda p: signing.sign(sa, p, timestamp=now - 900))
-    add("timestamp in the future", A, _doc(A), Code.STALE_TIMESTAMP,
-        fields=lambda p: signing.sign(sa, p, timestamp=now + 900))
-    add("unknown offence (its nonce is replayed next)", A, _doc(A, offence_code="JAYWALK"), Code.OFFENCE_UNKNOWN,
-        fields=lambda p: signing.sign(sa, p, nonce=replay_nonce))
+    add(
+        "timestamp in the future",
+        A,
+        _doc(A),
+        Code.STALE_TIMESTAMP,
+        fields=lambda p: signing.sign(sa, p, timestamp=now + 900),
+    )
+    add(
+        "unknown offence (its nonce is replayed next)",
+        A,
+        _doc(A, offence_code="JAYWALK"),
+        Code.OFFENCE_UNKNOWN,
+        fields=lambda p: signing.sign(sa, p, nonce=replay_nonce),
+    )
     add("replayed nonce", A, _doc(A), Code.REPLAYED_NONCE, fields=lambda p: signing.sign(sa, p, nonce=replay_nonce))
     add("unknown user", A, _doc(A, "nobody"), Code.USER_UNKNOWN)
     add("user of another agency", A, _doc(A, "binv"), Code.USER_OTHER_AGENCY)
@@ -172,25 +205,32 @@ def test_policy_violations_are_refused_before_detection_and_audited(world):
         assert not r.exists(keys.job_key(doc["request_id"])), name
         trail = audit.query(eng, request_id=doc["request_id"])
         assert [(t["action"], t["outcome"], t["code"]) for t in trail] == [
-            (audit.SEARCH_SUBMITTED, "refused", code.value)], name
+            (audit.SEARCH_SUBMITTED, "refused", code.value)
+        ], name
         assert trail[0]["agency"] == agency and trail[0]["probe_sha256"] == sha
         assert trail[0]["purpose"] == doc["purpose"] and trail[0]["details"]
     assert audit.verify(eng).ok
 
 
 def test_usage_report_matches_the_searches_made(world):
-    s, eng, creds, people = world
+    s, _eng, creds, people = world
     since = datetime.now(UTC).date().isoformat()
     until = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
     before = _report_rows(s, since, until)
     client = QuorumClient(s.redis_url, A, "inv", creds[A].secret)
     made = Counter()
     rids = []
-    plan = [("criminal-investigation", "PC211"), ("criminal-investigation", "PC211"), ("missing-person", "PC211"),
-            ("crowd-scanning", "PC211"), ("criminal-investigation", "NOPE")]
+    plan = [
+        ("criminal-investigation", "PC211"),
+        ("criminal-investigation", "PC211"),
+        ("missing-person", "PC211"),
+        ("crowd-scanning", "PC211"),
+        ("criminal-investigation", "NOPE"),
+    ]
     for i, (purpose, offence) in enumerate(plan):
-        rid = client.submit(sorted(people[2 + i % 3].iterdir())[1], case_number="2026-777", offence_code=offence,
-                            purpose=purpose)
+        rid = client.submit(
+            sorted(people[2 + i % 3].iterdir())[1], case_number="2026-777", offence_code=offence, purpose=purpose
+        )
         rids.append(rid)
     results = client.wait_all(rids, timeout=180)
     for (purpose, offence), rid in zip(plan, rids, strict=True):
@@ -203,8 +243,9 @@ def test_usage_report_matches_the_searches_made(world):
     assert made[("search", A, "criminal-investigation", "NOPE", "refused:OFFENCE_UNKNOWN")] == 1
     assert made[("search", A, "criminal-investigation", "PC211", "accepted")] == 2
     # A disposition, with the second look, through the CLI.
-    out = _cli(s, "disposition", "record", rids[0], "--outcome", "lead_pursued", "--candidate", people[2].name,
-               "--user", "inv")
+    out = _cli(
+        s, "disposition", "record", rids[0], "--outcome", "lead_pursued", "--candidate", people[2].name, "--user", "inv"
+    )
     assert out.returncode == 0 and '"status": "pending"' in out.stdout, out.stderr
     did = json.loads(out.stdout.splitlines()[0])["id"]
     assert _cli(s, "disposition", "confirm", str(did), "--user", "inv").returncode == 2  # not the same user
@@ -228,7 +269,7 @@ def _report_rows(s, since, until) -> Counter:
 
 
 def test_audit_verify_catches_edit_delete_and_reorder(world, tmp_path):
-    s, eng, creds, _ = world
+    s, eng, _creds, _ = world
     out = _cli(s, "audit", "anchor")
     assert out.returncode == 0, out.stderr
     ok = _cli(s, "audit", "verify")
@@ -238,9 +279,11 @@ def test_audit_verify_catches_edit_delete_and_reorder(world, tmp_path):
     tampers = {
         "edit": [f"UPDATE audit_log SET purpose = 'criminal-investigation', code = '' WHERE seq = {target}"],
         "delete": [f"DELETE FROM audit_log WHERE seq = {target}"],
-        "reorder": [f"UPDATE audit_log SET seq = -1 WHERE seq = {target}",
-                    f"UPDATE audit_log SET seq = {target} WHERE seq = {target + 1}",
-                    f"UPDATE audit_log SET seq = {target + 1} WHERE seq = -1"],
+        "reorder": [
+            f"UPDATE audit_log SET seq = -1 WHERE seq = {target}",
+            f"UPDATE audit_log SET seq = {target} WHERE seq = {target + 1}",
+            f"UPDATE audit_log SET seq = {target + 1} WHERE seq = -1",
+        ],
     }
     for kind, statements in tampers.items():
         copy = tmp_path / f"{kind}.db"
@@ -288,13 +331,20 @@ def test_expunge_removes_the_subject_from_every_engine(world):
 
 def test_anchor_on_s3_is_locked(s3_server, tmp_path):
     from minio import Minio
+    from minio.error import S3Error
 
-    from quorum.config import load_settings
+    from core.config import load_settings
 
     env = s3_server.env
-    s = load_settings(env={}, home=str(tmp_path), s3_endpoint=env["S3_ENDPOINT"], s3_access_key=env["S3_ACCESS_KEY"],
-                      s3_secret_key=env["S3_SECRET_KEY"], s3_bucket="quorum-anchor-test",
-                      audit_anchor_retention_days=1)
+    s = load_settings(
+        env={},
+        home=str(tmp_path),
+        s3_endpoint=env["S3_ENDPOINT"],
+        s3_access_key=env["S3_ACCESS_KEY"],
+        s3_secret_key=env["S3_SECRET_KEY"],
+        s3_bucket="quorum-anchor-test",
+        audit_anchor_retention_days=1,
+    )
     eng = db.get_engine(s)
     audit.append(eng, audit.AuditEvent(action="test.anchor", outcome="ok"))
     anchors = audit.open_anchors(s)
@@ -304,6 +354,6 @@ def test_anchor_on_s3_is_locked(s3_server, tmp_path):
     client = Minio(env["S3_ENDPOINT"], access_key=env["S3_ACCESS_KEY"], secret_key=env["S3_SECRET_KEY"], secure=False)
     key = audit.anchor_key(doc["seq"])
     version = client.stat_object("quorum-anchor-test-audit", key).version_id
-    with pytest.raises(Exception):  # COMPLIANCE retention: not even the owner may delete this version
+    with pytest.raises(S3Error):  # COMPLIANCE retention: not even the owner may delete this version
         client.remove_object("quorum-anchor-test-audit", key, version_id=version)
     assert json.loads(anchors.get(key))["hash"] == doc["hash"]

@@ -16,10 +16,10 @@ import redis
 
 from broker import keys
 from broker.client import QuorumClient, new_request_id
-from quorum.galleryadmin import enrol
-from quorum.objectstore import open_store
-from quorum.stack import ROLES, Stack
+from cli.stack import ROLES, Stack
+from core.objectstore import open_store
 from schemas import CandidateList, ErrorResult
+from workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ AGENCY = "test-agency"
 
 @pytest.fixture(scope="module")
 def env(disk_stack, data_dir):
-    from quorum.demo import read_split
+    from evaluation.ci_split import read_split
 
     ci = data_dir / "ci" / "faces"
     # People with 4+ images (the split's gallery role), so each has images left to search with.
@@ -36,17 +36,30 @@ def env(disk_stack, data_dir):
     items = [(d.name, sorted(d.iterdir())[0]) for d in subjects]
     report = enrol(disk_stack, open_store(disk_stack), items)
     assert all(n == 25 for n in report.enrolled.values()), report
-    from quorum import db, registry
+    from accountability import db, registry
 
-    secret = registry.provision(db.get_engine(disk_stack), AGENCY, users={"u1": "investigator"},
-                                offences=("PC211",), purposes=("investigation",))
+    secret = registry.provision(
+        db.get_engine(disk_stack),
+        AGENCY,
+        users={"u1": "investigator"},
+        offences=("PC211",),
+        purposes=("investigation",),
+    )
     client = QuorumClient(disk_stack.redis_url, AGENCY, "u1", secret)
     return disk_stack, client, subjects
 
 
 def _probe(image: dict, **kw) -> str:
-    doc = {"schema_version": 1, "request_id": new_request_id(), "agency_id": AGENCY, "user_id": "u1",
-           "case_number": "C-1", "offence_code": "PC211", "purpose": "investigation", "image": image}
+    doc = {
+        "schema_version": 1,
+        "request_id": new_request_id(),
+        "agency_id": AGENCY,
+        "user_id": "u1",
+        "case_number": "C-1",
+        "offence_code": "PC211",
+        "purpose": "investigation",
+        "image": image,
+    }
     doc.update(kw)
     return json.dumps(doc)
 
@@ -57,12 +70,17 @@ def _b64(data: bytes) -> dict:
 
 def _png_claiming(w: int, h: int) -> bytes:
     """A complete, well-formed PNG whose header claims w x h pixels: a decompression bomb."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 65536, 9))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 65536, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _wait_entry_answers(r, entry_ids: list[str], timeout=120.0) -> dict[str, ErrorResult]:
@@ -114,10 +132,13 @@ def test_each_bad_input_gets_its_code_and_nothing_is_lost(env, data_dir):
         assert answers[entry].retryable is False
     # Every entry acknowledged: nothing pending in the gateway's group.
     assert r.xpending(keys.intake_stream(AGENCY), keys.INTAKE_GROUP)["pending"] == 0
+    # ... and deleted: no probe image stays base64-encoded in the intake stream once handled.
+    assert r.xlen(keys.intake_stream(AGENCY)) == 0
     # Every process still alive, and a good probe still gets its list.
     assert set(Stack(s).status().values()) <= {"up", "running"}
-    rid = client.submit(sorted(subjects[3].iterdir())[1], case_number="C-2", offence_code="PC211",
-                        purpose="investigation")
+    rid = client.submit(
+        sorted(subjects[3].iterdir())[1], case_number="C-2", offence_code="PC211", purpose="investigation"
+    )
     res = client.wait(rid, timeout=120)
     assert isinstance(res, CandidateList) and res.candidates[0].subject_id == subjects[3].name
 
@@ -133,14 +154,15 @@ def test_replayed_request_is_refused_and_original_answered_once(env):
     import time
 
     time.sleep(2)
-    answers = [json.loads(f[b"payload"]) for _, f in r.xrange(keys.results_stream(AGENCY))
-               if f[b"request_id"].decode() == rid]
+    answers = [
+        json.loads(f[b"payload"]) for _, f in r.xrange(keys.results_stream(AGENCY)) if f[b"request_id"].decode() == rid
+    ]
     kinds = sorted(a.get("code") or a["type"] for a in answers)
     assert kinds == ["DUPLICATE_REQUEST", "candidate_list"]
 
 
 def test_several_faces_use_the_requested_or_the_largest(env, data_dir):
-    s, client, _ = env
+    _s, client, _ = env
     group = data_dir / "ci" / "extras" / "multi_face_group.jpg"
     rid = client.submit(group, case_number="C-4", offence_code="PC211", purpose="investigation", face_index=2)
     res = client.wait(rid, timeout=120)
@@ -157,8 +179,9 @@ def test_engine_down_gives_degraded_list_after_deadline(env):
     stack = Stack(s)
     assert stack.stop_process("facenet")
     try:
-        rid = client.submit(sorted(subjects[7].iterdir())[1], case_number="C-5", offence_code="PC211",
-                            purpose="investigation")
+        rid = client.submit(
+            sorted(subjects[7].iterdir())[1], case_number="C-5", offence_code="PC211", purpose="investigation"
+        )
         res = client.wait(rid, timeout=120)
         assert isinstance(res, CandidateList)
         assert res.degraded and res.engines_failed == {"facenet": "ENGINE_TIMEOUT"}

@@ -10,43 +10,59 @@ import sys
 import jsonschema
 import pytest
 
-from quorum.demo import read_split
-from quorum.galleryadmin import enrol
-from quorum.objectstore import open_store
-from quorum.stack import ROLES, Stack, settings_env
+from cli.stack import ROLES, Stack, settings_env
+from core.objectstore import open_store
+from evaluation.ci_split import read_split
 from schemas import CandidateList
 from schemas.export import SCHEMA_DIR
+from workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def gallery(disk_stack, member_client, data_dir):
-    from quorum.demo import DEMO_AGENCY, DEMO_USER
+    from accountability.registry import DEMO_AGENCY, DEMO_USER
 
     member_client(DEMO_AGENCY, DEMO_USER)  # the CLI's default agency; it finds the secret in the registry
-    rows = [r for r in read_split(data_dir / "ci") if r.role == "gallery"][45:60]  # disjoint from the other modules' slices
+    rows = [r for r in read_split(data_dir / "ci") if r.role == "gallery"][
+        45:60
+    ]  # disjoint from the other modules' slices
     enrol(disk_stack, open_store(disk_stack), [(r.identity, r.path) for r in rows])
     return disk_stack, rows
 
 
 def _quorum(s, *args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "quorum.cli", *args], env=settings_env(s), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], env=settings_env(s), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_search_json_is_the_schema_and_status_shows_the_stack(gallery, data_dir):
     s, rows = gallery
     probe = sorted((data_dir / "ci" / "faces" / rows[0].identity).iterdir())[1]
-    out = _quorum(s, "search", str(probe), "--case", "C-9", "--offence", "PC211", "--purpose", "investigation",
-                  "--top", "5", "--json")
+    out = _quorum(
+        s,
+        "search",
+        str(probe),
+        "--case",
+        "C-9",
+        "--offence",
+        "PC211",
+        "--purpose",
+        "investigation",
+        "--top",
+        "5",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     jsonschema.validate(doc, json.loads((SCHEMA_DIR / "result.schema.json").read_text()))
     assert doc["type"] == "candidate_list" and len(doc["candidates"]) == 5
     assert doc["candidates"][0]["subject_id"] == rows[0].identity
-    human = _quorum(s, "search", str(probe), "--case", "C-9", "--offence", "PC211", "--purpose", "investigation",
-                    "--top", "3")
+    human = _quorum(
+        s, "search", str(probe), "--case", "C-9", "--offence", "PC211", "--purpose", "investigation", "--top", "3"
+    )
     assert human.returncode == 0 and human.stdout.count("INVESTIGATIVE LEAD ONLY") == 2
     assert rows[0].identity in human.stdout
     status = _quorum(s, "status")
@@ -69,8 +85,15 @@ def test_probes_written_while_gateway_is_down_are_answered_when_it_returns(galle
     assert stack.stop_process("gateway")
     client = member_client("backlog-agency")
     try:
-        rids = {client.submit(sorted((data_dir / "ci" / "faces" / r.identity).iterdir())[1], case_number="C-10",
-                              offence_code="PC211", purpose="investigation"): r.identity for r in rows[:4]}
+        rids = {
+            client.submit(
+                sorted((data_dir / "ci" / "faces" / r.identity).iterdir())[1],
+                case_number="C-10",
+                offence_code="PC211",
+                purpose="investigation",
+            ): r.identity
+            for r in rows[:4]
+        }
         assert client.result(next(iter(rids))) is None
     finally:
         stack.start_process("gateway")

@@ -82,9 +82,13 @@ def test_every_app_service_runs_a_quorum_entry_point_and_roles_cover_every_queue
     assert app, "no application services in docker-compose.yml"
     default_roles: set[str] = set()
     for name, svc in app.items():
-        assert "build" in svc and svc["build"]["dockerfile"] == "deploy/Dockerfile", f"{name}: not built from deploy/Dockerfile"
+        assert "build" in svc and svc["build"]["dockerfile"] == "deploy/Dockerfile", (
+            f"{name}: not built from deploy/Dockerfile"
+        )
         command = tuple(svc.get("command") or ())
-        assert command in ENTRY_POINTS, f"{name}: command {command!r} is not a quorum entry point ({sorted(ENTRY_POINTS)})"
+        assert command in ENTRY_POINTS, (
+            f"{name}: command {command!r} is not a quorum entry point ({sorted(ENTRY_POINTS)})"
+        )
         env = svc.get("environment", {})
         assert env.get("QUORUM_METRICS_PORT") == "9100", f"{name}: metrics port must be 9100"
         assert "healthcheck" in svc and "restart" in svc, f"{name}: needs a healthcheck and a restart policy"
@@ -119,7 +123,12 @@ def test_promtool_check_rules() -> None:
 
 def test_promtool_rule_unit_tests_cover_every_alert() -> None:
     run([tool("promtool"), "test", "rules", "rules_test.yml"], cwd=PROM_DIR)
-    alerts = {r["alert"] for g in yaml.safe_load((PROM_DIR / "rules.yml").read_text())["groups"] for r in g["rules"] if "alert" in r}
+    alerts = {
+        r["alert"]
+        for g in yaml.safe_load((PROM_DIR / "rules.yml").read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
     tests = yaml.safe_load((PROM_DIR / "rules_test.yml").read_text())["tests"]
     firing, quiet = set(), set()
     for case in tests:
@@ -137,7 +146,9 @@ def test_every_alert_has_for_severity_and_runbook() -> None:
                 assert rule["labels"]["severity"] in {"page", "warning"}, rule["alert"]
                 assert rule["annotations"]["runbook"].startswith("deploy/README.md#"), rule["alert"]
                 anchor = rule["annotations"]["runbook"].split("#", 1)[1]
-                assert f"### {rule['alert']}" in (ROOT / "deploy" / "README.md").read_text(), f"README has no runbook section for {anchor}"
+                assert f"### {rule['alert']}" in (ROOT / "deploy" / "README.md").read_text(), (
+                    f"README has no runbook section for {anchor}"
+                )
 
 
 # ------------------------------------------------------------------------------------- dashboard
@@ -172,9 +183,14 @@ def prometheus(tmp_path: Path):
     port = free_port()
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        [exe, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            exe,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -204,9 +220,15 @@ def test_dashboard_queries_evaluate_on_real_prometheus(prometheus: str) -> None:
     exprs = dashboard_exprs()
     assert len(exprs) >= 10
     text = DASHBOARD.read_text()
-    for metric in ("quorum_probes_received_total", "quorum_probes_rejected_total", "quorum_searches_completed_total",
-                   "quorum_search_duration_seconds_bucket", "quorum_engine_duration_seconds_bucket",
-                   "quorum_queue_length", "quorum_gallery_templates"):
+    for metric in (
+        "quorum_probes_received_total",
+        "quorum_probes_rejected_total",
+        "quorum_searches_completed_total",
+        "quorum_search_duration_seconds_bucket",
+        "quorum_engine_duration_seconds_bucket",
+        "quorum_queue_length",
+        "quorum_gallery_templates",
+    ):
         assert metric in text, f"dashboard does not chart {metric}"
     failures = []
     for title, expr in exprs:

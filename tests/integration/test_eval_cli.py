@@ -7,14 +7,27 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from quorum.cli import main
+from cli.main import main
 
 pytestmark = pytest.mark.integration
 
 # A small seeded slice of ci/faces keeps this under a couple of minutes on a busy 2-core machine:
 # two engines (fusion needs two), a few dozen people, at most three images each.
-SMALL = ["--engines", "sface,facenet", "--max-identities", "30", "--max-images-per-identity", "3",
-         "--holdout", "0.3", "--seed", "1", "--top-n", "20", "--no-progress"]
+SMALL = [
+    "--engines",
+    "sface,facenet",
+    "--max-identities",
+    "30",
+    "--max-images-per-identity",
+    "3",
+    "--holdout",
+    "0.3",
+    "--seed",
+    "1",
+    "--top-n",
+    "20",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +35,9 @@ def workdir(tmp_path_factory, data_dir):
     d = tmp_path_factory.mktemp("eval")
     labels = d / "labels.csv"
     people = sorted(p.name for p in (data_dir / "ci" / "faces").iterdir() if p.is_dir())
-    labels.write_text("image_or_identity,group\n" + "".join(
-        f"{p},{'A-L' if p[0].upper() <= 'L' else 'M-Z'}\n" for p in people))
+    labels.write_text(
+        "image_or_identity,group\n" + "".join(f"{p},{'A-L' if p[0].upper() <= 'L' else 'M-Z'}\n" for p in people)
+    )
     return d, data_dir / "ci" / "faces", labels
 
 
@@ -42,8 +56,24 @@ def test_calibrate_then_eval_writes_report_and_plots(workdir):
     assert c["engines"]["sface"]["version"] and c["engines"]["sface"]["impostor_std"] > 0
 
     out = d / "report"
-    res = runner.invoke(main, ["eval", str(faces), *SMALL, "--cache", str(cache), "--calibration", str(cal),
-                               "--out", str(out), "--groups", str(labels), "--bootstrap", "50"])
+    res = runner.invoke(
+        main,
+        [
+            "eval",
+            str(faces),
+            *SMALL,
+            "--cache",
+            str(cache),
+            "--calibration",
+            str(cal),
+            "--out",
+            str(out),
+            "--groups",
+            str(labels),
+            "--bootstrap",
+            "50",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "rank-1" in res.output and "logit" in res.output
     rep = json.loads((out / "report.json").read_text())
@@ -63,8 +93,22 @@ def test_calibrate_then_eval_writes_report_and_plots(workdir):
     assert {"fnir", "fpir", "fnmr", "fmr"} <= set(demo)
     assert set(demo["fnmr"]["groups"]) <= {"A-L", "M-Z"}
     # The embeddings are cached: a second run computes nothing.
-    res = runner.invoke(main, ["eval", str(faces), *SMALL, "--cache", str(cache), "--calibration", str(cal),
-                               "--out", str(d / "again"), "--methods", "rrf"])
+    res = runner.invoke(
+        main,
+        [
+            "eval",
+            str(faces),
+            *SMALL,
+            "--cache",
+            str(cache),
+            "--calibration",
+            str(cal),
+            "--out",
+            str(d / "again"),
+            "--methods",
+            "rrf",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "not in the cache" not in res.output
     again = json.loads((d / "again" / "report.json").read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from quorum.objectstore import DiskStore, S3Store
+from core.objectstore import DiskStore, S3Store
 from tests.integration.servers import RedisServer
 from workers.gallery import GalleryReplica, log_add_entries, log_remove
 

@@ -10,11 +10,10 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from quorum import metrics
+from core import metrics
 from tests.integration.servers import REPO, free_port
 
 pytestmark = pytest.mark.integration
@@ -34,8 +33,10 @@ def _exported_names() -> set[str]:
 
 def test_rules_and_dashboard_use_only_exported_metric_names():
     exported = _exported_names()
-    texts = [(REPO / "deploy/prometheus/rules.yml").read_text(),
-             (REPO / "deploy/grafana/quorum-dashboard.json").read_text()]
+    texts = [
+        (REPO / "deploy/prometheus/rules.yml").read_text(),
+        (REPO / "deploy/grafana/quorum-dashboard.json").read_text(),
+    ]
     used = set()
     for t in texts:
         used |= set(re.findall(r"\bquorum_[a-z_]+\b", t))
@@ -54,27 +55,40 @@ def _query(port: int, promql: str) -> list:
 
 
 def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member_client, data_dir, tmp_path):
-    from quorum.demo import read_split
-    from quorum.galleryadmin import enrol
-    from quorum.objectstore import open_store
+    from core.objectstore import open_store
+    from evaluation.ci_split import read_split
+    from workers.enrolment import enrol
 
     exe = shutil.which("prometheus")
     assert exe, "prometheus is not installed: apt-get install -y prometheus"
     rows = [r for r in read_split(data_dir / "ci") if r.role == "gallery"][60:66]
     enrol(disk_stack, open_store(disk_stack), [(r.identity, r.path) for r in rows])
     client = member_client("metrics-agency")
-    rid = client.submit(sorted((data_dir / "ci/faces" / rows[0].identity).iterdir())[1], case_number="M-1",
-                        offence_code="PC211", purpose="investigation")
+    rid = client.submit(
+        sorted((data_dir / "ci/faces" / rows[0].identity).iterdir())[1],
+        case_number="M-1",
+        offence_code="PC211",
+        purpose="investigation",
+    )
     client.wait(rid, timeout=120)
 
     targets = [f"127.0.0.1:{p}" for p in disk_metrics_ports.values()]
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text("global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: quorum\n"
-                   f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n")
+    cfg.write_text(
+        "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: quorum\n"
+        f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
+    )
     port = free_port()
-    proc = subprocess.Popen([exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from quorum.errors import Code, InputError, ServiceError
-from quorum.objectstore import S3Store, content_key, put_content
+from core.errors import Code, InputError, ServiceError
+from core.objectstore import S3Store, content_key, put_content
 
 pytestmark = pytest.mark.integration
 

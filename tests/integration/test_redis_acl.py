@@ -4,6 +4,7 @@ and nothing of agency B's; a suspended agency cannot log in at all."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -14,9 +15,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from accountability import db, registry
 from broker import keys
 from broker.client import QuorumClient
-from quorum import db, registry
 from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,30 @@ def acl_redis(tmp_path_factory):
     port = free_port()
     exe = shutil.which("redis-server")
     assert exe, "redis-server is not installed"
-    subprocess.run([exe, "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "yes", "--save", "",
-                    "--appendonly", "no", "--dir", str(home), "--pidfile", str(home / "redis.pid"),
-                    "--logfile", str(home / "redis.log"), "--aclfile", str(aclfile)], check=True)
+    subprocess.run(
+        [
+            exe,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--daemonize",
+            "yes",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(home),
+            "--pidfile",
+            str(home / "redis.pid"),
+            "--logfile",
+            str(home / "redis.log"),
+            "--aclfile",
+            str(aclfile),
+        ],
+        check=True,
+    )
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -50,17 +72,16 @@ def acl_redis(tmp_path_factory):
         admin.xadd(keys.results_stream(agency), {"type": "error", "request_id": "r1", "payload": "{}"})
         admin.set(keys.result_key(agency, "r1"), f"result of {agency}")
     yield port, creds, admin
-    try:
+    with contextlib.suppress(redis.RedisError):
         admin.shutdown(nosave=True)
-    except redis.RedisError:
-        pass
     db.dispose_all()
 
 
 def _as(port, creds, agency) -> redis.Redis:
     c = creds[agency]
-    return redis.Redis(host="127.0.0.1", port=port, username=c.redis_user, password=c.redis_password,
-                       retry=Retry(NoBackoff(), 0))
+    return redis.Redis(
+        host="127.0.0.1", port=port, username=c.redis_user, password=c.redis_password, retry=Retry(NoBackoff(), 0)
+    )
 
 
 def test_agency_can_do_its_own_business(acl_redis):
@@ -80,20 +101,23 @@ def test_agency_can_do_its_own_business(acl_redis):
     assert client.redis.get(keys.result_key("a", "r1")) == b"result of a"
 
 
-@pytest.mark.parametrize("attempt", [
-    lambda r: r.xadd(keys.intake_stream("b"), {"payload": "{}"}),  # write another agency's intake
-    lambda r: r.get(keys.result_key("b", "r1")),  # read another agency's result
-    lambda r: r.mget([keys.result_key("b", "r1")]),
-    lambda r: r.xread({keys.results_stream("b"): "0"}),  # read another agency's result stream
-    lambda r: r.xread({keys.intake_stream("a"): "0"}),  # read its own intake (write-only)
-    lambda r: r.xadd(keys.results_stream("a"), {"forged": "result"}),  # forge its own result
-    lambda r: r.set(keys.result_key("a", "r2"), "forged"),
-    lambda r: r.delete(keys.intake_stream("a")),
-    lambda r: r.keys("*"),
-    lambda r: r.hgetall(keys.GALLERY_SUBJECTS),
-    lambda r: r.flushall(),
-    lambda r: r.config_get("*"),
-])
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        lambda r: r.xadd(keys.intake_stream("b"), {"payload": "{}"}),  # write another agency's intake
+        lambda r: r.get(keys.result_key("b", "r1")),  # read another agency's result
+        lambda r: r.mget([keys.result_key("b", "r1")]),
+        lambda r: r.xread({keys.results_stream("b"): "0"}),  # read another agency's result stream
+        lambda r: r.xread({keys.intake_stream("a"): "0"}),  # read its own intake (write-only)
+        lambda r: r.xadd(keys.results_stream("a"), {"forged": "result"}),  # forge its own result
+        lambda r: r.set(keys.result_key("a", "r2"), "forged"),
+        lambda r: r.delete(keys.intake_stream("a")),
+        lambda r: r.keys("*"),
+        lambda r: r.hgetall(keys.GALLERY_SUBJECTS),
+        lambda r: r.flushall(),
+        lambda r: r.config_get("*"),
+    ],
+)
 def test_agency_cannot_touch_anything_else(acl_redis, attempt):
     port, creds, admin = acl_redis
     with pytest.raises(redis.exceptions.NoPermissionError):
@@ -105,7 +129,12 @@ def test_agency_cannot_touch_anything_else(acl_redis, attempt):
 def test_wrong_password_and_suspended_agency_cannot_log_in(acl_redis):
     port, creds, _ = acl_redis
     with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(host="127.0.0.1", port=port, username=creds["a"].redis_user, password=creds["b"].redis_password,
-                    retry=Retry(NoBackoff(), 0)).ping()
+        redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            username=creds["a"].redis_user,
+            password=creds["b"].redis_password,
+            retry=Retry(NoBackoff(), 0),
+        ).ping()
     with pytest.raises(redis.exceptions.AuthenticationError):
         _as(port, creds, "c").ping()

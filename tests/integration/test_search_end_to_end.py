@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from quorum.demo import enrol_and_search, read_split
+from cli.demo import enrol_and_search
+from evaluation.ci_split import read_split
 from schemas import CandidateList
 
 pytestmark = pytest.mark.integration

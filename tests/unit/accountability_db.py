@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from quorum import db
+from accountability import db
 
 PG_BASE = os.environ.get("QUORUM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
@@ -26,8 +26,10 @@ def pg_database():
     try:
         admin = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is unreachable at {PG_BASE} ({exc}); the registry and audit tests need it "
-                    "(set QUORUM_TEST_PG to a server where this user may CREATE DATABASE)")
+        pytest.fail(
+            f"PostgreSQL is unreachable at {PG_BASE} ({exc}); the registry and audit tests need it "
+            "(set QUORUM_TEST_PG to a server where this user may CREATE DATABASE)"
+        )
     admin.execute(f'CREATE DATABASE "{name}"')
     yield f"{PG_BASE}/{name}"
     db.dispose_all()

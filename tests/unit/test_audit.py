@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from datetime import UTC, datetime, timedelta
@@ -10,18 +11,29 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from quorum import audit, db
-from quorum.audit import AuditEvent, DiskAnchors
+from accountability import audit, db
+from accountability.audit import AuditEvent, DiskAnchors
 from tests.unit.accountability_db import eng, pg_database  # noqa: F401  (fixtures)
 
 
 def _fill(eng, n=6):  # noqa: F811
     for i in range(n):
-        audit.append(eng, AuditEvent(action=audit.SEARCH_SUBMITTED, outcome="accepted" if i % 2 else "refused",
-                                     code="" if i % 2 else "OFFENCE_UNKNOWN", actor=f"u{i % 3}",
-                                     agency="a" if i < 4 else "b", request_id=f"r{i}", case_number=f"C-{i % 2}",
-                                     offence_code="PC211", purpose="criminal-investigation",
-                                     probe_sha256="ab" * 32, details={"i": i, "ünï": "code"}))
+        audit.append(
+            eng,
+            AuditEvent(
+                action=audit.SEARCH_SUBMITTED,
+                outcome="accepted" if i % 2 else "refused",
+                code="" if i % 2 else "OFFENCE_UNKNOWN",
+                actor=f"u{i % 3}",
+                agency="a" if i < 4 else "b",
+                request_id=f"r{i}",
+                case_number=f"C-{i % 2}",
+                offence_code="PC211",
+                purpose="criminal-investigation",
+                probe_sha256="ab" * 32,
+                details={"i": i, "ünï": "code"},
+            ),
+        )
 
 
 def test_chain_links_and_verifies(eng):  # noqa: F811
@@ -29,7 +41,7 @@ def test_chain_links_and_verifies(eng):  # noqa: F811
     rows = list(audit.rows(eng))
     assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["prev_hash"] == audit.GENESIS
-    assert all(b["prev_hash"] == a["hash"] for a, b in zip(rows, rows[1:], strict=False))
+    assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(rows))
     rep = audit.verify(eng)
     assert rep.ok and rep.records == 6 and rep.head_seq == 6, rep.summary()
 
@@ -74,8 +86,11 @@ def test_rewritten_chain_is_caught_by_its_anchors(eng, tmp_path):  # noqa: F811
         for r in rows[1:]:
             r["prev_hash"] = prev
             r["hash"] = prev = audit.record_hash(r)
-            conn.execute(db.audit_log.update().where(db.audit_log.c.seq == r["seq"])
-                         .values(purpose=r["purpose"], prev_hash=r["prev_hash"], hash=r["hash"]))
+            conn.execute(
+                db.audit_log.update()
+                .where(db.audit_log.c.seq == r["seq"])
+                .values(purpose=r["purpose"], prev_hash=r["prev_hash"], hash=r["hash"])
+            )
     assert audit.verify(eng).ok
     rep = audit.verify(eng, anchors)  # ... but not against the anchors
     assert not rep.ok and rep.first_bad_seq == 4 and "rewritten" in rep.problem
@@ -90,15 +105,15 @@ def test_disk_anchors_are_write_once(tmp_path):
     assert anchors.put(audit.anchor_key(7), b'{"seq":7}')
     assert not anchors.put(audit.anchor_key(7), b'{"seq":7,"hash":"forged"}')
     path = tmp_path / audit.anchor_key(7)
-    assert path.read_bytes() == b'{"seq":7}' and not os.access(path, os.W_OK) or os.geteuid() == 0
+    assert (path.read_bytes() == b'{"seq":7}' and not os.access(path, os.W_OK)) or os.geteuid() == 0
     assert oct(path.stat().st_mode & 0o777) == "0o444"
 
 
 def _writer(url: str, n: int, who: str) -> None:
     db.dispose_all()
-    eng = db.get_engine(url)
+    engine = db.get_engine(url)
     for i in range(n):
-        audit.append(eng, AuditEvent(action="test.concurrent", outcome="ok", actor=who, details={"i": i}))
+        audit.append(engine, AuditEvent(action="test.concurrent", outcome="ok", actor=who, details={"i": i}))
 
 
 def test_concurrent_writers_in_several_processes_never_fork_the_chain(eng):  # noqa: F811
@@ -127,7 +142,7 @@ def test_query_filters(eng):  # noqa: F811
 
 
 def test_an_unreachable_database_is_audit_unavailable():
-    from quorum.errors import Code, ServiceError
+    from core.errors import Code, ServiceError
 
     bad = db.get_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", migrate=False)
     with pytest.raises(ServiceError) as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -11,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from quorum.errors import Code, InputError
+from core.errors import Code, InputError
 from workers.detect import (
     Detector,
     Face,
@@ -101,7 +100,7 @@ def test_jpeg_with_trailing_bytes_accepted(jpeg_bytes: bytes) -> None:
 
 
 def test_truncated_png(jpeg_bytes: bytes) -> None:
-    ok, png = cv2.imencode(".png", decode_image(jpeg_bytes, **LIMITS))
+    _ok, png = cv2.imencode(".png", decode_image(jpeg_bytes, **LIMITS))
     data = png.tobytes()
     assert _code(data[: len(data) // 2]) == Code.IMAGE_TRUNCATED
     assert _code(_png(64, 64, with_iend=False)) == Code.IMAGE_TRUNCATED
@@ -205,3 +204,86 @@ def test_align_real_face_landmarks_near_template(detector: Detector, jpeg_bytes:
     assert again
     eyes = again[0].landmark_array()[:2] / 4
     assert np.abs(eyes - arcface_template(112)[:2]).max() < 6.0  # detector noise on a tight crop
+
+
+# ---- formats and modes agencies send (Pillow probes and converts them) ---------------------------------
+
+
+def _pil_bytes(img, fmt: str, **save) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def face_rgb(jpeg_bytes: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(jpeg_bytes)).convert("RGB")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "save"),
+    [
+        ("JPEG", "CMYK", {}),
+        ("JPEG", "L", {}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "P", {}),
+        ("PNG", "I;16", {}),
+        ("TIFF", "RGB", {}),
+        ("WEBP", "RGB", {"lossless": True}),
+        ("BMP", "RGB", {}),
+        ("GIF", "P", {}),
+    ],
+)
+def test_modes_and_formats_decode_and_face_found(face_rgb, detector: Detector, fmt: str, mode: str, save) -> None:
+    src = face_rgb
+    if mode == "I;16":  # 16-bit grey: the full 16-bit range, which a naive conversion would clip to white
+        grey = np.asarray(src.convert("L"), dtype=np.uint16) * 257
+        from PIL import Image
+
+        src = Image.fromarray(grey)
+        assert src.mode.startswith("I;16")
+    elif mode != "RGB":
+        src = src.convert(mode)
+    img = decode_image(_pil_bytes(src, fmt, **save), **LIMITS)
+    assert img.dtype == np.uint8 and img.shape == (250, 250, 3)
+    assert 40 < float(img.mean()) < 220  # not blank, not clipped
+    assert len(detector.detect(img)) >= 1
+
+
+def test_exif_rotated_photo_is_turned_upright(face_rgb, detector: Detector) -> None:
+    from PIL import Image
+
+    sideways = face_rgb.transpose(Image.Transpose.ROTATE_90)  # stored sideways, as a phone does
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    img = decode_image(_pil_bytes(sideways, "JPEG", exif=exif.tobytes(), quality=95), **LIMITS)
+    faces = detector.detect(img)
+    assert faces, "the face must be found once the EXIF orientation is applied"
+    upright = detector.detect(decode_image(_pil_bytes(face_rgb, "JPEG", quality=95), **LIMITS))[0]
+    assert abs(faces[0].box[0] - upright.box[0]) < 12 and abs(faces[0].box[1] - upright.box[1]) < 12
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n" * 20,
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="400" height="400"><rect/></svg>' * 10,
+        b"<!DOCTYPE html><html><body><img src=x></body></html>" * 10,
+    ],
+    ids=["pdf", "svg", "html"],
+)
+def test_documents_are_not_images(data: bytes) -> None:
+    assert _code(data) == Code.NOT_AN_IMAGE
+
+
+def test_extreme_aspect_and_single_pixel(face_rgb) -> None:
+    from PIL import Image
+
+    assert _code(_pil_bytes(Image.new("RGB", (20000, 20)), "PNG")) == Code.IMAGE_TOO_SMALL
+    assert _code(_pil_bytes(Image.new("RGB", (1, 1)), "PNG")) == Code.IMAGE_TOO_SMALL

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from quorum.errors import Code, ServiceError
+from core.engines import ENGINE_NAMES as ENGINES
+from core.errors import Code, ServiceError
 from workers.detect import Detector, Face, align_arcface, decode_image
-from workers.engines import ENGINES, Engine, get_engine
+from workers.engines import Engine, get_engine
 
 LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}
 

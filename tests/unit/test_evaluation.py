@@ -5,26 +5,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quorum import evaluation as ev
+from evaluation.cache import OK, EmbeddingCache, file_key
+from evaluation.demographics import demographics, group_of, rates_by_group, read_group_labels
+from evaluation.metrics import cmc, det_curve, fnir_at, fnir_at_fpir, fpir_at
+from evaluation.protocol import Image, SplitProtocol, make_protocol
+from evaluation.runs import EngineRun, Run, engine_outcome
 
 # A hand-made 1:N experiment: 4 enrolled subjects (columns), 6 mated probes and 5 non-mated probes
 # (rows), every probe scored against every subject. mates[i] is the column of mated probe i.
-SCORES_MATED = np.array([
-    [0.90, 0.10, 0.20, 0.30],  # mate 0 at rank 1
-    [0.50, 0.60, 0.10, 0.20],  # mate 0 at rank 2
-    [0.10, 0.20, 0.30, 0.80],  # mate 3 at rank 1
-    [0.40, 0.45, 0.35, 0.30],  # mate 3 at rank 4
-    [0.20, 0.70, 0.10, 0.05],  # mate 1 at rank 1
-    [0.20, 0.15, 0.65, 0.10],  # mate 2 at rank 1
-])
+SCORES_MATED = np.array(
+    [
+        [0.90, 0.10, 0.20, 0.30],  # mate 0 at rank 1
+        [0.50, 0.60, 0.10, 0.20],  # mate 0 at rank 2
+        [0.10, 0.20, 0.30, 0.80],  # mate 3 at rank 1
+        [0.40, 0.45, 0.35, 0.30],  # mate 3 at rank 4
+        [0.20, 0.70, 0.10, 0.05],  # mate 1 at rank 1
+        [0.20, 0.15, 0.65, 0.10],  # mate 2 at rank 1
+    ]
+)
 MATES = [0, 0, 3, 3, 1, 2]
-SCORES_NONMATED = np.array([
-    [0.55, 0.10, 0.10, 0.10],
-    [0.20, 0.25, 0.10, 0.10],
-    [0.10, 0.10, 0.72, 0.10],
-    [0.30, 0.10, 0.10, 0.10],
-    [0.10, 0.42, 0.10, 0.10],
-])
+SCORES_NONMATED = np.array(
+    [
+        [0.55, 0.10, 0.10, 0.10],
+        [0.20, 0.25, 0.10, 0.10],
+        [0.10, 0.10, 0.72, 0.10],
+        [0.30, 0.10, 0.10, 0.10],
+        [0.10, 0.42, 0.10, 0.10],
+    ]
+)
 
 
 def _lists(scores, top_n):
@@ -38,7 +46,7 @@ def _lists(scores, top_n):
 
 def _outcome(top_n):
     ranks, mate_scores = [], []
-    for lst, mate in zip(_lists(SCORES_MATED, top_n), MATES):
+    for lst, mate in zip(_lists(SCORES_MATED, top_n), MATES, strict=False):
         pos = [r for r, (j, _) in enumerate(lst) if j == mate]
         ranks.append(pos[0] + 1 if pos else 0)
         mate_scores.append(lst[pos[0]][1] if pos else np.nan)
@@ -49,12 +57,12 @@ def _outcome(top_n):
 def test_cmc_on_a_score_matrix():
     ranks, _, _ = _outcome(top_n=4)
     assert ranks.tolist() == [1, 2, 1, 4, 1, 1]
-    got = ev.cmc(ranks, (1, 2, 3, 4))
+    got = cmc(ranks, (1, 2, 3, 4))
     assert got == {1: pytest.approx(4 / 6), 2: pytest.approx(5 / 6), 3: pytest.approx(5 / 6), 4: pytest.approx(1.0)}
     # With a top-3 list the rank-4 mate is not returned: a miss at every rank.
     ranks3, scores3, _ = _outcome(top_n=3)
     assert ranks3[3] == 0 and np.isnan(scores3[3])
-    assert ev.cmc(ranks3, (3, 250))[250] == pytest.approx(5 / 6)
+    assert cmc(ranks3, (3, 250))[250] == pytest.approx(5 / 6)
 
 
 def test_fnir_at_fpir_on_a_score_matrix():
@@ -62,46 +70,49 @@ def test_fnir_at_fpir_on_a_score_matrix():
     # Non-mated top scores: 0.55, 0.25, 0.72, 0.30, 0.42. FPIR 0.2 allows one of five: the smallest
     # threshold is just above the second highest (0.55), so 0.72 alone is a false positive.
     # Mate scores 0.90, 0.50, 0.80, 0.30, 0.70, 0.65: 0.50 and 0.30 fall below -> FNIR 2/6.
-    (row,) = ev.fnir_at_fpir(mate_scores, tops, [0.2])
+    (row,) = fnir_at_fpir(mate_scores, tops, [0.2])
     assert row["threshold"] == pytest.approx(0.55) and row["threshold"] > 0.55
     assert row["fpir"] == pytest.approx(1 / 5) and row["fnir"] == pytest.approx(2 / 6) and row["resolvable"]
     # FPIR 0: above the highest non-mate (0.72): 0.90 and 0.80 pass, FNIR 4/6; 0.01 of 5 probes
     # cannot be resolved.
-    (row,) = ev.fnir_at_fpir(mate_scores, tops, [0.01])
+    (row,) = fnir_at_fpir(mate_scores, tops, [0.01])
     assert row["fpir"] == 0 and row["fnir"] == pytest.approx(4 / 6) and not row["resolvable"]
     # FPIR 0.4: above 0.42 -> 0.72 and 0.55 pass: FNIR counts mates <= 0.42: only 0.30.
-    (row,) = ev.fnir_at_fpir(mate_scores, tops, [0.4])
+    (row,) = fnir_at_fpir(mate_scores, tops, [0.4])
     assert row["fpir"] == pytest.approx(2 / 5) and row["fnir"] == pytest.approx(1 / 6)
 
 
 def test_failures_count_against_fnir_and_never_as_false_positives():
     mate = np.array([0.9, np.nan, 0.8])  # the second probe failed
     tops = np.array([0.1, np.nan, 0.2, 0.3])  # the second non-mated probe had no candidates
-    assert ev.fnir_at(mate, 0.5) == pytest.approx(1 / 3)
-    assert ev.fpir_at(tops, 0.15) == pytest.approx(2 / 4)
-    assert ev.cmc(np.array([1, 0, 1]), (1,))[1] == pytest.approx(2 / 3)
+    assert fnir_at(mate, 0.5) == pytest.approx(1 / 3)
+    assert fpir_at(tops, 0.15) == pytest.approx(2 / 4)
+    assert cmc(np.array([1, 0, 1]), (1,))[1] == pytest.approx(2 / 3)
 
 
 def test_det_curve_matches_brute_force():
     _, mate_scores, tops = _outcome(top_n=3)
-    fp, fn, thr = ev.det_curve(mate_scores, tops)
+    fp, fn, thr = det_curve(mate_scores, tops)
     assert np.all(np.diff(thr) < 0)
-    for f, n, t in zip(fp, fn, thr):
+    for f, n, t in zip(fp, fn, thr, strict=False):
         assert f == pytest.approx(sum(1 for s in tops if s >= t) / len(tops))
         assert n == pytest.approx(sum(1 for s in mate_scores if not (s >= t)) / len(mate_scores))
     assert fp[-1] == 1.0 and fn[0] == pytest.approx(5 / 6)
 
 
 def _images(spec):
-    return [ev.Image(ident, f"{ident}/{ident}_{k:04d}.jpg", Path(f"/x/{ident}/{ident}_{k:04d}.jpg"))
-            for ident, n in spec for k in range(1, n + 1)]
+    return [
+        Image(ident, f"{ident}/{ident}_{k:04d}.jpg", Path(f"/x/{ident}/{ident}_{k:04d}.jpg"))
+        for ident, n in spec
+        for k in range(1, n + 1)
+    ]
 
 
 def test_protocol_is_seeded_and_identity_disjoint():
     spec = [(f"m{i:02d}", 2 + i % 4) for i in range(40)] + [(f"s{i:02d}", 1) for i in range(30)]
     images = _images(spec)
-    p = ev.make_protocol(images, seed=3, holdout=0.25)
-    q = ev.make_protocol(images, seed=3, holdout=0.25)
+    p = make_protocol(images, seed=3, holdout=0.25)
+    q = make_protocol(images, seed=3, holdout=0.25)
     assert [im.rel for im in p.gallery] == [im.rel for im in q.gallery] and p.split == q.split
     gal_ids = [im.identity for im in p.gallery]
     assert len(gal_ids) == len(set(gal_ids)) == 30 + 30 and p.distractors == 30
@@ -114,20 +125,30 @@ def test_protocol_is_seeded_and_identity_disjoint():
     test_m, test_n = p.probes("test")
     assert not ({im.identity for im in fit_m + fit_n} & {im.identity for im in test_m + test_n})
     assert len(fit_m) + len(test_m) == len(p.mated) and fit_n and test_n
-    small = ev.make_protocol(images, seed=3, holdout=0.25, gallery_size=35)
+    small = make_protocol(images, seed=3, holdout=0.25, gallery_size=35)
     assert len(small.gallery) == 35 and small.distractors == 5
-    assert ev.make_protocol(images, seed=4, holdout=0.25).split != p.split
+    assert make_protocol(images, seed=4, holdout=0.25).split != p.split
 
 
 def test_rates_by_group_counts_ratio_and_bootstrap():
     # Group A: people a1 (3 trials, 1 error), a2 (2 trials, 0 errors) -> 1/5.
     # Group B: people b1 (2 trials, 2 errors), b2 (2 trials, 0), b3 (1, 1) -> 3/5.
-    rows = [("A", "a1", 1), ("A", "a1", 0), ("A", "a1", 0), ("A", "a2", 0), ("A", "a2", 0),
-            ("B", "b1", 1), ("B", "b1", 1), ("B", "b2", 0), ("B", "b2", 0), ("B", "b3", 1)]
+    rows = [
+        ("A", "a1", 1),
+        ("A", "a1", 0),
+        ("A", "a1", 0),
+        ("A", "a2", 0),
+        ("A", "a2", 0),
+        ("B", "b1", 1),
+        ("B", "b1", 1),
+        ("B", "b2", 0),
+        ("B", "b2", 0),
+        ("B", "b3", 1),
+    ]
     groups = [r[0] for r in rows]
     clusters = [r[1] for r in rows]
     errors = np.array([r[2] for r in rows], dtype=float)
-    out = ev.rates_by_group(errors, groups, clusters, n_boot=500, seed=7)
+    out = rates_by_group(errors, groups, clusters, n_boot=500, seed=7)
     a, b = out["groups"]["A"], out["groups"]["B"]
     assert out["best_group"] == "A"
     assert (a["trials"], a["errors"], a["clusters"]) == (5, 1, 2)
@@ -139,28 +160,31 @@ def test_rates_by_group_counts_ratio_and_bootstrap():
     assert b["ratio_ci"][0] <= 3.0 <= b["ratio_ci"][1]
     # Resampling people: A's replicates are 0/k or mixes of a1's 1/3 -> never above 1/3.
     assert a["ci"][1] <= 1 / 3 + 1e-12
-    assert ev.rates_by_group(errors, groups, clusters, n_boot=500, seed=7) == out
+    assert rates_by_group(errors, groups, clusters, n_boot=500, seed=7) == out
     # Weighted rows (errors out of counts), as for impostor pairs.
-    w = ev.rates_by_group(np.array([1.0, 0.0, 4.0]), ["A", "A", "B"], ["p", "q", "r"], n_boot=50,
-                          counts=np.array([10.0, 10.0, 8.0]))
+    w = rates_by_group(
+        np.array([1.0, 0.0, 4.0]), ["A", "A", "B"], ["p", "q", "r"], n_boot=50, counts=np.array([10.0, 10.0, 8.0])
+    )
     assert w["groups"]["A"]["rate"] == pytest.approx(1 / 20) and w["groups"]["B"]["rate"] == pytest.approx(0.5)
     assert w["groups"]["B"]["ratio_to_best"] == pytest.approx(10.0)
 
 
 def test_ratio_undefined_when_best_group_has_no_errors():
-    out = ev.rates_by_group(np.array([0.0, 0.0, 1.0, 0.0]), ["A", "A", "B", "B"], ["a", "b", "c", "d"], n_boot=20)
+    out = rates_by_group(np.array([0.0, 0.0, 1.0, 0.0]), ["A", "A", "B", "B"], ["a", "b", "c", "d"], n_boot=20)
     assert out["groups"]["B"]["ratio_to_best"] is None and out["best_group"] == "A"
 
 
 def test_group_labels_by_image_file_or_identity(tmp_path):
     f = tmp_path / "labels.csv"
     f.write_text("image_or_identity,group\nAnn/Ann_0002.jpg,g2\nAnn,g1\nBob_0001.jpg,g3\n")
-    labels = ev.read_group_labels(f)
-    ann1, ann2, bob1 = (ev.Image("Ann", "Ann/Ann_0001.jpg", Path("/d/Ann/Ann_0001.jpg")),
-                        ev.Image("Ann", "Ann/Ann_0002.jpg", Path("/d/Ann/Ann_0002.jpg")),
-                        ev.Image("Bob", "Bob/Bob_0001.jpg", Path("/d/Bob/Bob_0001.jpg")))
-    assert [ev.group_of(i, labels) for i in (ann1, ann2, bob1)] == ["g1", "g2", "g3"]
-    assert ev.group_of(ev.Image("Cy", "Cy/Cy_0001.jpg", Path("/d/Cy/Cy_0001.jpg")), labels) is None
+    labels = read_group_labels(f)
+    ann1, ann2, bob1 = (
+        Image("Ann", "Ann/Ann_0001.jpg", Path("/d/Ann/Ann_0001.jpg")),
+        Image("Ann", "Ann/Ann_0002.jpg", Path("/d/Ann/Ann_0002.jpg")),
+        Image("Bob", "Bob/Bob_0001.jpg", Path("/d/Bob/Bob_0001.jpg")),
+    )
+    assert [group_of(i, labels) for i in (ann1, ann2, bob1)] == ["g1", "g2", "g3"]
+    assert group_of(Image("Cy", "Cy/Cy_0001.jpg", Path("/d/Cy/Cy_0001.jpg")), labels) is None
 
 
 def _toy_run():
@@ -168,12 +192,22 @@ def _toy_run():
     spec = [("p1", 3), ("p2", 3), ("p3", 2), ("p4", 2), ("d1", 1), ("d2", 1)]
     images = _images(spec)
     by = {im.rel: im for im in images}
-    gallery = [by["p1/p1_0001.jpg"], by["p2/p2_0001.jpg"], by["p3/p3_0001.jpg"], by["d1/d1_0001.jpg"],
-               by["d2/d2_0001.jpg"]]
-    mated = [by["p1/p1_0002.jpg"], by["p1/p1_0003.jpg"], by["p2/p2_0002.jpg"], by["p2/p2_0003.jpg"],
-             by["p3/p3_0002.jpg"]]
+    gallery = [
+        by["p1/p1_0001.jpg"],
+        by["p2/p2_0001.jpg"],
+        by["p3/p3_0001.jpg"],
+        by["d1/d1_0001.jpg"],
+        by["d2/d2_0001.jpg"],
+    ]
+    mated = [
+        by["p1/p1_0002.jpg"],
+        by["p1/p1_0003.jpg"],
+        by["p2/p2_0002.jpg"],
+        by["p2/p2_0003.jpg"],
+        by["p3/p3_0002.jpg"],
+    ]
     nonmated = [by["p4/p4_0001.jpg"], by["p4/p4_0002.jpg"]]
-    proto = ev.Protocol(0, 0.2, gallery, mated, nonmated, {i: "test" for i in ("p1", "p2", "p3", "p4")}, 2)
+    proto = SplitProtocol(0, 0.2, gallery, mated, nonmated, {i: "test" for i in ("p1", "p2", "p3", "p4")}, 2)
 
     def unit(deg):
         return np.array([np.cos(np.radians(deg)), np.sin(np.radians(deg))], dtype=np.float32)
@@ -188,19 +222,18 @@ def _toy_run():
         sc = g @ v
         order = np.argsort(-sc)[:3]
         hits.append((order.astype(np.int32), sc[order].astype(np.float32)))
-    er = ev.EngineRun("toy", "v1", [ev.OK] * 5, [ev.OK] * 7, g, pv, hits)
-    return ev.Run(proto, subjects, {"toy": er}, top_n=3), g, pv
+    er = EngineRun("toy", "v1", [OK] * 5, [OK] * 7, g, pv, hits)
+    return Run(proto, subjects, {"toy": er}, top_n=3), g, pv
 
 
 def test_demographics_on_a_labelled_toy_run():
     run, g, pv = _toy_run()
     labels = {"p1": "X", "p2": "Y", "p3": "Y", "p4": "X", "d1": "X", "d2": "Y"}
-    o = ev.engine_outcome(run, "toy")
+    o = engine_outcome(run, "toy")
     # Mated: p1@5 -> mate p1 rank 1; p1@40 -> d1(30) first, p1 second; p2@95 rank 1; p2@150 -> p3(180,
     # 30 deg away) and d2(200, 50 deg) before p2 (60 deg) -> rank 3; p3@182 rank 1.
     assert o.mate_rank.tolist() == [1, 2, 1, 3, 1]
-    rep = ev.demographics(run, {"toy": o}, labels, part="test", operating_fpir=0.5, operating_fmr=0.34,
-                          n_boot=200, seed=1)
+    rep = demographics(run, {"toy": o}, labels, part="test", operating_fpir=0.5, operating_fmr=0.34, n_boot=200, seed=1)
     s = rep["systems"]["toy"]
     # 1:N threshold for FPIR 0.5 over the two non-mated searches: tops are cos(5deg) (p4@25 -> d1@30)
     # and cos(60deg) (p4@260 -> d2@200). One false positive allowed: T just above cos(60).
@@ -237,19 +270,20 @@ def test_demographics_on_a_labelled_toy_run():
     for metric in ("fnir", "fpir", "fnmr", "fmr"):
         for r in s[metric]["groups"].values():
             assert r["ci"][0] <= r["rate"] <= r["ci"][1]
-    again = ev.demographics(run, {"toy": o}, labels, part="test", operating_fpir=0.5, operating_fmr=0.34,
-                            n_boot=200, seed=1)
+    again = demographics(
+        run, {"toy": o}, labels, part="test", operating_fpir=0.5, operating_fmr=0.34, n_boot=200, seed=1
+    )
     assert again == rep
 
 
 def test_embedding_cache_is_keyed_by_engine_version(tmp_path):
-    c = ev.EmbeddingCache(tmp_path)
-    c.put_embeddings("sface", "v1|det", [("k1", ev.OK, np.ones(4)), ("k2", "NO_FACE", None)])
-    c.put_embeddings("sface", "v2|det", [("k1", ev.OK, np.zeros(4))])
+    c = EmbeddingCache(tmp_path)
+    c.put_embeddings("sface", "v1|det", [("k1", OK, np.ones(4)), ("k2", "NO_FACE", None)])
+    c.put_embeddings("sface", "v2|det", [("k1", OK, np.zeros(4))])
     assert c.done("sface", "v1|det") == {"k1", "k2"} and c.done("sface", "v2|det") == {"k1"}
     got = c.embeddings("sface", "v1|det", 4)
-    assert got["k1"][0] == ev.OK and np.allclose(got["k1"][1], 1.0) and got["k2"] == ("NO_FACE", None)
+    assert got["k1"][0] == OK and np.allclose(got["k1"][1], 1.0) and got["k2"] == ("NO_FACE", None)
     assert c.versions("sface") == {"v1|det": 2, "v2|det": 1} and c.done("dlib", "v1|det") == set()
     f = tmp_path / "img.jpg"
     f.write_bytes(b"abc")
-    assert c.keys([f]) == [ev.file_key(f)] == c.keys([f])
+    assert c.keys([f]) == [file_key(f)] == c.keys([f])

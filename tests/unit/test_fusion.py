@@ -1,5 +1,7 @@
 """Fusion on hand-made lists."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -21,21 +23,21 @@ def test_robust_z_centres_on_the_bulk():
 
 def test_agreement_wins_over_one_engines_outlier():
     # A is top of two engines and second in the third: it must beat B, top of one engine only.
-    sface = _ranked([("A", 0.62), ("B", 0.40)] + _bulk("x", 50, 0.30, 0.002))
-    dlib = _ranked([("A", 0.95), ("C", 0.93)] + _bulk("x", 50, 0.90, 0.0005))
-    facenet = _ranked([("B", 0.70), ("A", 0.65)] + _bulk("x", 50, 0.40, 0.002))
+    sface = _ranked([("A", 0.62), ("B", 0.4), *_bulk("x", 50, 0.3, 0.002)])
+    dlib = _ranked([("A", 0.95), ("C", 0.93), *_bulk("x", 50, 0.9, 0.0005)])
+    facenet = _ranked([("B", 0.7), ("A", 0.65), *_bulk("x", 50, 0.4, 0.002)])
     for method in ("zsum", "rrf"):
         out = fuse({"sface": sface, "dlib": dlib, "facenet": facenet}, 5, method=method)
         assert out[0].subject_id == "A", method
         assert out[0].engines == {"sface": (1, 0.62), "dlib": (1, 0.95), "facenet": (2, 0.65)}
         assert [c.rank for c in out] == [1, 2, 3, 4, 5]
-        assert all(a.fused_score >= b.fused_score for a, b in zip(out, out[1:]))
+        assert all(a.fused_score >= b.fused_score for a, b in itertools.pairwise(out))
 
 
 def test_zsum_is_not_fooled_by_incomparable_raw_scores():
     # dlib's raw scores are all high; a subject only dlib returns must not win on raw magnitude.
-    sface = _ranked([("A", 0.55)] + _bulk("s", 60, 0.25, 0.002))
-    dlib = _ranked([("D", 0.93)] + _bulk("d", 60, 0.92, 0.0001))
+    sface = _ranked([("A", 0.55), *_bulk("s", 60, 0.25, 0.002)])
+    dlib = _ranked([("D", 0.93), *_bulk("d", 60, 0.92, 0.0001)])
     out = fuse({"sface": sface, "dlib": dlib}, 3, method="zsum")
     assert out[0].subject_id == "A"
 
@@ -49,8 +51,8 @@ def test_missing_engine_and_empty_lists():
 
 
 def test_top_n_and_weights_and_unknown_method():
-    a = _ranked([("A", 0.9), ("B", 0.5)] + _bulk("x", 20, 0.3, 0.01))
-    b = _ranked([("B", 0.9), ("A", 0.5)] + _bulk("x", 20, 0.3, 0.01))
+    a = _ranked([("A", 0.9), ("B", 0.5), *_bulk("x", 20, 0.3, 0.01)])
+    b = _ranked([("B", 0.9), ("A", 0.5), *_bulk("x", 20, 0.3, 0.01)])
     assert len(fuse({"a": a, "b": b}, 3)) == 3
     assert fuse({"a": a, "b": b}, 1, weights={"a": 2.0})[0].subject_id == "A"
     assert fuse({"a": a, "b": b}, 1, weights={"b": 2.0})[0].subject_id == "B"
@@ -166,15 +168,18 @@ def test_engine_missing_for_a_probe_uses_the_model_fitted_without_it():
     ranked = p.lists["a"]
     z = cal.engines["a"].z(np.asarray([r.score for r in ranked]))
     pz = robust_z(np.asarray([r.score for r in ranked]))
-    expect = {r.subject_id: m.coef[0] * zi + m.coef[1] * pzi + m.coef[2] * 1.0 + m.intercept
-              for r, zi, pzi in zip(ranked, z, pz)}
+    expect = {
+        r.subject_id: m.coef[0] * zi + m.coef[1] * pzi + m.coef[2] * 1.0 + m.intercept
+        for r, zi, pzi in zip(ranked, z, pz, strict=False)
+    }
     assert [c.subject_id for c in only_a] == sorted(expect, key=lambda s: (-expect[s], s))[:5]
     assert only_a[0].fused_score == pytest.approx(max(expect.values()), abs=1e-5)
 
 
 def test_candidate_missing_from_one_engine_gets_that_engines_lowest_score():
-    cal = Calibration({"a": EngineCalibration("a", "va", 0.0, 0.1, 0.5, 0.1),
-                       "b": EngineCalibration("b", "vb", 0.8, 0.02, 0.9, 0.02)})
+    cal = Calibration(
+        {"a": EngineCalibration("a", "va", 0.0, 0.1, 0.5, 0.1), "b": EngineCalibration("b", "vb", 0.8, 0.02, 0.9, 0.02)}
+    )
     a = _ranked([("X", 0.5), ("Y", 0.3), ("Z", 0.1)])
     b = _ranked([("Y", 0.86), ("Z", 0.84), ("W", 0.82)])
     out = {c.subject_id: c.fused_score for c in fuse({"a": a, "b": b}, 10, "zsum_cal", calibration=cal)}

@@ -4,7 +4,7 @@ index test), again after save/load and after removals; subject collapsing; idemp
 import numpy as np
 import pytest
 
-from quorum.config import Settings
+from core.config import Settings
 from workers.gallery import GalleryIndex
 
 DIM = 64

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from quorum.errors import Code
-from quorum.policy import Agency, RegistrySnapshot, User, case_number_problem, check
+from accountability.policy import Agency, RegistrySnapshot, User, case_number_problem, check
+from core.errors import Code
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 SNAP = RegistrySnapshot(
@@ -29,8 +29,9 @@ SNAP = RegistrySnapshot(
     offences=frozenset({"PC211", "PC187"}),
     purposes={"criminal-investigation": True, "general-identification": False, "crowd-scanning": False},
 )
-OK = SimpleNamespace(agency_id="a", user_id="inv", case_number="2026-001234", offence_code="PC211",
-                     purpose="criminal-investigation")
+OK = SimpleNamespace(
+    agency_id="a", user_id="inv", case_number="2026-001234", offence_code="PC211", purpose="criminal-investigation"
+)
 
 
 def req(**kw):
@@ -42,27 +43,30 @@ def test_a_proper_request_is_allowed():
     assert check(req(user_id="sup"), SNAP, NOW) is None  # certificate valid through its expiry day
 
 
-@pytest.mark.parametrize("change, code", [
-    ({"agency_id": "zz"}, Code.UNKNOWN_AGENCY),
-    ({"agency_id": "s", "user_id": "sinv"}, Code.AGENCY_SUSPENDED),
-    ({"user_id": "nobody"}, Code.USER_UNKNOWN),
-    ({"user_id": "binv"}, Code.USER_OTHER_AGENCY),
-    ({"user_id": "gone"}, Code.USER_INACTIVE),
-    ({"user_id": "aud"}, Code.ROLE_NOT_ALLOWED),
-    ({"user_id": "op"}, Code.ROLE_NOT_ALLOWED),
-    ({"user_id": "nocert"}, Code.CERTIFICATE_MISSING),
-    ({"user_id": "old"}, Code.CERTIFICATE_EXPIRED),
-    ({"case_number": "   "}, Code.CASE_NUMBER_MISSING),
-    ({"case_number": "N/A"}, Code.CASE_NUMBER_MISSING),
-    ({"case_number": "unknown"}, Code.CASE_NUMBER_MISSING),
-    ({"case_number": "case one!"}, Code.CASE_NUMBER_MALFORMED),
-    ({"case_number": "ABCDEF"}, Code.CASE_NUMBER_MALFORMED),  # no digit
-    ({"case_number": "1" * 41}, Code.CASE_NUMBER_MALFORMED),
-    ({"offence_code": "JAYWALK"}, Code.OFFENCE_UNKNOWN),
-    ({"purpose": "general-identification"}, Code.PURPOSE_NOT_ALLOWED),
-    ({"purpose": "crowd-scanning"}, Code.PURPOSE_NOT_ALLOWED),
-    ({"purpose": "curiosity"}, Code.PURPOSE_NOT_ALLOWED),
-])
+@pytest.mark.parametrize(
+    "change, code",
+    [
+        ({"agency_id": "zz"}, Code.UNKNOWN_AGENCY),
+        ({"agency_id": "s", "user_id": "sinv"}, Code.AGENCY_SUSPENDED),
+        ({"user_id": "nobody"}, Code.USER_UNKNOWN),
+        ({"user_id": "binv"}, Code.USER_OTHER_AGENCY),
+        ({"user_id": "gone"}, Code.USER_INACTIVE),
+        ({"user_id": "aud"}, Code.ROLE_NOT_ALLOWED),
+        ({"user_id": "op"}, Code.ROLE_NOT_ALLOWED),
+        ({"user_id": "nocert"}, Code.CERTIFICATE_MISSING),
+        ({"user_id": "old"}, Code.CERTIFICATE_EXPIRED),
+        ({"case_number": "   "}, Code.CASE_NUMBER_MISSING),
+        ({"case_number": "N/A"}, Code.CASE_NUMBER_MISSING),
+        ({"case_number": "unknown"}, Code.CASE_NUMBER_MISSING),
+        ({"case_number": "case one!"}, Code.CASE_NUMBER_MALFORMED),
+        ({"case_number": "ABCDEF"}, Code.CASE_NUMBER_MALFORMED),  # no digit
+        ({"case_number": "1" * 41}, Code.CASE_NUMBER_MALFORMED),
+        ({"offence_code": "JAYWALK"}, Code.OFFENCE_UNKNOWN),
+        ({"purpose": "general-identification"}, Code.PURPOSE_NOT_ALLOWED),
+        ({"purpose": "crowd-scanning"}, Code.PURPOSE_NOT_ALLOWED),
+        ({"purpose": "curiosity"}, Code.PURPOSE_NOT_ALLOWED),
+    ],
+)
 def test_each_rule_refuses_with_its_code(change, code):
     err = check(req(**change), SNAP, NOW)
     assert err is not None and err.code == code, (change, err)

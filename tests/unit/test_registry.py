@@ -6,10 +6,10 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from quorum import audit, db, dispositions, registry, report, retention
-from quorum.audit import AuditEvent
-from quorum.errors import Code, InputError
-from quorum.objectstore import DiskStore, put_content
+from accountability import audit, db, dispositions, registry, report, retention
+from accountability.audit import AuditEvent
+from core.errors import Code, InputError
+from core.objectstore import DiskStore, put_content
 from tests.unit.accountability_db import eng, pg_database  # noqa: F401  (fixtures)
 
 FAR = date(2099, 1, 1)
@@ -36,8 +36,15 @@ def test_every_registry_change_is_audited_and_bumps_the_version(eng):  # noqa: F
     registry.set_user_active(eng, "inv1", False, actor="op1")
     assert registry.version(eng) == v0 + 7
     actions = [r["action"] for r in audit.query(eng, action="registry.*")]
-    assert actions == ["registry.agency.add", "registry.user.add", "registry.user.certify", "registry.offence.add",
-                       "registry.purpose.set", "registry.agency.suspend", "registry.user.deactivate"]
+    assert actions == [
+        "registry.agency.add",
+        "registry.user.add",
+        "registry.user.certify",
+        "registry.offence.add",
+        "registry.purpose.set",
+        "registry.agency.suspend",
+        "registry.user.deactivate",
+    ]
     assert all(r["actor"] == "op1" for r in audit.query(eng, action="registry.*"))
     assert creds.secret not in str(audit.query(eng))  # secrets never reach the trail
     snap = registry.snapshot(eng)
@@ -78,20 +85,48 @@ def test_redis_acl_confines_each_agency(eng):  # noqa: F811
 
 
 def _search(eng, rid, agency="a", case="C-1", outcome="ok", sha="ab" * 32, ts=None):  # noqa: F811
-    audit.append(eng, AuditEvent(action=audit.SEARCH_SUBMITTED, outcome="accepted", agency=agency, actor="inv",
-                                 request_id=rid, case_number=case, offence_code="PC211",
-                                 purpose="criminal-investigation", probe_sha256=sha), now=ts)
-    audit.append(eng, AuditEvent(action=audit.SEARCH_RESULT, outcome=outcome, agency=agency, actor="inv",
-                                 request_id=rid, case_number=case, offence_code="PC211",
-                                 purpose="criminal-investigation", probe_sha256=sha), now=ts)
+    audit.append(
+        eng,
+        AuditEvent(
+            action=audit.SEARCH_SUBMITTED,
+            outcome="accepted",
+            agency=agency,
+            actor="inv",
+            request_id=rid,
+            case_number=case,
+            offence_code="PC211",
+            purpose="criminal-investigation",
+            probe_sha256=sha,
+        ),
+        now=ts,
+    )
+    audit.append(
+        eng,
+        AuditEvent(
+            action=audit.SEARCH_RESULT,
+            outcome=outcome,
+            agency=agency,
+            actor="inv",
+            request_id=rid,
+            case_number=case,
+            offence_code="PC211",
+            purpose="criminal-investigation",
+            probe_sha256=sha,
+        ),
+        now=ts,
+    )
 
 
 def _agency_with_users(eng):  # noqa: F811
     registry.add_agency(eng, "a", "A")
     registry.add_agency(eng, "b", "B")
-    for uid, agency, role, exp in (("inv", "a", "investigator", FAR), ("sup", "a", "supervisor", FAR),
-                                   ("aud", "a", "auditor", FAR), ("old", "a", "investigator", date(2020, 1, 1)),
-                                   ("binv", "b", "investigator", FAR)):
+    for uid, agency, role, exp in (
+        ("inv", "a", "investigator", FAR),
+        ("sup", "a", "supervisor", FAR),
+        ("aud", "a", "auditor", FAR),
+        ("old", "a", "investigator", date(2020, 1, 1)),
+        ("binv", "b", "investigator", FAR),
+    ):
         registry.add_user(eng, uid, agency, role, cert_id=f"T-{uid}", cert_expires=exp)
 
 
@@ -134,8 +169,17 @@ def test_usage_report_counts_what_happened(eng):  # noqa: F811
     _search(eng, "r1")
     _search(eng, "r2", outcome="degraded")
     _search(eng, "r3", agency="b")
-    audit.append(eng, AuditEvent(action=audit.SEARCH_SUBMITTED, outcome="refused", code="PURPOSE_NOT_ALLOWED",
-                                 agency="a", purpose="crowd-scanning", offence_code="PC211"))
+    audit.append(
+        eng,
+        AuditEvent(
+            action=audit.SEARCH_SUBMITTED,
+            outcome="refused",
+            code="PURPOSE_NOT_ALLOWED",
+            agency="a",
+            purpose="crowd-scanning",
+            offence_code="PC211",
+        ),
+    )
     dispositions.record(eng, "r1", "no_lead", "inv")
     today = datetime.now(UTC).date()
     rep = report.usage(eng, today.isoformat(), (today + timedelta(days=1)).isoformat())
@@ -170,3 +214,60 @@ def test_probe_retention_respects_case_holds(eng, tmp_path):  # noqa: F811
     retention.release(eng, "a", "C-2", reason="closed", actor="op")
     assert retention.purge(eng, store, 90).deleted == [keys["held"]]
     assert [r["action"] for r in audit.query(eng, action="case.*")] == ["case.hold", "case.release"]
+
+
+# ---- signing secrets sealed at rest ------------------------------------------------------------------------
+
+
+def _stored_secret(eng, agency: str) -> str:  # noqa: F811
+    from sqlalchemy import select
+
+    with eng.connect() as conn:
+        return conn.execute(select(db.agencies.c.secret).where(db.agencies.c.id == agency)).scalar_one()
+
+
+def test_secrets_are_sealed_in_the_database_and_rotate(eng, tmp_path, monkeypatch):  # noqa: F811
+    from accountability import sealing
+    from core.config import load_settings
+
+    keyfile = tmp_path / "keys" / "secrets.key"
+    monkeypatch.setattr(sealing, "settings", lambda: load_settings(env={}, secrets_key_file=str(keyfile)))
+    creds = registry.add_agency(eng, "lasd", "LA Sheriff", actor="op1")
+    stored = _stored_secret(eng, "lasd")
+    assert stored.startswith("sealed:") and creds.secret not in stored
+    assert keyfile.stat().st_mode & 0o777 == 0o600
+    assert registry.agency_secret(eng, "lasd") == creds.secret
+    assert registry.secrets_by_agency(eng) == {"lasd": creds.secret}
+
+    v0 = registry.version(eng)
+    sealing.add_new_key(keyfile)
+    assert registry.reseal_secrets(eng, actor="op1") == 1
+    assert registry.version(eng) > v0  # gateways reload
+    assert _stored_secret(eng, "lasd") != stored
+    assert sealing.drop_old_keys(keyfile) == 1
+    assert registry.agency_secret(eng, "lasd") == creds.secret  # opened with the new key alone
+    assert audit.query(eng, action="registry.secrets.reseal")
+
+    # Without the right key (a database copied elsewhere) no secret can be opened.
+    keyfile.write_bytes(sealing.Fernet.generate_key() + b"\n")
+    with pytest.raises(Exception) as ei:
+        registry.agency_secret(eng, "lasd")
+    assert getattr(ei.value, "code", None) == Code.AUDIT_UNAVAILABLE
+
+
+def test_a_secret_from_before_sealing_is_read_and_sealed_by_reseal(eng, tmp_path, monkeypatch):  # noqa: F811
+    from sqlalchemy import update
+
+    from accountability import sealing
+    from core.config import load_settings
+
+    monkeypatch.setattr(
+        sealing, "settings", lambda: load_settings(env={}, secrets_key_file=str(tmp_path / "secrets.key"))
+    )
+    registry.add_agency(eng, "lasd", "LA Sheriff")
+    with eng.begin() as conn:
+        conn.execute(update(db.agencies).where(db.agencies.c.id == "lasd").values(secret="ab" * 32))
+    assert registry.agency_secret(eng, "lasd") == "ab" * 32
+    registry.reseal_secrets(eng)
+    assert _stored_secret(eng, "lasd").startswith("sealed:")
+    assert registry.agency_secret(eng, "lasd") == "ab" * 32

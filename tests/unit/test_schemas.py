@@ -24,21 +24,35 @@ from schemas.export import SCHEMA_DIR, generated, render
 
 
 def _probe(**kw):
-    base = dict(request_id="req-0001", agency_id="lasd", user_id="u42", case_number="CASE-2026-0001",
-                offence_code="PC211", purpose="criminal-investigation",
-                image=InlineImage(data_b64=base64.b64encode(b"\xff\xd8jpeg").decode()))
+    base = dict(
+        request_id="req-0001",
+        agency_id="lasd",
+        user_id="u42",
+        case_number="CASE-2026-0001",
+        offence_code="PC211",
+        purpose="criminal-investigation",
+        image=InlineImage(data_b64=base64.b64encode(b"\xff\xd8jpeg").decode()),
+    )
     base.update(kw)
     return ProbeRequest(**base)
 
 
 def _candidate_list():
     return CandidateList(
-        request_id="req-0001", agency_id="lasd", case_number="CASE-1", probe_sha256="ab" * 32,
+        request_id="req-0001",
+        agency_id="lasd",
+        case_number="CASE-1",
+        probe_sha256="ab" * 32,
         face=FaceInfo(index=0, faces_found=2, box=(1.0, 2.0, 30.0, 40.0), detector_score=0.9, chosen_by="largest"),
-        candidates=[FusedCandidate(rank=1, subject_id="s1", fused_score=3.2,
-                                   engines={"sface": EngineHit(rank=1, score=0.71)})],
-        fusion_method="zsum", engines_contributed=["sface"], engines_failed={"dlib": "ENGINE_TIMEOUT"},
-        degraded=True, duration_ms=12.5)
+        candidates=[
+            FusedCandidate(rank=1, subject_id="s1", fused_score=3.2, engines={"sface": EngineHit(rank=1, score=0.71)})
+        ],
+        fusion_method="zsum",
+        engines_contributed=["sface"],
+        engines_failed={"dlib": "ENGINE_TIMEOUT"},
+        degraded=True,
+        duration_ms=12.5,
+    )
 
 
 def test_probe_round_trip_and_defaults():
@@ -49,10 +63,18 @@ def test_probe_round_trip_and_defaults():
     assert ProbeRequest.model_validate_json(o.model_dump_json()).image == o.image
 
 
-@pytest.mark.parametrize("bad", [
-    {"candidates": 0}, {"candidates": 251}, {"face_index": -1}, {"request_id": ""},
-    {"request_id": "has space"}, {"case_number": ""}, {"schema_version": 2},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"candidates": 0},
+        {"candidates": 251},
+        {"face_index": -1},
+        {"request_id": ""},
+        {"request_id": "has space"},
+        {"case_number": ""},
+        {"schema_version": 2},
+    ],
+)
 def test_probe_rejects_bad_fields(bad):
     with pytest.raises(ValidationError):
         _probe(**bad)
@@ -72,8 +94,9 @@ def test_results_round_trip_by_type():
     assert cl.notice == INVESTIGATIVE_LEAD_NOTICE
     back = parse_result(cl.model_dump_json())
     assert isinstance(back, CandidateList) and back == cl
-    err = ErrorResult(request_id=None, agency_id="lasd", code="NOT_AN_IMAGE", message="x", retryable=False,
-                      stage="intake")
+    err = ErrorResult(
+        request_id=None, agency_id="lasd", code="NOT_AN_IMAGE", message="x", retryable=False, stage="intake"
+    )
     back = parse_result(err.model_dump_json())
     assert isinstance(back, ErrorResult) and back == err
     er = EngineResult(request_id="r", engine="sface", engine_version="v", status="ok")

@@ -9,14 +9,23 @@ import json
 
 import pytest
 
-from quorum import signing
-from quorum.errors import Code, InputError
+from broker import signing
+from core.errors import Code, InputError
 
 SECRET = "s3cret-for-tests"
 IMAGE = b"\xff\xd8\xff\xe0 not really a jpeg"
-DOC = {"schema_version": 1, "request_id": "r1", "agency_id": "a", "user_id": "u", "case_number": "C-1",
-       "offence_code": "PC211", "purpose": "criminal-investigation", "candidates": 10,
-       "image": {"data_b64": base64.b64encode(IMAGE).decode()}, "note": "Ünïcode"}
+DOC = {
+    "schema_version": 1,
+    "request_id": "r1",
+    "agency_id": "a",
+    "user_id": "u",
+    "case_number": "C-1",
+    "offence_code": "PC211",
+    "purpose": "criminal-investigation",
+    "candidates": 10,
+    "image": {"data_b64": base64.b64encode(IMAGE).decode()},
+    "note": "Ünïcode",
+}
 
 
 def test_canonical_form_matches_the_documented_recipe():
@@ -42,16 +51,19 @@ def test_valid_signature_passes_and_returns_the_nonce():
     assert _verify({k: v.encode() for k, v in fields.items()}).timestamp == 1_700_000_000  # bytes as from Redis
 
 
-@pytest.mark.parametrize("tamper, code", [
-    (lambda f, d: (f.pop("signature"), d)[1], Code.BAD_SIGNATURE),
-    (lambda f, d: dict(d, case_number="C-2"), Code.BAD_SIGNATURE),
-    (lambda f, d: dict(d, image={"data_b64": base64.b64encode(IMAGE + b"x").decode()}), Code.BAD_SIGNATURE),
-    (lambda f, d: (f.update(timestamp="1700000001"), d)[1], Code.BAD_SIGNATURE),
-    (lambda f, d: (f.update(nonce="m" * 20), d)[1], Code.BAD_SIGNATURE),
-    (lambda f, d: (f.update(nonce="short"), d)[1], Code.BAD_SIGNATURE),
-    (lambda f, d: (f.update(timestamp="soon"), d)[1], Code.BAD_SIGNATURE),
-    (lambda f, d: dict(d, image={"data_b64": "@@not base64@@"}), Code.INVALID_MESSAGE),
-])
+@pytest.mark.parametrize(
+    "tamper, code",
+    [
+        (lambda f, d: (f.pop("signature"), d)[1], Code.BAD_SIGNATURE),
+        (lambda f, d: dict(d, case_number="C-2"), Code.BAD_SIGNATURE),
+        (lambda f, d: dict(d, image={"data_b64": base64.b64encode(IMAGE + b"x").decode()}), Code.BAD_SIGNATURE),
+        (lambda f, d: (f.update(timestamp="1700000001"), d)[1], Code.BAD_SIGNATURE),
+        (lambda f, d: (f.update(nonce="m" * 20), d)[1], Code.BAD_SIGNATURE),
+        (lambda f, d: (f.update(nonce="short"), d)[1], Code.BAD_SIGNATURE),
+        (lambda f, d: (f.update(timestamp="soon"), d)[1], Code.BAD_SIGNATURE),
+        (lambda f, d: dict(d, image={"data_b64": "@@not base64@@"}), Code.INVALID_MESSAGE),
+    ],
+)
 def test_tampering_is_refused(tamper, code):
     fields = signing.sign(SECRET, json.dumps(DOC), timestamp=1_700_000_000, nonce="n" * 20)
     doc = tamper(fields, json.loads(fields["payload"]))

@@ -12,24 +12,18 @@ import importlib
 import importlib.util
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import structlog
 
-from quorum.errors import Code, QuorumError, ServiceError
+from core.engines import engine_spec
+from core.errors import Code, QuorumError, ServiceError
 from workers.detect import Face
 
 log = structlog.get_logger()
-
-ENGINES: tuple[str, ...] = ("sface", "dlib", "facenet")
-
-_MODULES = {
-    "sface": ("workers.engines.sface", "SFaceEngine"),
-    "dlib": ("workers.engines.dlib_resnet", "DlibEngine"),
-    "facenet": ("workers.engines.facenet", "FaceNetEngine"),
-}
 
 
 @runtime_checkable
@@ -59,7 +53,7 @@ def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise ServiceError(Code.ENGINE_FAILED, f"package {name} is not installed")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def package_version(dist: str) -> str:
@@ -137,17 +131,15 @@ _lock = threading.Lock()
 
 def get_engine(name: str, device: str = "auto") -> Engine:
     """The named engine, loaded on first use and cached per process (per device)."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
+    spec = engine_spec(name)
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"unknown device {device!r}; use auto, cpu or gpu")
     key = (name, device)
     with _lock:
         engine = _cache.get(key)
         if engine is None:
-            module_name, cls_name = _MODULES[name]
             try:
-                cls = getattr(importlib.import_module(module_name), cls_name)
+                cls = getattr(importlib.import_module(spec.module), spec.cls)
                 engine = cls(device=device)
             except QuorumError:
                 raise

@@ -43,7 +43,7 @@ class DlibEngine(BaseEngine):
         self._model = dlib.face_recognition_model_v1(str(models / RECOGNITION_FILE))
         self._lock = threading.Lock()
 
-    def _rect(self, face: Face) -> "dlib.rectangle":
+    def _rect(self, face: Face) -> dlib.rectangle:
         x, y, w, h = face.box
         cx, cy = x + w / 2, y + h / 2
         w, h = w * self.box_scale, h * self.box_scale

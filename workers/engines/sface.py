@@ -61,7 +61,11 @@ def fold_model(model: onnx.ModelProto, input_name: str = "data") -> onnx.ModelPr
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else None
             consts[node.output[0]] = _dequantize(
-                consts[node.input[0]], consts[node.input[1]], zero, int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+                consts[node.input[0]],
+                consts[node.input[1]],
+                zero,
+                int(attrs.get("axis", 1)),
+                int(attrs.get("block_size", 0)),
             )
         elif node.op_type == "Reshape" and all(i in consts for i in ins):
             consts[node.output[0]] = consts[node.input[0]].reshape(consts[node.input[1]].astype(np.int64))

@@ -1,0 +1,499 @@
+"""The append-only, hash-chained audit trail, and its anchors in the object store.
+
+Every submission (accepted or refused, and why), every published result, every disposition, every
+gallery change and every registry change is one row of ``audit_log``:
+
+``seq, ts, actor, agency, action, request_id, case_number, offence_code, purpose, probe_sha256,
+outcome, code, details, prev_hash, hash``
+
+* ``seq`` counts from 1 with no gaps; ``prev_hash`` is the previous row's ``hash`` (64 zeros for the
+  first row); ``hash`` is the SHA-256 (hex) of the *canonical JSON* of every other field, i.e.
+  ``json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` encoded as UTF-8,
+  where ``fields`` holds the fourteen columns above except ``hash`` (``details`` as its stored JSON
+  text, ``seq`` as an integer, every other value a string; absent values are ``""``).
+* Writers serialise through :func:`accountability.db.write_tx` (an advisory lock on PostgreSQL, ``BEGIN
+  IMMEDIATE`` on SQLite), read the chain head and append in the same transaction, so concurrent
+  writers in several processes can never fork the chain.
+
+:func:`verify` recomputes the chain: an edited row no longer matches its hash, a deleted row leaves
+a gap in ``seq`` (and a ``prev_hash`` that names nothing), a reordered row breaks ``prev_hash`` and its
+own hash (``seq`` is hashed). A chain rewritten from some point on, hashes and all, is caught by the
+*anchors*: :func:`anchor` writes ``{"seq", "hash", "ts"}`` of the head to ``audit/anchors/<seq>.json``,
+
+* on an S3 store into a separate bucket ``<bucket>-audit`` created with object lock, each anchor under
+  a COMPLIANCE retention of ``audit_anchor_retention_days`` (nobody, root included, can delete or
+  overwrite it before then);
+* on the disk store under ``<home>/objects/audit/anchors/``, created with ``O_EXCL`` and made
+  read-only. This is the weaker guarantee: it stops accidents and naive edits, not a root user of
+  the machine, who could rewrite the database and the anchors together. Deployments that need the
+  strong guarantee use an S3 store with object lock.
+
+The gateway anchors every ``audit_anchor_interval_s``; ``quorum audit anchor`` does it on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import structlog
+from sqlalchemy import Engine, select
+from sqlalchemy.engine import Connection
+
+from accountability import db
+from core.config import Settings
+from core.errors import Code, ServiceError
+from core.retry import call_with_retries
+
+log = structlog.get_logger()
+
+GENESIS = "0" * 64
+_FIELD_MAX = 256  # values taken from refused (possibly hostile) messages are cut to this length
+
+# Actions (the ``action`` column).
+SEARCH_SUBMITTED = "search.submitted"  # outcome accepted | refused (code: why)
+SEARCH_RESULT = "search.result"  # outcome ok | degraded | error (code)
+DISPOSITION_RECORDED = "disposition.recorded"
+DISPOSITION_CONFIRMED = "disposition.confirmed"
+GALLERY_ENROL = "gallery.enrol"
+GALLERY_EXPUNGE = "gallery.expunge"
+PROBE_PURGED = "probe.purged"
+CASE_HOLD = "case.hold"
+CASE_RELEASE = "case.release"
+AUDIT_ANCHORED = "audit.anchored"
+# Registry changes use "registry.<what>.<verb>", e.g. registry.agency.add, registry.user.certify.
+
+
+def now_iso(now: datetime | None = None) -> str:
+    """Timestamps as stored: ISO 8601 UTC with microseconds and a ``Z`` (sorts as text)."""
+    now = now or datetime.now(UTC)
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _clip(v: object) -> str:
+    if v is None:
+        return ""
+    s = v if isinstance(v, str) else str(v)
+    return s[:_FIELD_MAX]
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    action: str
+    outcome: str
+    actor: str = ""
+    agency: str = ""
+    request_id: str = ""
+    case_number: str = ""
+    offence_code: str = ""
+    purpose: str = ""
+    probe_sha256: str = ""
+    code: str = ""
+    details: dict = field(default_factory=dict)
+
+
+HASHED_FIELDS = (
+    "seq",
+    "ts",
+    "actor",
+    "agency",
+    "action",
+    "request_id",
+    "case_number",
+    "offence_code",
+    "purpose",
+    "probe_sha256",
+    "outcome",
+    "code",
+    "details",
+    "prev_hash",
+)
+
+
+def canonical_json(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def record_hash(row: dict) -> str:
+    """SHA-256 hex of the canonical JSON of a row's hashed fields (see the module docstring)."""
+    fields = {k: (int(row[k]) if k == "seq" else ("" if row[k] is None else str(row[k]))) for k in HASHED_FIELDS}
+    return hashlib.sha256(canonical_json(fields).encode("utf-8")).hexdigest()
+
+
+def _head(conn: Connection) -> tuple[int, str]:
+    t = db.audit_log
+    row = conn.execute(select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+    return (int(row.seq), row.hash) if row else (0, GENESIS)
+
+
+def append_in(conn: Connection, event: AuditEvent, *, now: datetime | None = None) -> dict:
+    """Append one record inside a transaction opened by :func:`accountability.db.write_tx`."""
+    seq, prev = _head(conn)
+    row: dict[str, object] = {k: _clip(v) for k, v in asdict(event).items() if k != "details"}
+    row.update(seq=seq + 1, ts=now_iso(now), details=canonical_json(event.details or {}), prev_hash=prev)
+    row["hash"] = record_hash(row)
+    conn.execute(db.audit_log.insert().values(**row))
+    return row
+
+
+def append(eng: Engine, event: AuditEvent, *, now: datetime | None = None) -> dict:
+    """Append one record in its own transaction. Raises ``AUDIT_UNAVAILABLE`` if it cannot."""
+    try:
+        with db.write_tx(eng) as conn:
+            return append_in(conn, event, now=now)
+    except ServiceError:
+        raise
+    except Exception as exc:  # the database's own errors, translated at the boundary
+        raise ServiceError(Code.AUDIT_UNAVAILABLE, f"audit write failed: {type(exc).__name__}: {exc}") from exc
+
+
+def record(s: Settings, event: AuditEvent) -> dict:
+    """Append with the process's database for settings ``s`` (the hook the stages call)."""
+    try:
+        eng = db.get_engine(s)
+    except Exception as exc:
+        raise ServiceError(Code.AUDIT_UNAVAILABLE, f"audit database unavailable: {exc}") from exc
+    return append(eng, event)
+
+
+def head(eng: Engine) -> tuple[int, str]:
+    with eng.connect() as conn:
+        return _head(conn)
+
+
+def rows(eng: Engine, *, batch: int = 5000) -> Iterator[dict]:
+    """Every record in ``seq`` order."""
+    t = db.audit_log
+    last = None
+    with eng.connect() as conn:
+        while True:
+            q = select(t).order_by(t.c.seq).limit(batch)
+            if last is not None:
+                q = q.where(t.c.seq > last)
+            chunk = [dict(r._mapping) for r in conn.execute(q)]
+            if not chunk:
+                return
+            yield from chunk
+            last = chunk[-1]["seq"]
+
+
+# ---- verification ---------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    records: int
+    head_seq: int = 0
+    head_hash: str = GENESIS
+    first_bad_seq: int | None = None
+    problem: str = ""
+    anchors_checked: int = 0
+
+    def summary(self) -> str:
+        if self.ok:
+            return (
+                f"OK: {self.records} records, chain intact up to seq {self.head_seq} ({self.head_hash[:16]}...), "
+                f"{self.anchors_checked} anchors match"
+            )
+        return f"BROKEN at seq {self.first_bad_seq}: {self.problem}"
+
+
+def verify_rows(records: Iterable[dict], anchors: Iterable[dict] = ()) -> VerifyReport:
+    """Recompute the chain over ``records`` (in stored ``seq`` order) and check ``anchors`` against it."""
+    expected_seq, prev, n = 1, GENESIS, 0
+    hashes: dict[int, str] = {}
+
+    def bad(seq: int, problem: str) -> VerifyReport:
+        return VerifyReport(False, n, expected_seq - 1, prev, seq, problem)
+
+    for r in records:
+        seq = int(r["seq"])
+        if seq != expected_seq:
+            return bad(
+                expected_seq,
+                f"record seq {expected_seq} is missing (next stored record is seq {seq}): deleted or reordered",
+            )
+        if r["prev_hash"] != prev:
+            return bad(
+                seq,
+                "prev_hash does not match the previous record's hash: a record before it was "
+                "deleted, edited or reordered",
+            )
+        if record_hash(r) != r["hash"]:
+            return bad(seq, "the record's content does not match its hash: edited")
+        prev = r["hash"]
+        hashes[seq] = prev
+        n += 1
+        expected_seq += 1
+    report = VerifyReport(True, n, expected_seq - 1, prev)
+    for a in sorted(anchors, key=lambda a: int(a["seq"])):
+        seq = int(a["seq"])
+        if seq not in hashes:
+            report.ok, report.first_bad_seq = False, seq
+            report.problem = f"anchor for seq {seq} names a record the chain no longer has: truncated"
+            return report
+        if hashes[seq] != a["hash"]:
+            report.ok, report.first_bad_seq = False, seq
+            report.problem = f"anchor for seq {seq} does not match the chain: the chain was rewritten"
+            return report
+        report.anchors_checked += 1
+    return report
+
+
+def verify(eng: Engine, anchors: AnchorStore | None = None) -> VerifyReport:
+    return verify_rows(rows(eng), anchors.read_all() if anchors else ())
+
+
+# ---- queries ----------------------------------------------------------------------------------------
+
+
+def query(
+    eng: Engine,
+    *,
+    agency: str | None = None,
+    actor: str | None = None,
+    case_number: str | None = None,
+    request_id: str | None = None,
+    action: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+) -> list[dict]:
+    """Records matching every filter given; ``since``/``until`` are ISO timestamps (``until`` exclusive)."""
+    t = db.audit_log
+    q = select(t).order_by(t.c.seq)
+    for col, val in (
+        (t.c.agency, agency),
+        (t.c.actor, actor),
+        (t.c.case_number, case_number),
+        (t.c.request_id, request_id),
+    ):
+        if val is not None:
+            q = q.where(col == val)
+    if action:
+        q = q.where(t.c.action.like(action.replace("*", "%")) if "*" in action else t.c.action == action)
+    if since:
+        q = q.where(t.c.ts >= _ts_bound(since))
+    if until:
+        q = q.where(t.c.ts < _ts_bound(until))
+    if limit:
+        q = q.limit(limit)
+    with eng.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def _ts_bound(value: str) -> str:
+    """``2026-01-31`` or any ISO datetime -> the stored timestamp format (UTC)."""
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return now_iso(dt)
+
+
+def is_known_probe(eng: Engine, sha256: str) -> bool:
+    """Has this image ever been submitted as a probe?"""
+    t = db.audit_log
+    with eng.connect() as conn:
+        return (
+            conn.execute(
+                select(t.c.seq).where(t.c.probe_sha256 == sha256, t.c.action == SEARCH_SUBMITTED).limit(1)
+            ).first()
+            is not None
+        )
+
+
+# ---- anchors ----------------------------------------------------------------------------------------
+
+ANCHOR_PREFIX = "audit/anchors/"
+
+
+def anchor_key(seq: int) -> str:
+    return f"{ANCHOR_PREFIX}{seq:012d}.json"
+
+
+class AnchorStore(ABC):
+    """Write-once storage of chain heads."""
+
+    kind = "none"
+
+    @abstractmethod
+    def put(self, key: str, body: bytes) -> bool:  # False: an anchor with that key exists already
+        ...
+
+    @abstractmethod
+    def keys(self) -> list[str]: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    def read_all(self) -> list[dict]:
+        return [json.loads(self.get(k)) for k in self.keys()]
+
+
+class DiskAnchors(AnchorStore):
+    """``O_EXCL`` create, then mode 0444: write-once against accidents, not against root (see above)."""
+
+    kind = "disk"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def put(self, key: str, body: bytes) -> bool:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        return True
+
+    def keys(self) -> list[str]:
+        base = self.root / ANCHOR_PREFIX
+        return sorted(str(p.relative_to(self.root)) for p in base.glob("*.json")) if base.exists() else []
+
+    def get(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+
+class S3Anchors(AnchorStore):
+    """A bucket created with object lock; every anchor gets a COMPLIANCE retention."""
+
+    kind = "s3"
+
+    def __init__(self, client, bucket: str, retention_days: int) -> None:
+        from minio.error import S3Error
+
+        self.client, self.bucket, self.retention_days = client, bucket, retention_days
+        try:
+            if not client.bucket_exists(bucket):
+                client.make_bucket(bucket, object_lock=True)
+        except S3Error as exc:
+            if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise ServiceError(Code.STORE_UNAVAILABLE, f"anchor bucket {bucket}: {exc.code}") from exc
+
+    def put(self, key: str, body: bytes) -> bool:
+        from minio.commonconfig import COMPLIANCE
+        from minio.retention import Retention
+
+        try:
+            self.client.stat_object(self.bucket, key)
+            return False
+        except Exception:  # absent (NoSuchKey) is the normal case
+            pass
+        until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=self.retention_days)
+        self.client.put_object(
+            self.bucket,
+            key,
+            io.BytesIO(body),
+            len(body),
+            retention=Retention(COMPLIANCE, until),
+            content_type="application/json",
+        )
+        return True
+
+    def keys(self) -> list[str]:
+        return sorted(
+            o.object_name for o in self.client.list_objects(self.bucket, prefix=ANCHOR_PREFIX, recursive=True)
+        )
+
+    def get(self, key: str) -> bytes:
+        resp = self.client.get_object(self.bucket, key)
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+
+def open_anchors(s: Settings) -> AnchorStore:
+    if s.store_kind == "s3":
+        from minio import Minio
+
+        client = Minio(
+            s.s3_endpoint,
+            access_key=s.s3_access_key,
+            secret_key=s.s3_secret_key,
+            secure=s.s3_secure,
+            region=s.s3_region,
+        )
+        return S3Anchors(client, f"{s.s3_bucket}-audit", s.audit_anchor_retention_days)
+    return DiskAnchors(Path(s.home) / "objects")
+
+
+def anchor(eng: Engine, anchors: AnchorStore, *, actor: str = "system") -> dict | None:
+    """Anchor the chain head (nothing to do when it is anchored already or the chain is empty).
+
+    The anchoring itself is then audited, so the next anchor covers this one.
+    """
+    seq, h = head(eng)
+    if seq == 0:
+        return None
+    doc = {"seq": seq, "hash": h, "ts": now_iso()}
+    if not anchors.put(anchor_key(seq), canonical_json(doc).encode()):
+        return None
+    append(
+        eng,
+        AuditEvent(
+            action=AUDIT_ANCHORED,
+            outcome="ok",
+            actor=actor,
+            details={"anchored_seq": seq, "hash": h, "store": anchors.kind, "key": anchor_key(seq)},
+        ),
+    )
+    log.info("audit.anchored", seq=seq, store=anchors.kind)
+    return doc
+
+
+# ---- hooks the pipeline calls ---------------------------------------------------------------------------
+
+
+def record_result(s: Settings, job, result, *, engines: dict | None = None, attempts: int = 3) -> None:
+    """Audit a published result (``job``: ``schemas.job.Job``; ``result``: CandidateList or ErrorResult).
+
+    Called once, after the result was published (publication is exactly-once). If the database stays
+    unavailable the failure is logged as ``audit.result_unrecorded`` (the result is out already).
+    """
+    if result.type == "candidate_list":
+        outcome, code = ("degraded" if result.degraded else "ok"), ""
+        details = {
+            "candidates": len(result.candidates),
+            "engines_contributed": result.engines_contributed,
+            "engines_failed": result.engines_failed,
+            "duration_ms": result.duration_ms,
+            "fusion_method": result.fusion_method,
+            "engines": engines or {},
+        }
+    else:
+        outcome, code = "error", result.code
+        details = {"stage": result.stage, "message": result.message[:500], "retryable": result.retryable}
+    event = AuditEvent(
+        action=SEARCH_RESULT,
+        outcome=outcome,
+        code=code,
+        actor=job.user_id,
+        agency=job.agency_id,
+        request_id=job.request_id,
+        case_number=job.case_number,
+        offence_code=job.offence_code,
+        purpose=job.purpose,
+        probe_sha256=job.probe_sha256,
+        details=details,
+    )
+    try:
+        call_with_retries(lambda: record(s, event), attempts=attempts)
+    except ServiceError as err:
+        log.error("audit.result_unrecorded", request_id=job.request_id, error=err.message)

@@ -1,0 +1,221 @@
+"""What happened after a search: the investigator's disposition, and the second look a lead needs.
+
+Rules (each refusal is ``DISPOSITION_REFUSED`` or the user check's own code, and is audited):
+
+* the search must exist (a ``search.result`` record for ``request_id`` with a candidate list) and the
+  recording user must be an active, certified investigator or supervisor of the searching agency;
+* ``outcome`` is one of :data:`OUTCOMES`; ``lead_pursued`` and ``candidate_excluded`` name the
+  ``candidate`` (a subject id that was on the list);
+* ``lead_pursued`` on a candidate is recorded ``pending`` and counts only once a *different*
+  certified investigator or supervisor of the same agency confirms it (``confirmed``); every other
+  outcome is ``final`` at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, select, update
+
+from accountability import audit, db, policy
+from accountability.audit import AuditEvent
+from accountability.registry import snapshot
+from core.errors import Code, InputError, ServiceError
+
+OUTCOMES = ("no_lead", "lead_pursued", "candidate_excluded", "inconclusive", "not_reviewed")
+NEEDS_CANDIDATE = frozenset({"lead_pursued", "candidate_excluded"})
+NEEDS_CONFIRMATION = frozenset({"lead_pursued"})
+
+
+@dataclass(frozen=True)
+class Disposition:
+    id: int
+    request_id: str
+    agency_id: str
+    case_number: str
+    user_id: str
+    outcome: str
+    candidate: str
+    status: str
+    confirmed_by: str
+
+
+def _search(conn, request_id: str) -> dict | None:
+    t = db.audit_log
+    row = conn.execute(
+        select(t).where(t.c.request_id == request_id, t.c.action == audit.SEARCH_RESULT).order_by(t.c.seq).limit(1)
+    ).first()
+    return dict(row._mapping) if row else None
+
+
+def _refuse(eng: Engine, action: str, user: str, request_id: str, err: InputError, **details) -> InputError:
+    audit.append(
+        eng,
+        AuditEvent(
+            action=action,
+            outcome="refused",
+            code=err.code.value,
+            actor=user,
+            request_id=request_id,
+            details={"reason": err.message, **details},
+        ),
+    )
+    return err
+
+
+def record(
+    eng: Engine,
+    request_id: str,
+    outcome: str,
+    user_id: str,
+    *,
+    candidate: str = "",
+    note: str = "",
+    now: datetime | None = None,
+) -> Disposition:
+    now = now or datetime.now(UTC)
+    snap = snapshot(eng)
+    with eng.connect() as conn:
+        search = _search(conn, request_id)
+    action = audit.DISPOSITION_RECORDED
+    if outcome not in OUTCOMES:
+        raise _refuse(
+            eng, action, user_id, request_id, InputError(Code.DISPOSITION_REFUSED, f"outcome must be one of {OUTCOMES}")
+        )
+    if search is None or search["outcome"] not in {"ok", "degraded"}:
+        raise _refuse(
+            eng,
+            action,
+            user_id,
+            request_id,
+            InputError(Code.DISPOSITION_REFUSED, f"no candidate list was published for {request_id!r}"),
+        )
+    err = policy.check_user(user_id, search["agency"], snap, now.date())
+    if err:
+        raise _refuse(eng, action, user_id, request_id, err)
+    if outcome in NEEDS_CANDIDATE and not candidate:
+        raise _refuse(
+            eng,
+            action,
+            user_id,
+            request_id,
+            InputError(Code.DISPOSITION_REFUSED, f"outcome {outcome} names a --candidate"),
+        )
+    status = "pending" if outcome in NEEDS_CONFIRMATION and candidate else "final"
+    with db.write_tx(eng) as conn:
+        inserted = conn.execute(
+            db.dispositions.insert().values(
+                request_id=request_id,
+                agency_id=search["agency"],
+                case_number=search["case_number"],
+                user_id=user_id,
+                outcome=outcome,
+                candidate=candidate,
+                note=note,
+                status=status,
+                recorded_at=audit.now_iso(now),
+            )
+        ).inserted_primary_key
+        if inserted is None:
+            raise ServiceError(Code.AUDIT_UNAVAILABLE, "the database returned no id for the disposition")
+        new_id = inserted[0]
+        audit.append_in(
+            conn,
+            AuditEvent(
+                action=action,
+                outcome=status,
+                actor=user_id,
+                agency=search["agency"],
+                request_id=request_id,
+                case_number=search["case_number"],
+                offence_code=search["offence_code"],
+                purpose=search["purpose"],
+                probe_sha256=search["probe_sha256"],
+                details={"disposition_id": int(new_id), "disposition": outcome, "candidate": candidate, "note": note},
+            ),
+        )
+    return Disposition(
+        int(new_id), request_id, search["agency"], search["case_number"], user_id, outcome, candidate, status, ""
+    )
+
+
+def confirm(eng: Engine, disposition_id: int, user_id: str, *, now: datetime | None = None) -> Disposition:
+    now = now or datetime.now(UTC)
+    snap = snapshot(eng)
+    t = db.dispositions
+    with eng.connect() as conn:
+        row = conn.execute(select(t).where(t.c.id == disposition_id)).first()
+    action = audit.DISPOSITION_CONFIRMED
+    rid = row.request_id if row else ""
+    if row is None or row.status != "pending":
+        raise _refuse(
+            eng,
+            action,
+            user_id,
+            rid,
+            InputError(Code.DISPOSITION_REFUSED, f"disposition {disposition_id} is not awaiting confirmation"),
+        )
+    if user_id == row.user_id:
+        raise _refuse(
+            eng,
+            action,
+            user_id,
+            rid,
+            InputError(
+                Code.DISPOSITION_REFUSED, "a lead must be confirmed by a second user, not the one who recorded it"
+            ),
+        )
+    err = policy.check_user(user_id, row.agency_id, snap, now.date())
+    if err:
+        raise _refuse(eng, action, user_id, rid, err)
+    with db.write_tx(eng) as conn:
+        conn.execute(
+            update(t)
+            .where(t.c.id == disposition_id, t.c.status == "pending")
+            .values(status="confirmed", confirmed_by=user_id, confirmed_at=audit.now_iso(now))
+        )
+        audit.append_in(
+            conn,
+            AuditEvent(
+                action=action,
+                outcome="confirmed",
+                actor=user_id,
+                agency=row.agency_id,
+                request_id=row.request_id,
+                case_number=row.case_number,
+                details={
+                    "disposition_id": disposition_id,
+                    "disposition": row.outcome,
+                    "candidate": row.candidate,
+                    "recorded_by": row.user_id,
+                },
+            ),
+        )
+    return Disposition(
+        row.id,
+        row.request_id,
+        row.agency_id,
+        row.case_number,
+        row.user_id,
+        row.outcome,
+        row.candidate,
+        "confirmed",
+        user_id,
+    )
+
+
+def list_for(eng: Engine, *, request_id: str | None = None, agency: str | None = None) -> list[dict]:
+    t = db.dispositions
+    q = select(t).order_by(t.c.id)
+    if request_id:
+        q = q.where(t.c.request_id == request_id)
+    if agency:
+        q = q.where(t.c.agency_id == agency)
+    with eng.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def to_json(d: Disposition) -> str:
+    return json.dumps(d.__dict__)

@@ -1,0 +1,389 @@
+"""The registry: member agencies, users, offence codes and purposes, in the database (``accountability.db``).
+
+Operators manage it from the CLI (``quorum registry ...``); every change is audited in the same
+transaction that makes it and bumps ``registry_meta.version``, which lets the gateway keep a cached
+:class:`~accountability.policy.RegistrySnapshot` and reload it only when something changed
+(:class:`SnapshotCache`: one indexed read per message).
+
+Secrets. ``add_agency`` creates the agency's HMAC secret (stored here sealed with a key kept outside
+the database, since the gateway needs it to verify signatures: ``accountability.sealing``; shown
+once) and a Redis password for the agency's ACL user (only its SHA-256 is stored: ``render_redis_acl``
+writes it as ``#<sha256>``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.engine import Connection
+
+from accountability import audit, db
+from accountability.audit import AuditEvent
+from accountability.policy import ROLES, Agency, RegistrySnapshot, User
+from accountability.sealing import SecretBox
+from broker import keys
+from core.config import Settings
+from core.errors import Code, InputError
+
+
+@dataclass(frozen=True)
+class AgencyCredentials:
+    agency_id: str
+    secret: str  # HMAC-SHA256 key for signing submissions
+    redis_user: str
+    redis_password: str
+
+
+def redis_user(agency_id: str) -> str:
+    return f"agency-{agency_id}"
+
+
+def _bump(conn: Connection) -> None:
+    conn.execute(
+        update(db.registry_meta).where(db.registry_meta.c.id == 1).values(version=db.registry_meta.c.version + 1)
+    )
+
+
+def _audit(conn: Connection, action: str, actor: str, agency: str = "", **details) -> None:
+    audit.append_in(conn, AuditEvent(action=action, outcome="ok", actor=actor, agency=agency, details=details))
+
+
+def _exists(conn: Connection, table, col, value) -> bool:
+    return conn.execute(select(col).where(col == value)).first() is not None
+
+
+# ---- agencies -------------------------------------------------------------------------------------
+
+
+def add_agency(
+    eng: Engine, agency_id: str, name: str, *, daily_quota: int = 0, member: bool = True, actor: str = "operator"
+) -> AgencyCredentials:
+    creds = AgencyCredentials(agency_id, secrets.token_hex(32), redis_user(agency_id), secrets.token_urlsafe(24))
+    with db.write_tx(eng) as conn:
+        if _exists(conn, db.agencies, db.agencies.c.id, agency_id):
+            raise InputError(Code.INVALID_MESSAGE, f"agency {agency_id!r} exists already")
+        conn.execute(
+            db.agencies.insert().values(
+                id=agency_id,
+                name=name,
+                status="active",
+                member=member,
+                daily_quota=daily_quota,
+                secret=SecretBox.for_engine(eng).seal(creds.secret),
+                redis_password_sha256=hashlib.sha256(creds.redis_password.encode()).hexdigest(),
+                created_at=audit.now_iso(),
+            )
+        )
+        _bump(conn)
+        _audit(conn, "registry.agency.add", actor, agency_id, name=name, daily_quota=daily_quota, member=member)
+    return creds
+
+
+def set_agency_status(eng: Engine, agency_id: str, status: str, *, actor: str = "operator", reason: str = "") -> None:
+    if status not in {"active", "suspended"}:
+        raise ValueError(status)
+    with db.write_tx(eng) as conn:
+        n = conn.execute(update(db.agencies).where(db.agencies.c.id == agency_id).values(status=status)).rowcount
+        if not n:
+            raise InputError(Code.UNKNOWN_AGENCY, f"no agency {agency_id!r}")
+        _bump(conn)
+        _audit(
+            conn,
+            f"registry.agency.{'suspend' if status == 'suspended' else 'activate'}",
+            actor,
+            agency_id,
+            reason=reason,
+        )
+
+
+def set_agency_quota(eng: Engine, agency_id: str, daily_quota: int, *, actor: str = "operator") -> None:
+    with db.write_tx(eng) as conn:
+        if not conn.execute(
+            update(db.agencies).where(db.agencies.c.id == agency_id).values(daily_quota=daily_quota)
+        ).rowcount:
+            raise InputError(Code.UNKNOWN_AGENCY, f"no agency {agency_id!r}")
+        _bump(conn)
+        _audit(conn, "registry.agency.quota", actor, agency_id, daily_quota=daily_quota)
+
+
+def rotate_credentials(eng: Engine, agency_id: str, *, actor: str = "operator") -> AgencyCredentials:
+    creds = AgencyCredentials(agency_id, secrets.token_hex(32), redis_user(agency_id), secrets.token_urlsafe(24))
+    with db.write_tx(eng) as conn:
+        if not conn.execute(
+            update(db.agencies)
+            .where(db.agencies.c.id == agency_id)
+            .values(
+                secret=SecretBox.for_engine(eng).seal(creds.secret),
+                redis_password_sha256=hashlib.sha256(creds.redis_password.encode()).hexdigest(),
+            )
+        ).rowcount:
+            raise InputError(Code.UNKNOWN_AGENCY, f"no agency {agency_id!r}")
+        _bump(conn)
+        _audit(conn, "registry.agency.rotate", actor, agency_id)
+    return creds
+
+
+def agency_secret(eng: Engine, agency_id: str) -> str | None:
+    with eng.connect() as conn:
+        row = conn.execute(select(db.agencies.c.secret).where(db.agencies.c.id == agency_id)).first()
+    return SecretBox.for_engine(eng).open(row.secret) if row else None
+
+
+def reseal_secrets(eng: Engine, *, actor: str = "operator") -> int:
+    """Seal every agency secret with the newest key of the key file (after ``sealing.add_new_key``);
+    bumps the registry version so gateways reload. Returns how many were resealed."""
+    box = SecretBox.for_engine(eng)
+    with db.write_tx(eng) as conn:
+        rows = list(conn.execute(select(db.agencies.c.id, db.agencies.c.secret)))
+        for row in rows:
+            conn.execute(update(db.agencies).where(db.agencies.c.id == row.id).values(secret=box.reseal(row.secret)))
+        _bump(conn)
+        _audit(conn, "registry.secrets.reseal", actor, "", agencies=len(rows))
+    return len(rows)
+
+
+# ---- users ------------------------------------------------------------------------------------------
+
+
+def add_user(
+    eng: Engine,
+    user_id: str,
+    agency_id: str,
+    role: str,
+    *,
+    cert_id: str | None = None,
+    cert_expires: date | None = None,
+    actor: str = "operator",
+) -> None:
+    if role not in ROLES:
+        raise InputError(Code.ROLE_NOT_ALLOWED, f"role must be one of {ROLES}")
+    with db.write_tx(eng) as conn:
+        if not _exists(conn, db.agencies, db.agencies.c.id, agency_id):
+            raise InputError(Code.UNKNOWN_AGENCY, f"no agency {agency_id!r}")
+        if _exists(conn, db.users, db.users.c.id, user_id):
+            raise InputError(Code.INVALID_MESSAGE, f"user {user_id!r} exists already")
+        conn.execute(
+            db.users.insert().values(
+                id=user_id,
+                agency_id=agency_id,
+                role=role,
+                cert_id=cert_id,
+                cert_expires=cert_expires,
+                active=True,
+                created_at=audit.now_iso(),
+            )
+        )
+        _bump(conn)
+        _audit(
+            conn,
+            "registry.user.add",
+            actor,
+            agency_id,
+            user=user_id,
+            role=role,
+            cert_id=cert_id,
+            cert_expires=cert_expires.isoformat() if cert_expires else None,
+        )
+
+
+def certify_user(eng: Engine, user_id: str, cert_id: str, expires: date, *, actor: str = "operator") -> None:
+    with db.write_tx(eng) as conn:
+        row = conn.execute(select(db.users.c.agency_id).where(db.users.c.id == user_id)).first()
+        if row is None:
+            raise InputError(Code.USER_UNKNOWN, f"no user {user_id!r}")
+        conn.execute(update(db.users).where(db.users.c.id == user_id).values(cert_id=cert_id, cert_expires=expires))
+        _bump(conn)
+        _audit(
+            conn,
+            "registry.user.certify",
+            actor,
+            row.agency_id,
+            user=user_id,
+            cert_id=cert_id,
+            cert_expires=expires.isoformat(),
+        )
+
+
+def set_user_active(eng: Engine, user_id: str, active: bool, *, actor: str = "operator") -> None:
+    with db.write_tx(eng) as conn:
+        row = conn.execute(select(db.users.c.agency_id).where(db.users.c.id == user_id)).first()
+        if row is None:
+            raise InputError(Code.USER_UNKNOWN, f"no user {user_id!r}")
+        conn.execute(update(db.users).where(db.users.c.id == user_id).values(active=active))
+        _bump(conn)
+        _audit(conn, f"registry.user.{'activate' if active else 'deactivate'}", actor, row.agency_id, user=user_id)
+
+
+# ---- offences and purposes ------------------------------------------------------------------------
+
+
+def add_offence(eng: Engine, code: str, description: str = "", *, actor: str = "operator") -> None:
+    with db.write_tx(eng) as conn:
+        if _exists(conn, db.offences, db.offences.c.code, code):
+            return
+        conn.execute(db.offences.insert().values(code=code, description=description))
+        _bump(conn)
+        _audit(conn, "registry.offence.add", actor, code=code, description=description)
+
+
+def set_purpose(eng: Engine, code: str, allowed: bool, description: str = "", *, actor: str = "operator") -> None:
+    with db.write_tx(eng) as conn:
+        row = conn.execute(select(db.purposes).where(db.purposes.c.code == code)).first()
+        if row is not None and bool(row.allowed) == allowed and (not description or row.description == description):
+            return
+        if row is None:
+            conn.execute(db.purposes.insert().values(code=code, allowed=allowed, description=description))
+        else:
+            conn.execute(
+                update(db.purposes)
+                .where(db.purposes.c.code == code)
+                .values(allowed=allowed, description=description or row.description)
+            )
+        _bump(conn)
+        _audit(conn, "registry.purpose.set", actor, code=code, allowed=allowed, description=description)
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+
+def version(eng: Engine) -> int:
+    with eng.connect() as conn:
+        return int(conn.execute(select(db.registry_meta.c.version).where(db.registry_meta.c.id == 1)).scalar_one())
+
+
+def snapshot(eng: Engine) -> RegistrySnapshot:
+    with eng.connect() as conn:
+        ver = int(conn.execute(select(db.registry_meta.c.version).where(db.registry_meta.c.id == 1)).scalar_one())
+        agencies = {
+            r.id: Agency(r.id, r.name, r.status, bool(r.member), int(r.daily_quota))
+            for r in conn.execute(select(db.agencies))
+        }
+        users = {
+            r.id: User(r.id, r.agency_id, r.role, r.cert_id, r.cert_expires, bool(r.active))
+            for r in conn.execute(select(db.users))
+        }
+        offences = frozenset(r.code for r in conn.execute(select(db.offences.c.code)))
+        prows = list(conn.execute(select(db.purposes)))
+    return RegistrySnapshot(
+        ver, agencies, users, offences, {r.code: bool(r.allowed) for r in prows}, {r.code: r.description for r in prows}
+    )
+
+
+class SnapshotCache:
+    """The gateway's view of the registry: reloaded whenever ``registry_meta.version`` moves."""
+
+    def __init__(self, eng: Engine, min_interval_s: float = 0.0) -> None:
+        self.eng = eng
+        self.min_interval_s = min_interval_s
+        self._snap: RegistrySnapshot | None = None
+        self._secrets: dict[str, str] = {}
+        self._checked = 0.0
+
+    def get(self) -> RegistrySnapshot:
+        now = time.monotonic()
+        if self._snap is None or now - self._checked >= self.min_interval_s:
+            if self._snap is None or version(self.eng) != self._snap.version:
+                self._snap = snapshot(self.eng)
+                self._secrets = secrets_by_agency(self.eng)
+            self._checked = now
+        return self._snap
+
+    def secret(self, agency_id: str) -> str | None:
+        """The agency's signing secret, as of the last :meth:`get`."""
+        return self._secrets.get(agency_id)
+
+
+def secrets_by_agency(eng: Engine) -> dict[str, str]:
+    with eng.connect() as conn:
+        rows = list(conn.execute(select(db.agencies.c.id, db.agencies.c.secret)))
+    box = SecretBox.for_engine(eng)
+    return {r.id: box.open(r.secret) for r in rows}
+
+
+# ---- Redis ACL ----------------------------------------------------------------------------------------
+
+
+def render_redis_acl(eng: Engine, *, service_user: str = "", service_password_sha256: str = "") -> str:
+    """An ACL file (``redis-server --aclfile``): one user per agency, confined to its own keys.
+
+    Each agency user may ``XADD`` to ``quorum:intake:<agency>`` (write-only key pattern) and read
+    ``quorum:results:<agency>`` (``XREAD``) and ``quorum:result:<agency>:*`` (``GET``/``MGET``), nothing
+    else; a suspended agency's user is ``off``. With ``service_user`` the file also defines the Quorum
+    services' user (all keys and commands) and turns the ``default`` user off; without it the
+    ``default`` user is left with every right (loopback deployments, tests). Regenerate it after
+    every agency change and ``ACL LOAD`` it; it holds password hashes only, never passwords.
+    """
+    lines: list[str] = []  # (Redis ACL files allow no comments)
+    with eng.connect() as conn:
+        rows = list(conn.execute(select(db.agencies).order_by(db.agencies.c.id)))
+    for a in rows:
+        state = "on" if a.status == "active" and a.redis_password_sha256 else "off"
+        pw = f"#{a.redis_password_sha256}" if a.redis_password_sha256 else "nopass"
+        lines.append(
+            f"user {redis_user(a.id)} {state} {pw} resetkeys resetchannels "
+            f"%W~{keys.intake_stream(a.id)} %R~{keys.results_stream(a.id)} %R~{keys.result_key(a.id, '*')} "
+            "-@all +xadd +xread +get +mget +ping +hello +client|setname"
+        )
+    if service_user:
+        lines.append(f"user {service_user} on #{service_password_sha256} ~* &* +@all")
+        lines.append("user default off")
+    else:
+        lines.append("user default on nopass ~* &* +@all")
+    return "\n".join(lines) + "\n"
+
+
+# ---- convenience for the demo and tests ------------------------------------------------------------------
+
+
+def provision(
+    eng: Engine,
+    agency_id: str,
+    *,
+    users: dict[str, str] | None = None,
+    offences: tuple[str, ...] = (),
+    purposes: tuple[str, ...] = (),
+    cert_days: int = 365,
+    daily_quota: int = 0,
+    actor: str = "provision",
+) -> str:
+    """Idempotently register an agency, certified users (``{user: role}``), offence codes and allowed
+    purposes; returns the agency's signing secret. For the demo and tests, not for production."""
+    secret = agency_secret(eng, agency_id)
+    if secret is None:
+        secret = add_agency(eng, agency_id, agency_id, daily_quota=daily_quota, actor=actor).secret
+    snap = snapshot(eng)
+    expires = date.fromordinal(datetime.now(UTC).date().toordinal() + cert_days)
+    for user, role in (users or {}).items():
+        if user not in snap.users:
+            add_user(eng, user, agency_id, role, cert_id=f"CERT-{user}", cert_expires=expires, actor=actor)
+    for code in offences:
+        if code not in snap.offences:
+            add_offence(eng, code, actor=actor)
+    for code in purposes:
+        if not snap.purposes.get(code):
+            set_purpose(eng, code, True, actor=actor)
+    return secret
+
+
+# ---- the demo's registrations ----------------------------------------------------------------------
+
+DEMO_AGENCY = "demo-agency"
+DEMO_USER = "demo-user"
+
+
+def provision_demo(s: Settings) -> str:
+    """Register the demo agency, a certified investigator, the offence code and purpose the demo
+    uses (idempotent); returns the agency's signing secret."""
+    return provision(
+        db.get_engine(s),
+        DEMO_AGENCY,
+        users={DEMO_USER: "investigator"},
+        offences=("DEMO",),
+        purposes=("demo",),
+        actor="demo",
+    )

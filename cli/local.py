@@ -1,0 +1,91 @@
+"""``quorum up | down | status``: the local stack (its supervisor is :mod:`cli.stack`)."""
+
+from __future__ import annotations
+
+import click
+
+from cli.common import stack_failures
+from core.config import settings
+
+
+@click.command("up")
+@click.option(
+    "--metrics-base",
+    default=0,
+    show_default=True,
+    help="serve each process's /metrics on consecutive ports from here (0: none)",
+)
+@click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for every worker")
+def up(metrics_base: int, timeout: float) -> None:
+    """Start the local stack (Redis, gateway, one worker per queue) in the background."""
+    from cli.stack import Stack
+
+    s = settings()
+    click.echo(f"starting Quorum under {s.home} (redis {s.redis_url}, store: {s.store_kind})")
+    with stack_failures():
+        Stack(s).up(metrics_base=metrics_base, timeout=timeout)
+    _first_registrations(s)
+    click.echo("ready")
+
+
+def _first_registrations(s) -> None:
+    """On a registry with no agency at all (a fresh local stack), register the demo agency, so that a
+    first `quorum search` as the README writes it works; a real registry is left as it is."""
+    from accountability import db, registry
+
+    eng = db.get_engine(s)
+    if registry.snapshot(eng).agencies:
+        return
+    registry.provision_demo(s)
+    click.echo(
+        f"registered the local trial agency {registry.DEMO_AGENCY!r}, its certified user "
+        f"{registry.DEMO_USER!r}, offence DEMO and purpose demo (the registry was empty): "
+        "quorum search IMAGE --case DEMO-0001 --offence DEMO --purpose demo"
+    )
+
+
+@click.command("down")
+def down() -> None:
+    """Stop what `quorum up` started."""
+    from cli.stack import Stack
+
+    stopped = Stack(settings()).down()
+    click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@click.command("status")
+def status() -> None:
+    """Processes, queues and gallery sizes."""
+    import redis as redis_lib
+
+    from broker import keys
+    from broker.app import ALL_QUEUES
+    from cli.stack import Stack
+
+    s = settings()
+    for name, state in Stack(s).status().items():
+        click.echo(f"{name:<10} {state}")
+    try:
+        r = redis_lib.Redis.from_url(s.redis_url, socket_connect_timeout=1)
+        click.echo("queues:   " + "  ".join(f"{q}={r.llen(q)}" for q in ALL_QUEUES))
+        click.echo(f"subjects: {r.hlen(keys.GALLERY_SUBJECTS)}")
+        click.echo("gallery log entries: " + "  ".join(f"{e}={r.xlen(keys.gallery_log(e))}" for e in s.engines))
+    except redis_lib.RedisError as exc:
+        click.echo(f"redis: unreachable ({exc})")
+
+
+@click.command("stack-supervise", hidden=True)
+def stack_supervise() -> None:
+    """Restart crashed processes of the local stack (started by `quorum up`, stopped by `quorum down`)."""
+    import signal
+    import threading
+
+    from cli.stack import Stack
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Stack(settings()).supervise(stop)
+
+
+COMMANDS = (up, down, status, stack_supervise)

@@ -1,0 +1,33 @@
+"""The ``quorum`` command: the root group, and every command group registered on it.
+
+Each group lives in its own module: ``processes`` (gateway, worker), ``local`` (up, down, status),
+``gallery`` (enroll, gallery), ``search``, ``demo``, ``db``, ``registry``, ``audit`` (audit, report),
+``dispositions``, ``retention`` (case, probes) and ``evaluate`` (eval, calibrate). Errors a user can
+act on are turned into messages by :class:`cli.common.QuorumGroup`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from cli import audit, db, demo, dispositions, gallery, local, processes, registry, retention, search
+from cli.common import QuorumGroup, load_settings_or_fail
+from cli.evaluate import calibrate_command, eval_command
+from core.logs import configure_logging
+
+
+@click.group(cls=QuorumGroup)
+def main() -> None:
+    """Quorum: multi-engine face search. Every candidate list is an investigative lead only."""
+    s = load_settings_or_fail()
+    configure_logging(s.log_level, s.log_json)
+
+
+for _module in (processes, local, gallery, search, demo, db, registry, audit, dispositions, retention):
+    for _command in _module.COMMANDS:
+        main.add_command(_command)
+main.add_command(eval_command)
+main.add_command(calibrate_command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""``quorum registry``: member agencies, users, offence codes, purposes, and the Redis ACL derived
+from them.
+
+Every change is audited under the operator's name: ``--actor``, else ``QUORUM_OPERATOR``, else the login name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.common import actor_option, db_engine, emit, operator_name
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """Member agencies, users, offence codes and purposes."""
+
+
+@registry_group.group("agency")
+def agency_group() -> None:
+    """Member agencies."""
+
+
+@agency_group.command("add")
+@click.argument("agency_id")
+@click.option("--name", required=True)
+@click.option("--quota", "daily_quota", default=0, show_default=True, help="searches per UTC day (0: unlimited)")
+@actor_option
+def agency_add(agency_id: str, name: str, daily_quota: int, actor: str | None) -> None:
+    """Register an agency; prints its signing secret and Redis password ONCE."""
+    from accountability import registry
+
+    c = registry.add_agency(db_engine(), agency_id, name, daily_quota=daily_quota, actor=operator_name(actor))
+    click.echo(f"agency {agency_id} registered. Give these to the agency now; they are not shown again.")
+    click.echo(f"signing secret (HMAC-SHA256): {c.secret}")
+    click.echo(f"redis user: {c.redis_user}  password: {c.redis_password}")
+    click.echo("then re-render the Redis ACL: quorum registry redis-acl --out <aclfile> && redis-cli ACL LOAD")
+
+
+@agency_group.command("suspend")
+@click.argument("agency_id")
+@click.option("--reason", required=True)
+@actor_option
+def agency_suspend(agency_id: str, reason: str, actor: str | None) -> None:
+    from accountability import registry
+
+    registry.set_agency_status(db_engine(), agency_id, "suspended", actor=operator_name(actor), reason=reason)
+    click.echo(f"agency {agency_id} suspended")
+
+
+@agency_group.command("activate")
+@click.argument("agency_id")
+@click.option("--reason", default="")
+@actor_option
+def agency_activate(agency_id: str, reason: str, actor: str | None) -> None:
+    from accountability import registry
+
+    registry.set_agency_status(db_engine(), agency_id, "active", actor=operator_name(actor), reason=reason)
+    click.echo(f"agency {agency_id} active")
+
+
+@agency_group.command("quota")
+@click.argument("agency_id")
+@click.argument("daily_quota", type=int)
+@actor_option
+def agency_quota(agency_id: str, daily_quota: int, actor: str | None) -> None:
+    from accountability import registry
+
+    registry.set_agency_quota(db_engine(), agency_id, daily_quota, actor=operator_name(actor))
+    click.echo(f"agency {agency_id}: {daily_quota or 'unlimited'} searches per day")
+
+
+@agency_group.command("rotate")
+@click.argument("agency_id")
+@actor_option
+def agency_rotate(agency_id: str, actor: str | None) -> None:
+    """New signing secret and Redis password (printed once); the old ones stop working."""
+    from accountability import registry
+
+    c = registry.rotate_credentials(db_engine(), agency_id, actor=operator_name(actor))
+    click.echo(f"signing secret (HMAC-SHA256): {c.secret}")
+    click.echo(f"redis user: {c.redis_user}  password: {c.redis_password}")
+
+
+@registry_group.group("user")
+def user_group() -> None:
+    """Users: investigator, supervisor, auditor, operator."""
+
+
+@user_group.command("add")
+@click.argument("user_id")
+@click.option("--agency", required=True)
+@click.option("--role", required=True, type=click.Choice(["investigator", "supervisor", "auditor", "operator"]))
+@click.option("--cert", "cert_id", default=None, help="face-search training certificate id")
+@click.option("--cert-expires", type=click.DateTime(["%Y-%m-%d"]), default=None)
+@actor_option
+def user_add(user_id: str, agency: str, role: str, cert_id: str | None, cert_expires, actor: str | None) -> None:
+    from accountability import registry
+
+    registry.add_user(
+        db_engine(),
+        user_id,
+        agency,
+        role,
+        cert_id=cert_id,
+        cert_expires=cert_expires.date() if cert_expires else None,
+        actor=operator_name(actor),
+    )
+    click.echo(f"user {user_id} ({role}, {agency}) registered")
+
+
+@user_group.command("certify")
+@click.argument("user_id")
+@click.option("--cert", "cert_id", required=True)
+@click.option("--expires", type=click.DateTime(["%Y-%m-%d"]), required=True)
+@actor_option
+def user_certify(user_id: str, cert_id: str, expires, actor: str | None) -> None:
+    from accountability import registry
+
+    registry.certify_user(db_engine(), user_id, cert_id, expires.date(), actor=operator_name(actor))
+    click.echo(f"user {user_id}: certificate {cert_id} valid through {expires.date()}")
+
+
+@user_group.command("deactivate")
+@click.argument("user_id")
+@actor_option
+def user_deactivate(user_id: str, actor: str | None) -> None:
+    from accountability import registry
+
+    registry.set_user_active(db_engine(), user_id, False, actor=operator_name(actor))
+    click.echo(f"user {user_id} deactivated")
+
+
+@registry_group.command("offence")
+@click.argument("code")
+@click.option("--description", default="")
+@actor_option
+def offence_add(code: str, description: str, actor: str | None) -> None:
+    """Add an offence code."""
+    from accountability import registry
+
+    registry.add_offence(db_engine(), code, description, actor=operator_name(actor))
+    click.echo(f"offence {code} registered")
+
+
+@registry_group.command("purpose")
+@click.argument("code")
+@click.option("--allowed/--refused", required=True)
+@click.option("--description", default="")
+@actor_option
+def purpose_set(code: str, allowed: bool, description: str, actor: str | None) -> None:
+    """Declare a purpose allowed or refused."""
+    from accountability import registry
+
+    registry.set_purpose(db_engine(), code, allowed, description, actor=operator_name(actor))
+    click.echo(f"purpose {code}: {'allowed' if allowed else 'refused'}")
+
+
+@registry_group.command("list")
+def registry_list() -> None:
+    """Print the registry (no secrets)."""
+    from accountability import registry
+
+    snap = registry.snapshot(db_engine())
+    click.echo(f"registry version {snap.version}")
+    for a in snap.agencies.values():
+        click.echo(f"agency  {a.id:<20} {a.status:<10} quota={a.daily_quota or 'unlimited'}  {a.name}")
+    for u in snap.users.values():
+        click.echo(
+            f"user    {u.id:<20} {u.agency_id:<16} {u.role:<12} cert={u.cert_id or '-'} "
+            f"expires={u.cert_expires or '-'}{'' if u.active else '  INACTIVE'}"
+        )
+    for code in sorted(snap.offences):
+        click.echo(f"offence {code}")
+    for code, allowed in sorted(snap.purposes.items()):
+        click.echo(f"purpose {code:<24} {'allowed' if allowed else 'REFUSED'}")
+
+
+@registry_group.command("redis-acl")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--service-user", default="", help="also define the services' user and turn 'default' off")
+@click.option("--service-password-sha256", default="")
+def redis_acl(out: Path | None, service_user: str, service_password_sha256: str) -> None:
+    """Render the Redis ACL file (one user per agency) from the registry."""
+    from accountability import registry
+
+    text = registry.render_redis_acl(
+        db_engine(), service_user=service_user, service_password_sha256=service_password_sha256
+    )
+    emit(text, out)
+
+
+@registry_group.group("secrets-key")
+def secrets_key_group() -> None:
+    """The key that seals agency signing secrets in the database (kept outside it)."""
+
+
+@secrets_key_group.command("rotate")
+@click.option("--drop-old", is_flag=True, help="then keep only the new key (once every service has reloaded)")
+@actor_option
+def secrets_key_rotate(drop_old: bool, actor: str) -> None:
+    """Add a new key at the top of the key file and reseal every agency secret with it."""
+    from accountability import registry, sealing
+
+    eng = db_engine()
+    path = sealing.key_file_for(eng)
+    sealing.read_keys(path)  # created on first use
+    sealing.add_new_key(path)
+    n = registry.reseal_secrets(eng, actor=actor)
+    click.echo(f"resealed {n} agency secrets with a new key in {path}")
+    if drop_old:
+        click.echo(f"removed {sealing.drop_old_keys(path)} old key(s) from {path}")
+
+
+@secrets_key_group.command("path")
+def secrets_key_path() -> None:
+    """Print where the key file is (QUORUM_SECRETS_KEY_FILE, or beside the SQLite database)."""
+    from accountability import sealing
+
+    click.echo(str(sealing.key_file_for(db_engine())))
+
+
+COMMANDS = (registry_group,)

@@ -1,0 +1,195 @@
+"""Settings, read once from the environment and an optional TOML file.
+
+Precedence: environment variable ``QUORUM_<NAME>`` > the file named by ``QUORUM_SETTINGS`` (TOML,
+top-level keys are the lower-case field names) > the embedded defaults below, which run everything
+on this machine alone (a local redis-server started by ``quorum up``, the object store on disk).
+Values passed to :func:`load_settings` (or to ``Settings(...)``) override all three.
+
+``Settings`` is a frozen pydantic-settings model: values are validated when read (``engines`` against
+the engine registry, ``device`` against auto/cpu/gpu), and a key that names no setting, in the file
+or among the overrides, is refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from core.engines import DEFAULT_ENGINES, ENGINE_NAMES
+
+ENV_PREFIX = "QUORUM_"
+SETTINGS_FILE_VAR = "QUORUM_SETTINGS"  # names the TOML file; not itself a setting
+
+# The environment a load reads: os.environ unless load_settings(env=...) names another mapping.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("quorum_settings_environ", default=None)
+
+
+def _environ() -> Mapping[str, str]:
+    env = _ENVIRON.get()
+    return os.environ if env is None else env
+
+
+def _default_home() -> str:
+    return str(Path(os.environ.get("QUORUM_HOME", Path.cwd() / ".quorum")).resolve())
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """``QUORUM_*`` variables from the mapping of the current load (os.environ by default)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in _environ().items()}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", case_sensitive=False)
+
+    home: str = Field(default_factory=_default_home)  # local state: embedded store, pids, logs
+    redis_url: str = "redis://127.0.0.1:6390/0"  # broker, result backend, streams
+    # Object store: an S3 endpoint (host:port) selects the S3 store; empty selects the embedded disk store.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "quorum"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    # Names from core.engines; in the environment a comma-separated list ("sface,dlib").
+    engines: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ENGINES
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the ONNX engine
+    max_image_bytes: int = 15 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    min_face_pixels: int = 20  # smaller boxes are refused as FACE_TOO_SMALL
+    default_candidates: int = 250
+    # Once the first engine has answered, fusion waits at most this long for the others, then fuses
+    # what arrived and marks the list degraded. Measured from the first answer, not from receipt, so
+    # a backlog that delays every engine alike degrades nothing.
+    fusion_deadline_s: float = 30.0
+    search_timeout_s: float = 900.0  # from receipt: if no engine has answered by then, answer with an error
+    # auto: the method the calibration file measured best (see BENCHMARKS.md); any of
+    # workers.fusion.METHODS names one. Calibrated methods fall back to zsum if the calibration
+    # does not match the running engines' versions.
+    fusion_method: str = "auto"
+    calibration_file: str = ""  # empty: the calibration shipped with the package
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 1000  # bench/index_scale.py: recall@250 0.88 at 400, 0.99 at 1000 (100k, +3 ms)
+    gallery_capacity: int = 100_000  # initial; the index grows in steps as needed
+    result_ttl_s: int = 7 * 24 * 3600
+    metrics_port: int = 0  # 0: no HTTP exporter in this process
+    data_dir: str = ""  # labelled faces for the demo; default ../shared/data next to the repo
+    log_level: str = "INFO"
+    log_json: bool = False
+    # Accountability (see README "Accountability"): registry + audit database, signatures, retention.
+    database_url: str = ""  # empty: SQLite at <home>/quorum.db; else e.g. postgresql+psycopg://u@host/db
+    signature_window_s: int = 300  # a submission's timestamp must be within this of the gateway's clock
+    probe_retention_days: int = 90  # `quorum probes purge` deletes older probe images unless a case holds them
+    audit_anchor_interval_s: float = 600.0  # the gateway anchors the audit chain head this often (0: never)
+    audit_anchor_retention_days: int = 2555  # S3 object-lock (COMPLIANCE) retention of each anchor
+    # Agency signing secrets are sealed in the database with the key(s) in this file, kept outside it
+    # (one Fernet key a line, newest first). Empty: <directory of the SQLite database>/secrets.key, or
+    # <home>/secrets.key, created on first use. Deployments point every service at the same file.
+    secrets_key_file: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = set(data) - set(cls.model_fields)
+            if unknown:
+                raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return data
+
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _split_engines(cls, raw: Any) -> Any:
+        if isinstance(raw, str):
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        return raw
+
+    @field_validator("engines")
+    @classmethod
+    def _known_engines(cls, engines: tuple[str, ...]) -> tuple[str, ...]:
+        if not engines:
+            raise ValueError(f"name at least one engine; known engines: {', '.join(ENGINE_NAMES)}")
+        unknown = [e for e in engines if e not in ENGINE_NAMES]
+        if unknown:
+            raise ValueError(
+                f"unknown engine{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"known engines: {', '.join(ENGINE_NAMES)}"
+            )
+        if len(set(engines)) != len(engines):
+            raise ValueError(f"an engine is named twice: {', '.join(engines)}")
+        return engines
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Overrides > ``QUORUM_*`` variables > the ``QUORUM_SETTINGS`` TOML file > defaults."""
+        environ = _environ()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _MappingEnvSource(settings_cls)]
+        file = environ.get(SETTINGS_FILE_VAR)
+        if file:
+            if not Path(file).is_file():
+                raise FileNotFoundError(f"{SETTINGS_FILE_VAR} names {file}, which is not a file")
+            toml = TomlConfigSettingsSource(settings_cls, toml_file=Path(file))
+            unknown = set(toml.toml_data) - set(settings_cls.model_fields)
+            if unknown:
+                raise ValueError(f"{file}: unknown settings: {sorted(unknown)}")
+            sources.append(toml)
+        return tuple(sources)
+
+    @property
+    def store_kind(self) -> str:
+        return "s3" if self.s3_endpoint else "disk"
+
+    def shared_data(self) -> Path:
+        if self.data_dir:
+            return Path(self.data_dir)
+        return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+@contextmanager
+def _reading(env: Mapping[str, str] | None) -> Iterator[None]:
+    token = _ENVIRON.set(env)
+    try:
+        yield
+    finally:
+        _ENVIRON.reset(token)
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Settings from ``env`` (default: os.environ; a given mapping is used instead of it, not on top of
+    it), the TOML file it names in ``QUORUM_SETTINGS``, and ``overrides`` above both.
+
+    Raises ``ValueError`` (a pydantic ``ValidationError``) for a value that does not validate or a key
+    that names no setting (in the file: a plain ``ValueError`` naming it), and ``FileNotFoundError`` when
+    ``QUORUM_SETTINGS`` names no file.
+    """
+    with _reading(dict(env) if env is not None else None):
+        return Settings(**overrides)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return load_settings()

@@ -1,0 +1,90 @@
+"""One small error hierarchy with stable codes.
+
+Every failure a caller can see carries a ``code`` from :class:`Code` (stable strings that agencies'
+software may switch on) and a ``retryable`` flag that retry logic keys on, never the message text.
+Errors from dependencies (OpenCV, redis, minio, hnswlib) are translated into these at the boundary.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    # The request itself is wrong: fix the input, do not retry.
+    INVALID_MESSAGE = "INVALID_MESSAGE"  # not JSON, or breaks the schema
+    UNSUPPORTED_SCHEMA_VERSION = "UNSUPPORTED_SCHEMA_VERSION"
+    DUPLICATE_REQUEST = "DUPLICATE_REQUEST"  # request id seen before (replay)
+    AGENCY_MISMATCH = "AGENCY_MISMATCH"  # message agency differs from the stream it came on
+    IMAGE_MISSING = "IMAGE_MISSING"  # object key names nothing in the store
+    IMAGE_EMPTY = "IMAGE_EMPTY"
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"  # bytes or pixels over the configured limit
+    NOT_AN_IMAGE = "NOT_AN_IMAGE"  # cannot be decoded as an image
+    IMAGE_TRUNCATED = "IMAGE_TRUNCATED"  # a JPEG/PNG cut short
+    IMAGE_TOO_SMALL = "IMAGE_TOO_SMALL"
+    NO_FACE = "NO_FACE"
+    FACE_INDEX_OUT_OF_RANGE = "FACE_INDEX_OUT_OF_RANGE"
+    FACE_TOO_SMALL = "FACE_TOO_SMALL"
+    # Accountability: who may search, and why (checked by the gateway before any image is stored).
+    BAD_SIGNATURE = "BAD_SIGNATURE"  # unsigned, or the HMAC does not match the agency's secret
+    STALE_TIMESTAMP = "STALE_TIMESTAMP"  # signed timestamp outside the allowed window
+    REPLAYED_NONCE = "REPLAYED_NONCE"  # the nonce was already used within the window
+    UNKNOWN_AGENCY = "UNKNOWN_AGENCY"
+    AGENCY_SUSPENDED = "AGENCY_SUSPENDED"
+    USER_UNKNOWN = "USER_UNKNOWN"
+    USER_OTHER_AGENCY = "USER_OTHER_AGENCY"  # the user belongs to another agency
+    USER_INACTIVE = "USER_INACTIVE"
+    ROLE_NOT_ALLOWED = "ROLE_NOT_ALLOWED"  # e.g. an auditor or operator submitting a search
+    CERTIFICATE_MISSING = "CERTIFICATE_MISSING"  # no face-search training certificate on record
+    CERTIFICATE_EXPIRED = "CERTIFICATE_EXPIRED"
+    CASE_NUMBER_MISSING = "CASE_NUMBER_MISSING"  # absent, blank or a placeholder
+    CASE_NUMBER_MALFORMED = "CASE_NUMBER_MALFORMED"
+    OFFENCE_UNKNOWN = "OFFENCE_UNKNOWN"
+    PURPOSE_NOT_ALLOWED = "PURPOSE_NOT_ALLOWED"
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # the agency's daily search quota is used up
+    PROBE_ENROL_REFUSED = "PROBE_ENROL_REFUSED"  # a probe image may never be enrolled in the gallery
+    DISPOSITION_REFUSED = "DISPOSITION_REFUSED"  # a disposition that breaks the rules (see accountability.audit)
+    # The system could not answer in time or a part is down: retrying may help.
+    ENGINE_FAILED = "ENGINE_FAILED"
+    ENGINE_TIMEOUT = "ENGINE_TIMEOUT"
+    GALLERY_EMPTY = "GALLERY_EMPTY"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
+    NO_ENGINE_RESULT = "NO_ENGINE_RESULT"  # deadline passed with no engine answering
+    AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"  # the audit database cannot be written: nothing runs unaudited
+    INTERNAL = "INTERNAL"
+
+
+RETRYABLE = frozenset(
+    {
+        Code.ENGINE_FAILED,
+        Code.ENGINE_TIMEOUT,
+        Code.STORE_UNAVAILABLE,
+        Code.BROKER_UNAVAILABLE,
+        Code.NO_ENGINE_RESULT,
+        Code.AUDIT_UNAVAILABLE,
+        Code.INTERNAL,
+    }
+)
+
+
+class QuorumError(Exception):
+    """Base of every error Quorum raises on purpose."""
+
+    def __init__(self, code: Code, message: str = "", **details: object) -> None:
+        self.code = Code(code)
+        self.message = message or self.code.value
+        self.details = details
+        super().__init__(f"{self.code.value}: {self.message}")
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+
+class InputError(QuorumError):
+    """The request or its image is wrong; the same input will always fail the same way."""
+
+
+class ServiceError(QuorumError):
+    """A dependency (store, broker, engine) failed; the same request may succeed later."""

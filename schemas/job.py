@@ -1,0 +1,48 @@
+"""The job: one search in flight, as it crosses the gateway, intake, engine and fusion processes.
+
+Frozen and versioned like every message. The gateway creates it (``face`` is None), intake returns a
+copy with the chosen face (:meth:`Job.with_face`), engines and fusion only read it. It is stored in
+Redis under ``broker.keys.job_key`` by ``broker.jobs``; tasks pass only the request id.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.messages import MAX_CANDIDATES, SCHEMA_VERSION, FaceInfo, _Model
+
+Point = tuple[float, float]
+
+
+class SearchedFace(FaceInfo):
+    """The face intake chose: what the result reports (:class:`FaceInfo`) plus the five landmarks
+    (YuNet order: right eye, left eye, nose tip, right and left mouth corner) the engines align on."""
+
+    landmarks: tuple[Point, Point, Point, Point, Point]
+
+    def info(self) -> FaceInfo:
+        """What the candidate list tells the agency about this face."""
+        return FaceInfo(**self.model_dump(exclude={"landmarks"}))
+
+
+class Job(_Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    agency_id: str
+    user_id: str
+    case_number: str
+    offence_code: str
+    purpose: str
+    image_key: str = Field(description="the probe image in the object store")
+    probe_sha256: str
+    candidates: int = Field(ge=1, le=MAX_CANDIDATES)
+    face_index: int | None = Field(default=None, ge=0)
+    engines: tuple[str, ...] = Field(min_length=1, description="the engines this search waits for")
+    received_at: float = Field(description="epoch seconds, at the gateway")
+    stream_entry_id: str = Field(description="the intake stream entry that carried the request")
+    face: SearchedFace | None = Field(default=None, description="set by intake")
+
+    def with_face(self, face: SearchedFace) -> Job:
+        return self.model_copy(update={"face": face})

@@ -1,0 +1,193 @@
+"""The ``quorum`` command without a stack: its command tree, and that a user's mistake ends in a
+message on stderr and a non-zero exit status, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from cli.common import redacted
+from cli.main import main
+from cli.processes import WORKER_ROLES
+from core.config import settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+TOP_LEVEL = {
+    "gateway",
+    "worker",
+    "up",
+    "down",
+    "status",
+    "enroll",
+    "gallery",
+    "search",
+    "demo",
+    "db",
+    "registry",
+    "audit",
+    "report",
+    "disposition",
+    "case",
+    "probes",
+    "eval",
+    "calibrate",
+    "stack-supervise",
+}  # hidden: the local stack's supervisor process
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings(tmp_path, monkeypatch):
+    """Each test reads its own settings: a private home, no settings file, nothing from the caller."""
+    monkeypatch.setenv("QUORUM_HOME", str(tmp_path / "home"))
+    for var in ("QUORUM_SETTINGS", "QUORUM_REDIS_URL", "QUORUM_ENGINES", "QUORUM_AGENCY_SECRET", "QUORUM_DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    settings.cache_clear()
+    yield
+    settings.cache_clear()
+
+
+@pytest.fixture()
+def image(tmp_path) -> Path:
+    p = tmp_path / "probe.jpg"
+    p.write_bytes(b"not decoded before it reaches the gateway")
+    return p
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def assert_clean_failure(res: Result) -> None:
+    """Exit status non-zero, an ``error:`` line on stderr, and no exception escaped the command."""
+    assert res.exit_code != 0, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    assert res.stderr.startswith("error: "), res.stderr
+
+
+def _groups(group: click.Group, path: tuple[str, ...] = ()):
+    yield path, group
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _groups(cmd, (*path, name))
+
+
+def test_the_root_group_has_every_command():
+    assert set(main.commands) == TOP_LEVEL
+
+
+@pytest.mark.parametrize("path,group", [pytest.param(p, g, id=" ".join(p) or "quorum") for p, g in _groups(main)])
+def test_help_of_every_group_lists_its_commands(path, group):
+    res = run(*path, "--help")
+    assert res.exit_code == 0, res.output
+    listed = {line.split()[0] for line in res.output.split("Commands:", 1)[1].splitlines() if line.startswith("  ")}
+    assert listed == {n for n, c in group.commands.items() if not c.hidden}, res.output
+
+
+def test_python_dash_m_cli_runs_the_same_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "search" in out.stdout and "disposition" in out.stdout
+
+
+def test_worker_roles_are_the_broker_queues():
+    from broker.app import ROLE_QUEUES
+
+    assert tuple(ROLE_QUEUES) == WORKER_ROLES
+
+
+def test_unknown_worker_role_is_refused_by_click():
+    res = run("worker", "arcface")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "Invalid value" in res.stderr and "'arcface' is not one of" in res.stderr
+
+
+def test_empty_case_is_a_clean_error(image):
+    res = run("search", str(image), "--case", "", "--offence", "O", "--purpose", "P", "--secret", "s")
+    assert_clean_failure(res)
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: --case: ") and "at least 1 character" in res.stderr
+
+
+def test_search_with_no_stack_says_how_to_start_it(image):
+    res = run(
+        "search",
+        str(image),
+        "--case",
+        "C-1",
+        "--offence",
+        "O",
+        "--purpose",
+        "P",
+        "--secret",
+        "s",
+        env={"QUORUM_REDIS_URL": "redis://127.0.0.1:1/0"},
+    )
+    assert_clean_failure(res)
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in res.stderr
+    assert "start the local stack with `quorum up` or set QUORUM_REDIS_URL" in res.stderr
+
+
+def test_gallery_snapshot_with_no_stack_fails_fast():
+    res = run("gallery", "snapshot", env={"QUORUM_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert_clean_failure(res)
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in res.stderr
+
+
+def test_search_without_a_secret_looks_in_the_registry_then_says_the_stack_is_down(image):
+    res = run(
+        "search",
+        str(image),
+        "--case",
+        "C-1",
+        "--offence",
+        "O",
+        "--purpose",
+        "P",
+        env={"QUORUM_REDIS_URL": "redis://127.0.0.1:1/0"},
+    )
+    assert_clean_failure(res)
+    assert "cannot reach Redis" in res.stderr
+
+
+def test_a_coded_error_prints_its_code():
+    res = run(
+        "registry", "user", "add", "u1", "--agency", "no-such-agency", "--role", "investigator", "--actor", "tester"
+    )
+    assert_clean_failure(res)
+    assert res.exit_code == 2 and res.stderr.startswith("error: UNKNOWN_AGENCY: ")
+
+
+def test_a_bad_setting_is_a_clean_error():
+    res = run("status", env={"QUORUM_ENGINES": "sface,arcface"})
+    assert_clean_failure(res)
+    assert "QUORUM_ENGINES" in res.stderr and "unknown engine 'arcface'" in res.stderr
+
+
+def test_a_missing_settings_file_is_a_clean_error(tmp_path):
+    res = run("status", env={"QUORUM_SETTINGS": str(tmp_path / "absent.toml")})
+    assert_clean_failure(res)
+    assert "absent.toml" in res.stderr
+
+
+def test_passwords_are_not_printed():
+    assert redacted("redis://svc:s3cret@redis.example:6379/0") == "redis://svc:***@redis.example:6379/0"
+    assert redacted("redis://127.0.0.1:6390/0") == "redis://127.0.0.1:6390/0"
+
+
+def test_refusal_codes_name_the_next_step() -> None:
+    from cli.search import NEXT_STEP, next_step
+
+    hint = next_step("UNKNOWN_AGENCY", agency="demo-agency", user="u", offence="O", purpose="P")
+    assert hint is not None and "quorum registry agency add demo-agency" in hint
+    for code, text in NEXT_STEP.items():  # every hint is filled in without a missing placeholder
+        assert "{" not in next_step(code, agency="a", user="u", offence="o", purpose="p"), code
+        assert code.isupper() and text

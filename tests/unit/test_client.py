@@ -1,0 +1,68 @@
+"""QuorumClient notices a refusal keyed by its intake entry at once (fakeredis: pure client logic)."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+
+from broker import keys
+from broker.client import QuorumClient
+from broker.results import publish
+from schemas import ErrorResult
+
+
+@pytest.fixture()
+def client() -> QuorumClient:
+    c = QuorumClient("redis://unused", "lasd", "inv-1", secret="s" * 32)
+    c.redis = fakeredis.FakeRedis()
+    return c
+
+
+def _refuse(client: QuorumClient, entry_id: str, request_id: str | None, code: str) -> None:
+    err = ErrorResult(
+        request_id=request_id,
+        agency_id="lasd",
+        stream_entry_id=entry_id,
+        code=code,
+        message="refused",
+        retryable=False,
+        stage="gateway",
+    )
+    publish(client.redis, err, ttl_s=60, keyed=False)
+
+
+def test_refusal_on_the_stream_only_is_returned_at_once(client: QuorumClient) -> None:
+    rid = client.submit(
+        b"\xff\xd8\xff fake jpeg", case_number="C-1", offence_code="PC211", purpose="criminal-investigation"
+    )
+    entry = client.entries[rid]
+    _refuse(client, entry, None, "UNKNOWN_AGENCY")  # answered before wait() starts reading
+    t0 = time.monotonic()
+    res = client.wait(rid, timeout=5)
+    assert isinstance(res, ErrorResult) and res.code == "UNKNOWN_AGENCY" and res.stream_entry_id == entry
+    assert time.monotonic() - t0 < 2
+
+
+def test_refusal_of_another_entry_is_not_taken(client: QuorumClient) -> None:
+    rid = client.submit(b"x", case_number="C-1", offence_code="PC211", purpose="criminal-investigation")
+    other = client.redis.xadd(keys.intake_stream("lasd"), {"payload": "{}"}).decode()
+    _refuse(client, other, rid, "DUPLICATE_REQUEST")  # someone else's entry reusing our id
+    with pytest.raises(TimeoutError):
+        client.wait(rid, timeout=1.2)
+
+
+def test_keyed_result_still_found(client: QuorumClient) -> None:
+    rid = client.submit(b"x", case_number="C-1", offence_code="PC211", purpose="criminal-investigation")
+    err = ErrorResult(
+        request_id=rid,
+        agency_id="lasd",
+        stream_entry_id=client.entries[rid],
+        code="NO_FACE",
+        message="no face",
+        retryable=False,
+        stage="intake",
+    )
+    client.redis.set(keys.result_key("lasd", rid), err.model_dump_json())  # as publish() does
+    assert client.wait(rid, timeout=5).code == "NO_FACE"

@@ -1,0 +1,424 @@
+"""Admission: the rules an intake stream entry must pass before its search starts, as plain steps.
+
+One entry goes through ``parse -> check_version -> authenticate -> validate -> claim -> authorise ->
+store -> admit``; each step takes an explicit :class:`AdmissionContext` (Redis, the object store, the
+settings, the registry, a clock) and returns the next step's input or raises the
+:class:`~core.errors.InputError` that refuses the entry, with its stable code. :func:`admit_entry` runs
+the chain and returns an :class:`Admission` (the :class:`~schemas.job.Job` to dispatch) or a
+:class:`Refusal` (the error and how to answer it). Nothing here reads a stream, publishes an answer,
+counts a metric or writes a refusal's audit record: the gateway does that once per outcome
+(:func:`record_refusal` is the audit hook it calls).
+
+The rules, in order (the first failure wins):
+
+1. ``parse``: the entry has a ``payload`` field holding JSON (``INVALID_MESSAGE``). A ``request_id``
+   string in it (at most 128 characters) is remembered for the answer, unvalidated.
+2. ``check_version``: a ``schema_version`` other than the one supported (``UNSUPPORTED_SCHEMA_VERSION``).
+3. ``authenticate`` (README "Accountability"; only for a JSON object): the agency of the stream is
+   registered (``UNKNOWN_AGENCY``), an inline image is not over ``max_image_bytes`` (``IMAGE_TOO_LARGE``,
+   before it is hashed for the signature), the entry is signed with the agency's secret
+   (``broker.signing``: ``BAD_SIGNATURE``), recently (``STALE_TIMESTAMP``: judged at the entry's
+   arrival, which Redis stamps into its id, so an entry redelivered after an outage is judged as it
+   was then; an id in the future is stale too), and once (``REPLAYED_NONCE``: ``SET
+   broker.keys.nonce_key NX`` for twice the window; the same entry redelivered keeps its nonce).
+4. ``validate``: a case number is present and not a placeholder (``CASE_NUMBER_MISSING``, before the
+   schema, so that a missing one is named as such), the message fits :class:`~schemas.ProbeRequest`
+   (``INVALID_MESSAGE`` with a summary of the first five problems), and names the agency of the stream
+   it came on (``AGENCY_MISMATCH``).
+
+   Refusals up to here answer on the results stream only (``keyed=False``): a request id we could not
+   validate is not claimed, and does not set the request's result key.
+5. ``claim``: the request id is claimed for this entry (``SET broker.keys.request_key NX`` for
+   ``result_ttl_s``); another entry holding it is ``DUPLICATE_REQUEST`` (also answered on the stream
+   only: it is not *the* answer to that request id). The same entry redelivered (a gateway died
+   mid-way) finds its own claim and carries on: every later step is idempotent.
+6. ``authorise``: the registry policy (``accountability.policy.check``: agency, user, role,
+   certificate, case number, offence, purpose), then the agency's daily quota (``QUOTA_EXCEEDED``;
+   ``broker.keys.quota_key`` counts a UTC day, 0 is unlimited).
+7. ``store``: an inline image (base64) is decoded (``INVALID_MESSAGE``), must not be empty
+   (``IMAGE_EMPTY``) or over ``max_image_bytes`` (``IMAGE_TOO_LARGE``), and is stored under
+   ``probes/<sha256>``; an object key must name an object (``IMAGE_MISSING``) that is neither empty nor
+   too large.
+8. ``admit``: the accepted submission is written to the audit trail, then the job is saved
+   (``broker.jobs.save_job``); the caller's ``dispatch`` then starts the pipeline.
+
+Refusals from step 6 on are the request's answer (keyed under its result key). If a dependency fails
+(a :class:`~core.errors.ServiceError`: Redis, the store, the audit database, the broker) anywhere after
+the claim, the claim is released in one place, so that the entry, left pending by the gateway, can be
+admitted when it is retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from pydantic import ValidationError
+
+from accountability import audit, policy
+from accountability.policy import RegistrySnapshot
+from broker import keys, signing
+from broker.jobs import save_job
+from broker.keys import as_str
+from broker.redis_errors import redis_boundary
+from core.config import Settings
+from core.errors import Code, InputError, QuorumError, ServiceError
+from core.objectstore import ObjectStore, put_content
+from schemas import InlineImage, ProbeRequest
+from schemas.job import Job
+from schemas.messages import SCHEMA_VERSION
+
+log = structlog.get_logger()
+
+MAX_REQUEST_ID = 128  # longer request ids are not echoed back in a refusal
+
+
+class Registry(Protocol):
+    """What admission needs of the registry (``accountability.registry.SnapshotCache`` is one)."""
+
+    def get(self) -> RegistrySnapshot: ...
+
+    def secret(self, agency_id: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class AdmissionContext:
+    redis: Any
+    store: ObjectStore
+    settings: Settings
+    registry: Registry
+    now: Callable[[], float] = field(default=time.time)  # epoch seconds
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """An entry whose payload is JSON (``doc``: anything JSON can hold, not yet validated)."""
+
+    fields: dict[str, Any]
+    doc: Any
+    request_id: str | None  # the doc's request id, unvalidated: echoed in a refusal, never claimed
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    key: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An accepted entry: its audit record is written and its job saved; dispatch ``job``."""
+
+    job: Job
+    request: ProbeRequest
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """How to answer a refused entry.
+
+    ``request_id``: the one to echo (validated from ``claim`` on, else whatever the payload said);
+    ``keyed``: whether the answer is the request's result (set under its result key) or only an entry
+    on the results stream; ``doc``: the parsed payload, for the audit record's context.
+    """
+
+    error: QuorumError
+    request_id: str | None = None
+    keyed: bool = False
+    doc: Any = None
+
+
+# ---- the chain ------------------------------------------------------------------------------------
+
+
+def admit_entry(
+    ctx: AdmissionContext,
+    agency: str,
+    entry_id: str,
+    fields: Mapping[Any, Any],
+    *,
+    dispatch: Callable[[Job], None] | None = None,
+) -> Admission | Refusal:
+    """Run the steps for one entry of ``agency``'s intake stream.
+
+    Returns the :class:`Admission` (after ``dispatch(job)``, when given, has returned) or the
+    :class:`Refusal`. Raises :class:`~core.errors.ServiceError` when a dependency fails: the entry must
+    then stay pending, and its request id claim has been released.
+    """
+    parsed: Parsed | None = None
+    try:
+        parsed = parse(fields)
+        check_version(parsed)
+        authenticate(ctx, agency, entry_id, parsed)
+        req = validate(agency, parsed)
+    except InputError as err:
+        return Refusal(err, parsed.request_id if parsed else None, keyed=False, doc=parsed.doc if parsed else None)
+    try:
+        claim_key = claim(ctx, agency, entry_id, req)
+    except InputError as err:  # DUPLICATE_REQUEST: the audit record names no more than the request id
+        return Refusal(err, req.request_id, keyed=False)
+    try:
+        authorise(ctx, agency, req)
+        image = store(ctx, req)
+        admission = admit(ctx, agency, entry_id, req, image)
+        if dispatch is not None:
+            dispatch(admission.job)
+        return admission
+    except InputError as err:
+        return Refusal(err, req.request_id, keyed=True, doc=parsed.doc)
+    except ServiceError:
+        release(ctx, claim_key)
+        raise
+
+
+def parse(fields: Mapping[Any, Any]) -> Parsed:
+    """The entry's fields (keys as str) and its payload parsed as JSON."""
+    f = {as_str(k): v for k, v in fields.items()}
+    raw = f.get("payload")
+    if raw is None:
+        raise InputError(Code.INVALID_MESSAGE, "the entry has no 'payload' field")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(Code.INVALID_MESSAGE, f"payload is not JSON: {exc}") from exc
+    rid = doc.get("request_id") if isinstance(doc, dict) else None
+    return Parsed(f, doc, rid if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID else None)
+
+
+def check_version(parsed: Parsed) -> Parsed:
+    doc = parsed.doc
+    if isinstance(doc, dict) and "schema_version" in doc and doc["schema_version"] != SCHEMA_VERSION:
+        raise InputError(
+            Code.UNSUPPORTED_SCHEMA_VERSION,
+            f"schema_version {doc['schema_version']!r} is not supported (use {SCHEMA_VERSION})",
+        )
+    return parsed
+
+
+def authenticate(ctx: AdmissionContext, agency: str, entry_id: str, parsed: Parsed) -> Parsed:
+    """The agency exists and signed this entry, recently, once (see ``broker.signing``).
+
+    A payload that is not a JSON object is left to :func:`validate` to refuse.
+    """
+    doc = parsed.doc
+    if not isinstance(doc, dict):
+        return parsed
+    snapshot(ctx)  # refreshes the secrets too
+    secret = ctx.registry.secret(agency)
+    if secret is None:
+        raise InputError(Code.UNKNOWN_AGENCY, f"agency {agency!r} is not a registered member")
+    image = doc.get("image")
+    limit = ctx.settings.max_image_bytes
+    b64 = image.get("data_b64") if isinstance(image, dict) else None
+    if isinstance(b64, str) and len(b64) * 3 // 4 > limit + 3:  # before hashing it for the signature
+        raise InputError(Code.IMAGE_TOO_LARGE, f"inline image over the limit of {limit} bytes")
+    window = ctx.settings.signature_window_s
+    received = int(entry_id.split("-", 1)[0]) / 1000.0
+    if received > ctx.now() + window:
+        raise InputError(Code.STALE_TIMESTAMP, "the stream entry id lies in the future")
+    signed = signing.verify(secret, doc, parsed.fields, now=received, window_s=window)
+    key = keys.nonce_key(agency, signed.nonce)
+    with redis_boundary("checking a nonce"):
+        fresh = ctx.redis.set(key, entry_id, nx=True, ex=2 * window + 60)
+        if not fresh and as_str(ctx.redis.get(key) or b"") != entry_id:
+            raise InputError(Code.REPLAYED_NONCE, f"nonce {signed.nonce} was used before")
+    return parsed
+
+
+def validate(agency: str, parsed: Parsed) -> ProbeRequest:
+    doc = parsed.doc
+    if isinstance(doc, dict):
+        case = doc.get("case_number")
+        if case is None or isinstance(case, str):
+            missing = policy.case_number_problem(case)
+            if missing is not None and missing.code == Code.CASE_NUMBER_MISSING:
+                raise missing
+    try:
+        req = ProbeRequest.model_validate(doc)
+    except ValidationError as exc:
+        raise InputError(Code.INVALID_MESSAGE, _validation_summary(exc)) from exc
+    if req.agency_id != agency:
+        raise InputError(Code.AGENCY_MISMATCH, f"agency_id {req.agency_id!r} written to the stream of {agency!r}")
+    return req
+
+
+def claim(ctx: AdmissionContext, agency: str, entry_id: str, req: ProbeRequest) -> str:
+    """Claim the request id for this entry; returns the claim's key (for :func:`release`)."""
+    key = keys.request_key(agency, req.request_id)
+    with redis_boundary("claiming a request id"):
+        if ctx.redis.set(key, entry_id, nx=True, ex=ctx.settings.result_ttl_s):
+            return key
+        first = as_str(ctx.redis.get(key) or b"")
+    if first != entry_id:
+        raise InputError(Code.DUPLICATE_REQUEST, f"request id already used by entry {first}")
+    return key  # the same entry redelivered: carry on, every later step is idempotent
+
+
+def release(ctx: AdmissionContext, claim_key: str) -> None:
+    """Give a request id back (a dependency failed after the claim); best effort when Redis is down."""
+    try:
+        with redis_boundary("releasing a request id"):
+            ctx.redis.delete(claim_key)
+    except ServiceError as err:  # the claim names this entry, so its retry still carries on
+        log.warning("admission.release_failed", claim=claim_key, error=err.message)
+
+
+def authorise(ctx: AdmissionContext, agency: str, req: ProbeRequest) -> ProbeRequest:
+    """The registry policy, then the daily quota (counted only for a search the policy allows)."""
+    snap = snapshot(ctx)
+    now = ctx.now()
+    refusal = policy.check(req, snap, datetime.fromtimestamp(now, UTC))
+    if refusal is not None:
+        raise refusal
+    take_quota(ctx, agency, snap.agencies[agency].daily_quota, now)
+    return req
+
+
+def take_quota(ctx: AdmissionContext, agency: str, quota: int, now: float) -> None:
+    """Count one search against the agency's daily quota (0: unlimited); ``QUOTA_EXCEEDED`` when over."""
+    if quota <= 0:
+        return
+    day = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+    key = keys.quota_key(agency, day)
+    with redis_boundary("counting the quota"):
+        pipe = ctx.redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, 2 * 86400)
+        used, _ = pipe.execute()
+        if used > quota:
+            ctx.redis.decr(key)
+            raise InputError(Code.QUOTA_EXCEEDED, f"agency {agency!r} used its {quota} searches for {day}")
+
+
+def store(ctx: AdmissionContext, req: ProbeRequest) -> StoredImage:
+    """Store an inline image under its SHA-256, or check the object an image key names."""
+    limit = ctx.settings.max_image_bytes
+    if isinstance(req.image, InlineImage):
+        b64 = req.image.data_b64
+        if len(b64) * 3 // 4 > limit + 3:
+            raise InputError(Code.IMAGE_TOO_LARGE, f"inline image over the limit of {limit} bytes")
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InputError(Code.INVALID_MESSAGE, "image.data_b64 is not valid base64") from exc
+        if not data:
+            raise InputError(Code.IMAGE_EMPTY, "the image is empty")
+        if len(data) > limit:
+            raise InputError(Code.IMAGE_TOO_LARGE, f"{len(data)} bytes is over the limit of {limit}")
+        key = put_content(ctx.store, "probes", data)
+        return StoredImage(key, hashlib.sha256(data).hexdigest())
+    key = req.image.key
+    size = ctx.store.size(key)
+    if size is None:
+        raise InputError(Code.IMAGE_MISSING, f"no object {key} in the store")
+    if size == 0:
+        raise InputError(Code.IMAGE_EMPTY, "the image is empty")
+    if size > limit:
+        raise InputError(Code.IMAGE_TOO_LARGE, f"{size} bytes is over the limit of {limit}")
+    return StoredImage(key, key.rsplit("/", 1)[-1])
+
+
+def admit(ctx: AdmissionContext, agency: str, entry_id: str, req: ProbeRequest, image: StoredImage) -> Admission:
+    """Audit the accepted submission, then save its job (nothing runs unaudited)."""
+    audit.record(
+        ctx.settings,
+        audit.AuditEvent(
+            action=audit.SEARCH_SUBMITTED,
+            outcome="accepted",
+            agency=agency,
+            actor=req.user_id,
+            request_id=req.request_id,
+            case_number=req.case_number,
+            offence_code=req.offence_code,
+            purpose=req.purpose,
+            probe_sha256=image.sha256,
+            details={"entry_id": entry_id, "image_key": image.key},
+        ),
+    )
+    job = Job(
+        request_id=req.request_id,
+        agency_id=agency,
+        user_id=req.user_id,
+        case_number=req.case_number,
+        offence_code=req.offence_code,
+        purpose=req.purpose,
+        image_key=image.key,
+        probe_sha256=image.sha256,
+        candidates=req.candidates,
+        face_index=req.face_index,
+        engines=tuple(ctx.settings.engines),
+        received_at=ctx.now(),
+        stream_entry_id=entry_id,
+    )
+    with redis_boundary("saving a job"):
+        save_job(ctx.redis, job, ttl_s=ctx.settings.result_ttl_s)
+    return Admission(job, req)
+
+
+# ---- helpers and the refusal hook ------------------------------------------------------------------
+
+
+def snapshot(ctx: AdmissionContext) -> RegistrySnapshot:
+    """The registry snapshot; the database's errors become ``AUDIT_UNAVAILABLE``."""
+    try:
+        return ctx.registry.get()
+    except ServiceError:
+        raise
+    except Exception as exc:  # the database's errors, translated at the boundary
+        raise ServiceError(Code.AUDIT_UNAVAILABLE, f"registry read failed: {type(exc).__name__}") from exc
+
+
+def record_refusal(ctx: AdmissionContext, agency: str, entry_id: str, refusal: Refusal) -> None:
+    """Write a refusal's audit record (before it is answered). Raises ``AUDIT_UNAVAILABLE`` if it cannot."""
+    err = refusal.error
+    c = audit_context(refusal.doc)
+    audit.record(
+        ctx.settings,
+        audit.AuditEvent(
+            action=audit.SEARCH_SUBMITTED,
+            outcome="refused",
+            code=err.code.value,
+            agency=agency,
+            actor=c.get("user_id", ""),
+            request_id=refusal.request_id or "",
+            case_number=c.get("case_number", ""),
+            offence_code=c.get("offence_code", ""),
+            purpose=c.get("purpose", ""),
+            probe_sha256=c.get("probe_sha256", ""),
+            details={"entry_id": entry_id, "reason": err.message[:500]},
+        ),
+    )
+
+
+def audit_context(doc: object) -> dict[str, str]:
+    """What a (possibly broken) request says about who, why and which image, for its audit record."""
+    if not isinstance(doc, dict):
+        return {}
+    out = {
+        k: doc[k] for k in ("user_id", "case_number", "offence_code", "purpose") if isinstance(doc.get(k), (str, int))
+    }
+    image = doc.get("image")
+    if isinstance(image, dict):
+        if isinstance(image.get("key"), str):
+            out["probe_sha256"] = image["key"].rsplit("/", 1)[-1]
+        elif isinstance(image.get("data_b64"), str):
+            with contextlib.suppress(binascii.Error, ValueError):
+                out["probe_sha256"] = hashlib.sha256(base64.b64decode(image["data_b64"], validate=True)).hexdigest()
+    return out
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e["loc"]) or "(message)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
