@@ -113,7 +113,7 @@ def enrol(
     for engine in s.engines:
         for i in range(0, len(records), batch):
             chunk = records[i : i + batch]
-            res = app.send_task(TASK_ENROLL, args=[engine, chunk], queue=engine_queue(engine))
+            res = app.send_task(TASK_ENROLL, kwargs={"engine": engine, "items": chunk}, queue=engine_queue(engine))
             pending.append((engine, len(chunk), res))
     total = sum(n for _, n, _ in pending)
     report = EnrolReport(images=len(records))

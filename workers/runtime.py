@@ -54,6 +54,20 @@ class Runtime:
         data = self.store.get(key, max_bytes=s.max_image_bytes)
         return decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
 
+    def context(self):
+        """The stage context (``workers.stages.StageContext``) over this process's lazily loaded parts."""
+        from workers.stages import StageContext
+
+        return StageContext(
+            redis=self.redis,
+            settings=self.settings,
+            load_image=self.load_image,
+            detect=lambda image: self.detector.detect(image),
+            engine=self.engine,
+            replica=self.replica,
+            calibration=lambda: self.calibration,
+        )
+
     def engine(self, name: str):
         if name not in self._engines:
             from workers.engines import get_engine

@@ -34,10 +34,10 @@ def run_worker(role: str, concurrency: int = 1) -> None:
         raise SystemExit(f"unknown role {role!r}; roles: {', '.join(ROLE_QUEUES)}")
     s = settings()
     configure_logging(s.log_level, s.log_json)
-    from workers import instrument
+    from workers import hooks
     from workers.runtime import runtime
 
-    instrument.install()
+    hooks.install()
     runtime.role = role
     _start_metrics()
     if role in s.engines:

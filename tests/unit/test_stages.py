@@ -1,0 +1,366 @@
+"""The pipeline's stages (workers.stages) with an explicit context: fakeredis (with Lua, for the
+publish-once script), a real HNSW gallery index, and a stand-in engine and detector whose outputs the
+tests choose. The hooks (workers.hooks) are checked against what the stages return.
+
+These test the decisions (what is sent next, what is published, when fusion waits, extends or
+degrades); real models, real Redis and real worker processes are exercised by tests/integration."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+
+from broker import keys
+from broker.app import FUSION_QUEUE, TASK_FUSE, TASK_SEARCH, engine_queue
+from broker.jobs import load_job, save_job
+from broker.results import fetch
+from core import metrics
+from core.config import Settings
+from core.errors import Code, ServiceError
+from schemas import CandidateList, EngineResult, ErrorResult
+from schemas.job import Job
+from workers import hooks, stages
+from workers.detect import Face
+from workers.gallery import GalleryIndex
+from workers.stages import StageContext
+
+DIM = 8
+ENGINES = ("e1", "e2")
+FACE = Face(box=(10.0, 10.0, 80.0, 80.0), landmarks=((30, 40), (60, 40), (45, 55), (32, 70), (58, 70)), score=0.9)
+IMAGE = np.zeros((100, 100, 3), dtype=np.uint8)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+class StandInEngine:
+    """Embeds every image to a fixed vector the test chooses (the engine interface, no model)."""
+
+    def __init__(self, name: str, vector: np.ndarray | None = None, fail: Exception | None = None) -> None:
+        self.name, self.version, self.dim = name, f"{name}-v1", DIM
+        self.vector = vector if vector is not None else _unit(np.arange(1, DIM + 1, dtype=np.float32))
+        self.fail = fail
+        self.calls = 0
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        self.calls += 1
+        if self.fail:
+            raise self.fail
+        return self.vector
+
+    def embed_batch(self, items):
+        return np.stack([self.embed(img, f) for img, f in items]) if items else np.zeros((0, DIM), np.float32)
+
+
+class StandInReplica:
+    def __init__(self, index: GalleryIndex) -> None:
+        self.index = index
+        self.synced = 0
+
+    def sync(self) -> int:
+        self.synced += 1
+        return 0
+
+
+def _gallery(n: int = 30, seed: int = 1) -> GalleryIndex:
+    """Synthetic gallery (random unit vectors; fine for testing the decisions, not accuracy)."""
+    rng = np.random.default_rng(seed)
+    idx = GalleryIndex(DIM, capacity=64)
+    idx.add(list(range(n)), [f"s{i}" for i in range(n)], np.stack([_unit(rng.normal(size=DIM)) for _ in range(n)]))
+    return idx
+
+
+class World:
+    def __init__(self, **settings: Any) -> None:
+        self.redis = fakeredis.FakeRedis()
+        self.settings = Settings(
+            search_timeout_s=60, fusion_deadline_s=5, result_ttl_s=600, min_face_pixels=20, **settings
+        )
+        self.faces: list[Face] = [FACE]
+        self.image_error: Exception | None = None
+        self.engines = {e: StandInEngine(e) for e in ENGINES}
+        self.replicas = {e: StandInReplica(_gallery()) for e in ENGINES}
+        self.clock = time.time()
+
+    def load_image(self, key: str) -> np.ndarray:
+        if self.image_error:
+            raise self.image_error
+        return IMAGE
+
+    def ctx(self) -> StageContext:
+        return StageContext(
+            redis=self.redis,
+            settings=self.settings,
+            load_image=self.load_image,
+            detect=lambda image: list(self.faces),
+            engine=lambda name: self.engines[name],
+            replica=lambda name: self.replicas[name],
+            now=lambda: self.clock,
+        )
+
+    def job(self, **kw: Any) -> Job:
+        job = Job(
+            request_id=uuid.uuid4().hex,
+            agency_id="agency-a",
+            user_id="inv",
+            case_number="2026-1",
+            offence_code="PC211",
+            purpose="criminal-investigation",
+            image_key="probes/x.jpg",
+            probe_sha256="0" * 64,
+            candidates=10,
+            engines=ENGINES,
+            received_at=self.clock,
+            stream_entry_id="1-1",
+            **kw,
+        )
+        save_job(self.redis, job, ttl_s=600)
+        return job
+
+    def prepared(self) -> Job:
+        job = self.job()
+        stages.prepare(self.ctx(), request_id=job.request_id)
+        loaded = load_job(self.redis, job.request_id)
+        assert loaded is not None and loaded.face is not None
+        return loaded
+
+
+@pytest.fixture
+def w() -> World:
+    return World()
+
+
+# ---- intake ------------------------------------------------------------------------------------------
+
+
+def test_prepare_chooses_the_face_and_fans_out_by_name_with_a_backstop(w):
+    job = w.job()
+    res = stages.prepare(w.ctx(), request_id=job.request_id)
+    assert res.status == "dispatched" and res.published is None
+    saved = load_job(w.redis, job.request_id)
+    assert saved is not None and saved.face is not None
+    assert saved.face.box == FACE.box and saved.face.chosen_by == "largest" and saved.face.faces_found == 1
+    searches = [m for m in res.send if m.task == TASK_SEARCH]
+    assert [(m.kwargs, m.queue, m.task_id) for m in searches] == [
+        ({"request_id": job.request_id, "engine": e}, engine_queue(e), f"{job.request_id}.{e}") for e in ENGINES
+    ]
+    (backstop,) = [m for m in res.send if m.task == TASK_FUSE]
+    assert backstop.kwargs == {"request_id": job.request_id, "final": True}
+    assert backstop.queue == FUSION_QUEUE and backstop.countdown == w.settings.search_timeout_s
+
+
+def test_prepare_answers_a_probe_without_a_face_with_its_code_and_sends_nothing(w):
+    w.faces = []
+    job = w.job()
+    res = stages.prepare(w.ctx(), request_id=job.request_id)
+    assert res.status == Code.NO_FACE.value and res.send == ()
+    assert isinstance(res.published, ErrorResult) and res.published.code == Code.NO_FACE.value
+    answer = fetch(w.redis, job.agency_id, job.request_id)
+    assert isinstance(answer, ErrorResult) and answer.stage == "intake"
+    assert w.redis.xlen(keys.results_stream(job.agency_id)) == 1
+    # Asked again (a redelivery), it publishes nothing more.
+    again = stages.prepare(w.ctx(), request_id=job.request_id)
+    assert again.published is None and w.redis.xlen(keys.results_stream(job.agency_id)) == 1
+
+
+def test_prepare_raises_a_dependency_failure_to_be_retried_and_answers_it_on_the_last_attempt(w):
+    w.image_error = ServiceError(Code.STORE_UNAVAILABLE, "store down")
+    job = w.job()
+    with pytest.raises(ServiceError):
+        stages.prepare(w.ctx(), request_id=job.request_id, last_attempt=False)
+    assert fetch(w.redis, job.agency_id, job.request_id) is None
+    res = stages.prepare(w.ctx(), request_id=job.request_id, last_attempt=True)
+    assert isinstance(res.published, ErrorResult)
+    assert res.published.code == Code.STORE_UNAVAILABLE.value and res.published.retryable
+
+
+def test_prepare_turns_an_unexpected_exception_into_an_internal_error_result(w):
+    w.image_error = ZeroDivisionError("boom")
+    job = w.job()
+    res = stages.prepare(w.ctx(), request_id=job.request_id)
+    assert isinstance(res.published, ErrorResult) and res.published.code == Code.INTERNAL.value
+    assert "ZeroDivisionError" in res.published.message
+
+
+def test_prepare_of_an_unknown_job_is_missing(w):
+    assert stages.prepare(w.ctx(), request_id="nope").status == "missing"
+
+
+# ---- engines ---------------------------------------------------------------------------------------------
+
+
+def test_first_engine_in_starts_the_deadline_and_the_last_asks_for_fusion(w):
+    job = w.prepared()
+    first = stages.search(w.ctx(), request_id=job.request_id, engine="e1")
+    assert first.engine_result is not None and first.engine_result.status == "ok"
+    assert len(first.engine_result.candidates) == 30  # the whole (small) gallery: engines return full lists
+    assert first.gallery_templates == 30
+    (deadline,) = first.send
+    assert deadline.kwargs == {"request_id": job.request_id, "final": True}
+    assert deadline.countdown == w.settings.fusion_deadline_s and deadline.task_id == f"{job.request_id}.deadline"
+    last = stages.search(w.ctx(), request_id=job.request_id, engine="e2")
+    assert [(m.task, m.kwargs, m.countdown) for m in last.send] == [
+        (TASK_FUSE, {"request_id": job.request_id, "final": False}, None)
+    ]
+
+
+def test_a_redelivered_search_does_not_recompute(w):
+    job = w.prepared()
+    stages.search(w.ctx(), request_id=job.request_id, engine="e1")
+    again = stages.search(w.ctx(), request_id=job.request_id, engine="e1")
+    assert w.engines["e1"].calls == 1 and again.engine_result is None and again.send == ()
+
+
+def test_engine_failures_become_coded_engine_results(w):
+    job = w.prepared()
+    w.engines["e1"].fail = RuntimeError("cuda fell over")
+    w.replicas["e2"] = StandInReplica(GalleryIndex(DIM))
+    r1 = stages.search(w.ctx(), request_id=job.request_id, engine="e1").engine_result
+    r2 = stages.search(w.ctx(), request_id=job.request_id, engine="e2").engine_result
+    assert r1 is not None and (r1.status, r1.error_code) == ("error", Code.ENGINE_FAILED.value)
+    assert r2 is not None and (r2.status, r2.error_code) == ("error", Code.GALLERY_EMPTY.value)
+
+
+def test_search_after_publication_is_gone(w):
+    job = w.prepared()
+    w.redis.set(keys.job_published_key(job.request_id), 1)
+    res = stages.search(w.ctx(), request_id=job.request_id, engine="e1")
+    assert res.status == "gone" and w.engines["e1"].calls == 0
+
+
+# ---- fusion ------------------------------------------------------------------------------------------------
+
+
+def _both_engines(w: World, job: Job) -> None:
+    for e in ENGINES:
+        stages.search(w.ctx(), request_id=job.request_id, engine=e)
+
+
+def test_fusion_waits_for_every_engine_unless_final(w):
+    job = w.prepared()
+    stages.search(w.ctx(), request_id=job.request_id, engine="e1")
+    assert stages.fuse(w.ctx(), request_id=job.request_id, final=False).status == "waiting"
+
+
+def test_fusion_publishes_the_list_once(w):
+    job = w.prepared()
+    _both_engines(w, job)
+    res = stages.fuse(w.ctx(), request_id=job.request_id)
+    assert res.status == "published" and isinstance(res.published, CandidateList)
+    cl = res.published
+    assert len(cl.candidates) == job.candidates and not cl.degraded and cl.engines_contributed == list(ENGINES)
+    assert [c.rank for c in cl.candidates] == list(range(1, job.candidates + 1))
+    # Both engines embed to the same vector over the same gallery: fusion keeps their common order.
+    e1 = EngineResult.model_validate_json(w.redis.hget(keys.job_results_key(job.request_id), "e1"))
+    assert [c.subject_id for c in cl.candidates] == [c.subject_id for c in e1.candidates[: job.candidates]]
+    assert set(res.engine_results) == set(ENGINES)
+    again = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
+    assert again.status == "gone" and again.published is None
+    assert w.redis.xlen(keys.results_stream(job.agency_id)) == 1
+
+
+def test_a_missing_engine_with_a_live_worker_gets_another_deadline(w):
+    job = w.prepared()
+    stages.search(w.ctx(), request_id=job.request_id, engine="e1")
+    w.redis.set(keys.engine_alive("e2", "node-1"), 1)
+    res = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
+    assert res.status == "extended" and res.detail == {"waiting_for": ["e2"]}
+    assert [(m.kwargs, m.countdown) for m in res.send] == [
+        ({"request_id": job.request_id, "final": True}, w.settings.fusion_deadline_s)
+    ]
+    # Past the search timeout, it waits no more: the list goes out degraded.
+    w.clock += w.settings.search_timeout_s + 1
+    late = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
+    assert isinstance(late.published, CandidateList) and late.published.degraded
+    assert late.published.engines_failed == {"e2": Code.ENGINE_TIMEOUT.value}
+
+
+def test_a_missing_engine_without_a_live_worker_is_left_out_at_the_deadline(w):
+    job = w.prepared()
+    stages.search(w.ctx(), request_id=job.request_id, engine="e1")
+    res = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
+    assert isinstance(res.published, CandidateList)
+    assert res.published.degraded and res.published.engines_contributed == ["e1"]
+    assert res.published.engines_failed == {"e2": Code.ENGINE_TIMEOUT.value}
+
+
+def test_no_engine_result_is_an_error_and_an_empty_gallery_says_so(w):
+    job = w.prepared()
+    for e in ENGINES:
+        w.replicas[e] = StandInReplica(GalleryIndex(DIM))
+    _both_engines(w, job)
+    res = stages.fuse(w.ctx(), request_id=job.request_id)
+    assert isinstance(res.published, ErrorResult) and res.published.code == Code.GALLERY_EMPTY.value
+    assert res.published.stage == "fusion"
+
+    job2 = w.prepared()
+    w.engines["e1"].fail = RuntimeError("x")
+    _both_engines(w, job2)
+    res2 = stages.fuse(w.ctx(), request_id=job2.request_id)
+    assert isinstance(res2.published, ErrorResult) and res2.published.code == Code.NO_ENGINE_RESULT.value
+
+
+# ---- enrolment --------------------------------------------------------------------------------------------
+
+
+def test_enrolment_logs_templates_once_and_reports_failures_by_code(w, monkeypatch):
+    logged: list[tuple] = []
+    monkeypatch.setattr(
+        "workers.gallery.log_add_entries",
+        lambda r, eng, ver, subjects, vectors, images: logged.append((subjects, images)),
+    )
+    items = [{"subject_id": "p1", "image_key": "g/1.jpg"}, {"subject_id": "p2", "image_key": "g/2.jpg"}]
+    res = stages.enroll(w.ctx(), engine="e1", items=items)
+    assert res.detail == {"engine": "e1", "enrolled": 2, "skipped": 0, "failed": []}
+    assert logged == [(["p1", "p2"], ["g/1.jpg", "g/2.jpg"])]
+    again = stages.enroll(w.ctx(), engine="e1", items=items)
+    assert again.detail["enrolled"] == 0 and again.detail["skipped"] == 2
+    w.faces = []
+    bad = stages.enroll(w.ctx(), engine="e1", items=[{"subject_id": "p3", "image_key": "g/3.jpg"}])
+    assert bad.detail["failed"] == [{"subject_id": "p3", "image_key": "g/3.jpg", "code": Code.NO_FACE.value}]
+
+
+# ---- hooks ----------------------------------------------------------------------------------------------------
+
+
+def _sample(counter: Any, *labels: str) -> float:
+    return counter.labels(*labels)._value.get()
+
+
+def test_hooks_audit_and_count_each_published_answer_once(w, monkeypatch):
+    audited: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        "accountability.audit.record_result", lambda s, job, result, **kw: audited.append((job.request_id, result.type))
+    )
+    w.faces = []
+    bad = w.job()
+    bad_res = stages.prepare(w.ctx(), request_id=bad.request_id)
+    before = _sample(metrics.PROBES_REJECTED, bad.agency_id, Code.NO_FACE.value)
+    hooks.observe(w.settings, bad_res)
+    assert _sample(metrics.PROBES_REJECTED, bad.agency_id, Code.NO_FACE.value) == before + 1
+    assert audited == [(bad.request_id, "error")]
+
+    w.faces = [FACE]
+    good = w.prepared()
+    for e in ENGINES:
+        hooks.observe(w.settings, stages.search(w.ctx(), request_id=good.request_id, engine=e))
+    ok_before = _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok")
+    published = stages.fuse(w.ctx(), request_id=good.request_id)
+    hooks.observe(w.settings, published)
+    hooks.observe(w.settings, stages.fuse(w.ctx(), request_id=good.request_id, final=True))  # gone: nothing
+    assert audited[1:] == [(good.request_id, "candidate_list")]
+    assert _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok") == ok_before + 1
+
+
+def test_hooks_count_engine_failures_by_engine_and_code(w):
+    job = w.prepared()
+    w.engines["e1"].fail = RuntimeError("x")
+    before = _sample(metrics.ENGINE_FAILURES, "e1", Code.ENGINE_FAILED.value)
+    hooks.observe(w.settings, stages.search(w.ctx(), request_id=job.request_id, engine="e1"))
+    assert _sample(metrics.ENGINE_FAILURES, "e1", Code.ENGINE_FAILED.value) == before + 1

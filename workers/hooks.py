@@ -1,0 +1,95 @@
+"""Cross-cutting work, in one place: log context, metrics and the audit of answers.
+
+Nothing here decides anything: it observes. Two kinds of observer:
+
+- Celery signals (:func:`install`, once per worker process): before a task runs, its request id and
+  engine are bound to structlog's context; after it, the task's outcome is counted
+  (``quorum_tasks_total``); a task that raised is logged.
+- :func:`observe`, called by every task adapter (``workers.tasks``) with the
+  :class:`~workers.stages.StageResult` its stage returned: an answer the stage published is written
+  to the audit trail and counted (searches completed, refusals by code, search duration); an engine's
+  result is timed or counted as a failure; the gallery size is sampled.
+
+Stage functions (``workers.stages``) therefore hold no metric, log-context or audit code of their own.
+"""
+
+from __future__ import annotations
+
+import structlog
+from celery import signals
+
+from accountability import audit
+from broker.app import TASK_FUSE, TASK_PREPARE, TASK_SEARCH
+from core import metrics
+from core.config import Settings
+from schemas import CandidateList
+from workers.stages import StageResult
+
+log = structlog.get_logger()
+_installed = False
+
+
+def observe(settings: Settings, result: StageResult) -> None:
+    """Record what a stage produced: the audit of its answer, metrics and a log line."""
+    job, answer = result.job, result.published
+    if answer is not None and job is not None:
+        if isinstance(answer, CandidateList):
+            engines = {
+                e: {"status": res.status, "embed_ms": res.embed_ms, "search_ms": res.search_ms}
+                for e, res in result.engine_results.items()
+            }
+            audit.record_result(settings, job, answer, engines=engines)
+            outcome = "degraded" if answer.degraded else "ok"
+            metrics.SEARCHES_COMPLETED.labels(job.agency_id, outcome).inc()
+            metrics.SEARCH_DURATION.labels(outcome).observe(answer.duration_ms / 1000)
+            log.info(
+                "search.published",
+                request_id=job.request_id,
+                outcome=outcome,
+                candidates=len(answer.candidates),
+                duration_ms=answer.duration_ms,
+            )
+        else:
+            audit.record_result(settings, job, answer)
+            metrics.PROBES_REJECTED.labels(job.agency_id, answer.code).inc()
+            metrics.SEARCHES_COMPLETED.labels(job.agency_id, "error").inc()
+            log.info("probe.error", request_id=job.request_id, code=answer.code, stage=answer.stage)
+    er = result.engine_result
+    if er is not None:
+        if er.status == "ok":
+            metrics.ENGINE_DURATION.labels(er.engine, "embed").observe((er.embed_ms or 0) / 1000)
+            metrics.ENGINE_DURATION.labels(er.engine, "search").observe((er.search_ms or 0) / 1000)
+        else:
+            metrics.ENGINE_FAILURES.labels(er.engine, er.error_code or "unknown").inc()
+    if er is not None and result.gallery_templates is not None:
+        metrics.GALLERY_TEMPLATES.labels(er.engine).set(result.gallery_templates)
+    if result.status == "extended":
+        log.info("fusion.deadline_extended", request_id=job.request_id if job else None, **result.detail)
+
+
+def install() -> None:
+    """Attach the Celery signal observers (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+
+    @signals.task_prerun.connect(weak=False)
+    def _bind(task_id=None, task=None, args=None, kwargs=None, **_):
+        structlog.contextvars.clear_contextvars()
+        ctx = {"task": task.name if task else None, "task_id": task_id}
+        kw = kwargs or {}
+        if task and task.name in {TASK_PREPARE, TASK_SEARCH, TASK_FUSE} and "request_id" in kw:
+            ctx["request_id"] = kw["request_id"]
+        if "engine" in kw:
+            ctx["engine"] = kw["engine"]
+        structlog.contextvars.bind_contextvars(**ctx)
+
+    @signals.task_postrun.connect(weak=False)
+    def _count(task=None, state=None, **_):
+        metrics.TASKS.labels(task.name if task else "unknown", (state or "unknown").lower()).inc()
+        structlog.contextvars.clear_contextvars()
+
+    @signals.task_failure.connect(weak=False)
+    def _failed(task_id=None, exception=None, sender=None, **_):
+        log.error("task.failed", task=getattr(sender, "name", None), task_id=task_id, error=repr(exception))

@@ -1,0 +1,379 @@
+"""The pipeline's stages as plain functions: intake, engine search, fusion, enrolment, snapshot.
+
+Each stage takes an explicit :class:`StageContext` (Redis, settings and the process's lazily loaded
+parts) and named arguments, does its work against Redis and the object store, and returns a
+:class:`StageResult`: a status, the messages to send next (:class:`Send`, by task name), and what it
+produced (an answer it published, an engine's result). It sends nothing through Celery and records
+no metric or audit itself: the Celery tasks (``workers.tasks``) are few-line adapters that run a
+stage, hand its result to the hooks (``workers.hooks``: audit of answers, metrics, logs) and send its
+messages. The stages are therefore unit-tested with a context built from fakes
+(``tests/unit/test_stages.py``); integration tests run them through real workers.
+
+A probe's life: the gateway admits it and sends ``prepare``; :func:`prepare` finds the face and asks
+for one ``search`` per engine plus a backstop ``fuse`` at ``search_timeout_s``; :func:`search`
+records one engine's result and, when it is the first in, asks for a ``fuse`` at
+``fusion_deadline_s``, and when it is the last, for a ``fuse`` now; :func:`fuse` publishes the
+candidate list exactly once (``broker.results``). If the deadline passes with engines missing,
+an engine whose workers are alive (their heartbeat key exists) is busy, not down: fusion waits
+another deadline for it, up to ``search_timeout_s`` from receipt; one with no live worker is left
+out and the list is marked degraded.
+
+Every stage is idempotent, so late acknowledgement and redelivery after a worker dies are safe: an
+engine result is a hash field that a rerun does not recompute, enrolment skips templates already
+logged, and publication is guarded by the request's result key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from broker import keys
+from broker.app import FUSION_QUEUE, TASK_FUSE, TASK_SEARCH, engine_queue
+from broker.jobs import load_job, save_job
+from broker.results import publish
+from core.config import Settings
+from core.errors import Code, InputError, QuorumError, ServiceError
+from schemas import CandidateList, EngineCandidate, EngineResult, ErrorResult, FusedCandidate
+from schemas.job import Job, SearchedFace
+from schemas.messages import MAX_CANDIDATES
+from workers import fusion
+from workers.detect import Face, choose_face
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may use. ``workers.runtime.Runtime.context()`` builds the production one, whose
+    callables load the detector, engines and gallery replicas once per process on first use."""
+
+    redis: Any
+    settings: Settings
+    load_image: Callable[[str], np.ndarray]  # object-store key -> decoded BGR image, under size limits
+    detect: Callable[[np.ndarray], list[Face]]
+    engine: Callable[[str], Any]  # name -> workers.engines.Engine
+    replica: Callable[[str], Any]  # name -> workers.gallery.GalleryReplica (synced on use)
+    calibration: Callable[[], Any] = lambda: None  # fusion calibration (None: uncalibrated methods only)
+    now: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True)
+class Send:
+    """A message a stage asks to be sent: a task by name, its named arguments, where and when."""
+
+    task: str
+    kwargs: dict[str, Any]
+    queue: str
+    task_id: str | None = None
+    countdown: float | None = None
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str  # intake, engine, fusion, enrolment
+    status: str  # what happened, e.g. dispatched, error, missing, done, gone, waiting, extended, published
+    job: Job | None = None
+    send: tuple[Send, ...] = ()
+    published: CandidateList | ErrorResult | None = None  # the request's answer, if this stage published it
+    engine_results: dict[str, EngineResult] = field(default_factory=dict)  # fusion: what each engine said
+    engine_result: EngineResult | None = None  # search: this engine's result, if computed now
+    gallery_templates: int | None = None  # search: the replica's size when it searched
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _publish_error(ctx: StageContext, job: Job, err: QuorumError, stage: str) -> ErrorResult | None:
+    result = ErrorResult(
+        request_id=job.request_id,
+        agency_id=job.agency_id,
+        stream_entry_id=job.stream_entry_id,
+        code=err.code.value,
+        message=err.message,
+        retryable=err.retryable,
+        stage=stage,
+    )
+    return result if publish(ctx.redis, result, ttl_s=ctx.settings.result_ttl_s) else None
+
+
+def fuse_message(request_id: str, *, final: bool, countdown: float | None = None, task_id: str | None = None) -> Send:
+    return Send(TASK_FUSE, {"request_id": request_id, "final": final}, FUSION_QUEUE, task_id, countdown)
+
+
+# ---- intake: decode, detect, choose the face, fan out ------------------------------------------------
+
+
+def prepare(ctx: StageContext, *, request_id: str, last_attempt: bool = True) -> StageResult:
+    """Find the face to search and fan the job out to its engines.
+
+    A bad probe (not decodable, no face, ambiguous face choice...) is answered with its error code.
+    A failing dependency (``ServiceError``) is raised for the caller to retry, unless this is the
+    last attempt, when it too is answered as an error.
+    """
+    s = ctx.settings
+    job = load_job(ctx.redis, request_id)
+    if job is None:
+        log.warning("intake.job_missing", request_id=request_id)
+        return StageResult("intake", "missing")
+    try:
+        image = ctx.load_image(job.image_key)
+        faces = ctx.detect(image)
+        idx, face = choose_face(faces, job.face_index, min_face_pixels=s.min_face_pixels)
+    except InputError as err:
+        return StageResult("intake", err.code.value, job, published=_publish_error(ctx, job, err, "intake"))
+    except ServiceError as err:
+        if not last_attempt:
+            raise
+        return StageResult("intake", err.code.value, job, published=_publish_error(ctx, job, err, "intake"))
+    except Exception as exc:  # never crash on input: anything unexpected is an error result
+        log.exception("intake.unexpected", request_id=request_id)
+        err = QuorumError(Code.INTERNAL, f"{type(exc).__name__}")
+        return StageResult("intake", Code.INTERNAL.value, job, published=_publish_error(ctx, job, err, "intake"))
+    job = job.with_face(
+        SearchedFace(
+            index=idx,
+            faces_found=len(faces),
+            box=face.box,
+            detector_score=face.score,
+            landmarks=face.landmarks,
+            chosen_by="request" if job.face_index is not None else "largest",
+        )
+    )
+    save_job(ctx.redis, job, ttl_s=s.result_ttl_s)
+    send = [
+        Send(TASK_SEARCH, {"request_id": request_id, "engine": e}, engine_queue(e), f"{request_id}.{e}")
+        for e in job.engines
+    ]
+    # The backstop: answers even if no engine ever does (every engine worker down).
+    send.append(fuse_message(request_id, final=True, countdown=s.search_timeout_s, task_id=f"{request_id}.timeout"))
+    return StageResult("intake", "dispatched", job, send=tuple(send))
+
+
+# ---- engines: embed and search ------------------------------------------------------------------------
+
+
+def engine_list_length(job: Job) -> int:
+    # Fusion standardises each engine's scores against the list's bulk, so engines always return a
+    # full list even when the agency asked for a few candidates.
+    return max(job.candidates, MAX_CANDIDATES)
+
+
+def run_engine(ctx: StageContext, job: Job, engine_name: str) -> tuple[EngineResult, int | None]:
+    """Embed the probe's chosen face with one engine and search that engine's gallery.
+
+    Returns the engine's result (an error result on any failure: an engine never raises) and the
+    number of templates its gallery replica held when it searched (None if it never got that far).
+    """
+    templates: int | None = None
+    version = "unknown"
+    try:
+        engine = ctx.engine(engine_name)
+        version = engine.version
+        replica = ctx.replica(engine_name)
+        t0 = time.perf_counter()
+        image = ctx.load_image(job.image_key)
+        if job.face is None:
+            raise QuorumError(Code.INTERNAL, "the job has no face (intake did not run)")
+        f = job.face
+        vec = engine.embed(image, Face(box=f.box, landmarks=f.landmarks, score=f.detector_score))
+        t1 = time.perf_counter()
+        replica.sync()
+        templates = len(replica.index)
+        if templates == 0:
+            raise ServiceError(Code.GALLERY_EMPTY, f"the {engine_name} gallery is empty")
+        hits = replica.index.search(vec, engine_list_length(job))
+        t2 = time.perf_counter()
+    except QuorumError as err:
+        return EngineResult(
+            request_id=job.request_id,
+            engine=engine_name,
+            engine_version=version,
+            status="error",
+            error_code=err.code.value,
+            error_message=err.message,
+        ), templates
+    except Exception as exc:
+        log.exception("engine.unexpected", engine=engine_name, request_id=job.request_id)
+        return EngineResult(
+            request_id=job.request_id,
+            engine=engine_name,
+            engine_version=version,
+            status="error",
+            error_code=Code.ENGINE_FAILED.value,
+            error_message=type(exc).__name__,
+        ), templates
+    return EngineResult(
+        request_id=job.request_id,
+        engine=engine_name,
+        engine_version=version,
+        status="ok",
+        candidates=[
+            EngineCandidate(subject_id=h.subject_id, rank=i + 1, score=round(h.score, 6)) for i, h in enumerate(hits)
+        ],
+        gallery_size=replica.index.subjects,
+        embed_ms=round((t1 - t0) * 1000, 2),
+        search_ms=round((t2 - t1) * 1000, 2),
+    ), templates
+
+
+def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
+    """Record one engine's result for a job (once), and ask for fusion when the job needs it."""
+    r, s = ctx.redis, ctx.settings
+    job = load_job(r, request_id)
+    if job is None or r.exists(keys.job_published_key(request_id)):
+        return StageResult("engine", "gone", job)
+    results_key = keys.job_results_key(request_id)
+    answered = r.hlen(results_key)
+    result: EngineResult | None = None
+    templates: int | None = None
+    send: list[Send] = []
+    if not r.hexists(results_key, engine):  # a redelivery does not recompute
+        result, templates = run_engine(ctx, job, engine)
+        pipe = r.pipeline(transaction=True)  # atomic: exactly one engine sees itself as the first
+        pipe.hset(results_key, engine, result.model_dump_json())
+        pipe.hlen(results_key)
+        pipe.expire(results_key, s.result_ttl_s)
+        _, answered, _ = pipe.execute()
+        if answered == 1 and len(job.engines) > 1:
+            # First answer in: the others get fusion_deadline_s more, then fusion goes without them.
+            send.append(
+                fuse_message(request_id, final=True, countdown=s.fusion_deadline_s, task_id=f"{request_id}.deadline")
+            )
+    if answered >= len(job.engines):
+        send.append(fuse_message(request_id, final=False))
+    return StageResult("engine", "done", job, send=tuple(send), engine_result=result, gallery_templates=templates)
+
+
+# ---- fusion -------------------------------------------------------------------------------------------
+
+
+def _engine_alive(r: Any, engine: str) -> bool:
+    return any(True for _ in r.scan_iter(keys.engine_alive_pattern(engine), count=100))
+
+
+def fuse(ctx: StageContext, *, request_id: str, final: bool = False) -> StageResult:
+    """Merge the engines' lists into the candidate list and publish it, once.
+
+    ``final=False`` (the last engine's call) fuses only when every engine has answered;
+    ``final=True`` (a deadline or the backstop) fuses what is there, unless a missing engine is alive
+    and the search timeout has not passed (then it asks for itself again a deadline later).
+    """
+    r, s = ctx.redis, ctx.settings
+    job = load_job(r, request_id)
+    if job is None or job.face is None or r.exists(keys.result_key(job.agency_id, request_id)):
+        return StageResult("fusion", "gone", job)
+    raw = r.hgetall(keys.job_results_key(request_id))
+    results = {keys.as_str(k): EngineResult.model_validate_json(v) for k, v in raw.items()}
+    if not final and len(results) < len(job.engines):
+        return StageResult("fusion", "waiting", job)
+    missing = [e for e in job.engines if e not in results]
+    if missing and ctx.now() - job.received_at < s.search_timeout_s:
+        # The deadline passed. An engine whose workers are alive is busy, not down (a backlog, one
+        # slow engine): give it another deadline rather than degrade; the search timeout still bounds
+        # the wait. An engine with no live worker is left out now.
+        alive = [e for e in missing if _engine_alive(r, e)]
+        if alive:
+            return StageResult(
+                "fusion",
+                "extended",
+                job,
+                send=(fuse_message(request_id, final=True, countdown=s.fusion_deadline_s),),
+                detail={"waiting_for": alive},
+            )
+    ok = {e: res for e, res in results.items() if res.status == "ok"}
+    failed = {e: res.error_code or Code.ENGINE_FAILED.value for e, res in results.items() if res.status != "ok"}
+    for e in missing:
+        failed[e] = Code.ENGINE_TIMEOUT.value
+    if not ok:
+        codes = set(failed.values())
+        code = Code.GALLERY_EMPTY if codes == {Code.GALLERY_EMPTY.value} else Code.NO_ENGINE_RESULT
+        published = _publish_error(ctx, job, ServiceError(code, f"no engine answered: {failed}"), "fusion")
+        r.set(keys.job_published_key(request_id), 1, ex=s.result_ttl_s)
+        return StageResult("fusion", code.value, job, published=published, engine_results=results)
+    result = assemble(ctx, job, ok, failed)
+    published_result = result if publish(r, result, ttl_s=s.result_ttl_s) else None
+    r.set(keys.job_published_key(request_id), 1, ex=s.result_ttl_s)
+    return StageResult("fusion", "published", job, published=published_result, engine_results=results)
+
+
+def assemble(ctx: StageContext, job: Job, ok: dict[str, EngineResult], failed: dict[str, str]) -> CandidateList:
+    """The candidate list from the engines that answered (pure, apart from the clock)."""
+    assert job.face is not None
+    lists = {e: [fusion.Ranked(c.subject_id, c.rank, c.score) for c in res.candidates] for e, res in ok.items()}
+    versions = {e: res.engine_version for e, res in ok.items()}
+    cal = ctx.calibration()
+    method = fusion.effective_method(
+        fusion.resolve_method(ctx.settings.fusion_method, cal), [e for e, lst in lists.items() if lst], cal, versions
+    )
+    fused = fusion.fuse(lists, job.candidates, method=method, calibration=cal, versions=versions)
+    return CandidateList(
+        request_id=job.request_id,
+        agency_id=job.agency_id,
+        case_number=job.case_number,
+        probe_sha256=job.probe_sha256,
+        face=job.face.info(),
+        candidates=[
+            FusedCandidate(
+                rank=f.rank,
+                subject_id=f.subject_id,
+                fused_score=f.fused_score,
+                engines={e: {"rank": rk, "score": sc} for e, (rk, sc) in f.engines.items()},
+            )
+            for f in fused
+        ],
+        fusion_method=method,
+        engines_contributed=sorted(ok),
+        engines_failed=failed,
+        degraded=bool(failed),
+        duration_ms=round((ctx.now() - job.received_at) * 1000, 1),
+    )
+
+
+# ---- enrolment and gallery maintenance --------------------------------------------------------------------
+
+
+def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict]) -> StageResult:
+    """Embed gallery images and append them to the engine's gallery log.
+
+    ``items``: ``[{"subject_id": ..., "image_key": ...}]``. ``detail`` holds the counts and, per image
+    that could not be enrolled, its stable error code (failure to enrol is data, not an exception).
+    """
+    from workers.gallery import log_add_entries
+
+    r, s = ctx.redis, ctx.settings
+    eng = ctx.engine(engine)
+    done_key = keys.gallery_enrolled(engine)
+    failed: list[dict] = []
+    todo: list[tuple[str, str, np.ndarray, Face]] = []
+    for item in items:
+        subject, key = item["subject_id"], item["image_key"]
+        if r.sismember(done_key, f"{subject}|{key}|{eng.version}"):
+            continue
+        try:
+            image = ctx.load_image(key)
+            _, face = choose_face(ctx.detect(image), None, min_face_pixels=s.min_face_pixels)
+            todo.append((subject, key, image, face))
+        except QuorumError as err:
+            failed.append({"subject_id": subject, "image_key": key, "code": err.code.value})
+    vectors = eng.embed_batch([(img, face) for _, _, img, face in todo]) if todo else np.empty((0, eng.dim))
+    subjects = [t[0] for t in todo]
+    images = [t[1] for t in todo]
+    log_add_entries(r, engine, eng.version, subjects, vectors, images)
+    if todo:
+        r.sadd(done_key, *[f"{sj}|{k}|{eng.version}" for sj, k in zip(subjects, images, strict=True)])
+    counts = {
+        "engine": engine,
+        "enrolled": len(todo),
+        "skipped": len(items) - len(todo) - len(failed),
+        "failed": failed,
+    }
+    return StageResult("enrolment", "done", detail=counts)
+
+
+def snapshot(ctx: StageContext, *, engines: Sequence[str] | None = None) -> StageResult:
+    names = list(engines or ctx.settings.engines)
+    return StageResult("gallery", "done", detail={"snapshots": [ctx.replica(e).save_snapshot() for e in names]})
