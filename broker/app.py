@@ -42,7 +42,8 @@ ROLE_QUEUES = {
 
 
 def make_app(redis_url: str | None = None) -> Celery:
-    url = redis_url or settings().redis_url
+    s = settings()
+    url = redis_url or s.redis_url
     app = Celery("quorum", broker=url, backend=url, include=["workers.tasks"])
     app.conf.update(
         task_queues=[Queue(q) for q in ALL_QUEUES],
@@ -62,7 +63,13 @@ def make_app(redis_url: str | None = None) -> Celery:
         task_track_started=False,
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600},
+        # A message a dead worker had taken is restored visibility_timeout after delivery; kombu looks
+        # for such messages every unacked_restore_interval x unacked_restore_throttle seconds.
+        broker_transport_options={
+            "visibility_timeout": s.task_visibility_timeout_s,
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+        },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,

@@ -19,6 +19,7 @@ import redis as redis_lib
 
 from broker import keys, signing
 from broker.keys import as_str
+from core.errors import Code
 from schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
 
 
@@ -147,7 +148,9 @@ class QuorumClient:
         if not by_entry or as_str(fields.get(b"type", fields.get("type", b""))) != "error":
             return
         result = parse_result(fields.get(b"payload", fields.get("payload", b"")))
-        rid = by_entry.get(result.stream_entry_id or "") if isinstance(result, ErrorResult) else None
+        if not isinstance(result, ErrorResult) or result.code == Code.DUPLICATE_REQUEST.value:
+            return  # a resubmission refused as a duplicate: the request's answer is the first submission's
+        rid = by_entry.get(result.stream_entry_id or "")
         if rid is not None and rid in pending:
             done[rid] = result
             pending.discard(rid)

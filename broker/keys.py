@@ -13,6 +13,7 @@ def as_str(v: bytes | str) -> str:
 
 
 INTAKE_STREAM_PREFIX = "quorum:intake:"
+DEADLINES = "quorum:deadlines"  # timers due later (broker.deadlines): sorted set scored by due epoch second
 INTAKE_GROUP = "quorum-gateway"
 
 

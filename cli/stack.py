@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -151,6 +152,9 @@ class Stack:
             args = [sys.executable, "-m", "cli", "stack-supervise"]
         elif role == "gateway":
             args = [sys.executable, "-m", "cli", "gateway"]
+            # A stable consumer name: a restarted gateway takes back its own pending entries at once
+            # instead of waiting for another to find them idle.
+            env["QUORUM_GATEWAY_CONSUMER"] = f"{socket.gethostname()}-gateway-{i}"
         else:
             args = [sys.executable, "-m", "cli", "worker", role]
         with open(self.log_dir / f"{role}-{i}.log", "ab") as out:

@@ -79,6 +79,15 @@ class Settings(BaseSettings):
     # a backlog that delays every engine alike degrades nothing.
     fusion_deadline_s: float = 30.0
     search_timeout_s: float = 900.0  # from receipt: if no engine has answered by then, answer with an error
+    # A task a killed worker had taken (acknowledged late) goes back on its queue this long after it
+    # was delivered: longer than any task runs (engine search < 2 s, an enrolment chunk < 30 s on one
+    # CPU core), short enough that a killed engine's searches run again well before the search timeout.
+    task_visibility_timeout_s: int = 120
+    # The gateway's name in the intake consumer group (empty: host-pid). Entries a dead gateway had
+    # read are taken back by the gateway of the same name when it starts, or claimed by any other
+    # once idle for gateway_claim_idle_ms.
+    gateway_consumer: str = ""
+    gateway_claim_idle_ms: int = 60_000
     # auto: the method the calibration file measured best (see BENCHMARKS.md); any of
     # workers.fusion.METHODS names one. Calibrated methods fall back to zsum if the calibration
     # does not match the running engines' versions.

@@ -40,14 +40,17 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     hooks.install()
     runtime.role = role
     _start_metrics()
+    node = f"{role}@{socket.gethostname()}-{os.getpid()}"
     if role in s.engines:
+        # Beat from the start: a worker that is (re)starting will answer, so fusion waits for it
+        # (bounded by the search timeout) rather than degrading the list while it loads.
+        _start_heartbeat(runtime.redis, role, node)
         runtime.replica(role)  # loads the model and catches up with the gallery before taking work
         metrics.GALLERY_TEMPLATES.labels(role).set(len(runtime.replica(role).index))
     elif role == "intake":
         _ = runtime.detector
-    node = f"{role}@{socket.gethostname()}-{os.getpid()}"
-    if role in s.engines:
-        _start_heartbeat(runtime.redis, role, node)
+    if role == "fusion":
+        _start_timer_sweeper(runtime.redis)
     # solo pool: tasks run in this process, next to the model and index loaded above. Scale out by
     # running more worker processes (each a full replica), not by forking.
     app.worker_main(
@@ -84,6 +87,35 @@ def _start_heartbeat(redis, engine: str, node: str, every_s: float = 3.0) -> Non
     threading.Thread(target=beat, name="engine-heartbeat", daemon=True).start()
 
 
+def sweep_timers_once(redis, now: float | None = None) -> int:
+    """Send every timer that is due (``broker.deadlines``); returns how many were sent."""
+    import time
+
+    from broker import deadlines
+
+    sent = 0
+    for timer in deadlines.claim_due(redis, time.time() if now is None else now):
+        app.send_task(timer.task, kwargs=timer.kwargs, queue=timer.queue)
+        deadlines.done(redis, timer)
+        sent += 1
+    return sent
+
+
+def _start_timer_sweeper(redis, every_s: float = 0.5) -> None:
+    """Every fusion worker sends due timers (claims are atomic: several sweepers share the work)."""
+
+    def sweep() -> None:
+        while True:
+            try:
+                if sweep_timers_once(redis):
+                    continue  # more may be due
+            except Exception as exc:  # Redis briefly away: the timers wait in Redis, sweep again
+                log.warning("timers.sweep_failed", error=str(exc))
+            threading.Event().wait(every_s)
+
+    threading.Thread(target=sweep, name="timer-sweeper", daemon=True).start()
+
+
 def run_gateway() -> None:
     s = settings()
     configure_logging(s.log_level, s.log_json)
@@ -94,4 +126,6 @@ def run_gateway() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    Gateway(runtime.redis, runtime.store, s).run(stop)
+    Gateway(
+        runtime.redis, runtime.store, s, consumer=s.gateway_consumer or None, claim_idle_ms=s.gateway_claim_idle_ms
+    ).run(stop)

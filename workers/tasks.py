@@ -9,18 +9,31 @@ idempotence that makes redelivery safe are described in ``workers.stages``.
 
 from __future__ import annotations
 
+import time
+
 from celery import Task
 
+from broker import deadlines
 from broker.app import TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SNAPSHOT, app
 from core.errors import ServiceError
 from workers import hooks, stages
 from workers.runtime import runtime
 
 
+def send(m: stages.Send) -> None:
+    """Send a stage's message: now through Celery, or later through a Redis timer (``broker.deadlines``:
+    a countdown task would sit unacknowledged in one worker's memory and die with it)."""
+    if m.countdown:
+        timer = deadlines.Timer(m.task, m.kwargs, m.queue, m.task_id or f"{m.kwargs.get('request_id')}.{m.task}")
+        deadlines.schedule(runtime.redis, timer, time.time() + m.countdown)
+    else:
+        app.send_task(m.task, kwargs=m.kwargs, queue=m.queue, task_id=m.task_id)
+
+
 def _finish(result: stages.StageResult) -> stages.StageResult:
     hooks.observe(runtime.settings, result)
     for m in result.send:
-        app.send_task(m.task, kwargs=m.kwargs, queue=m.queue, task_id=m.task_id, countdown=m.countdown)
+        send(m)
     return result
 
 

@@ -66,3 +66,15 @@ def test_keyed_result_still_found(client: QuorumClient) -> None:
     )
     client.redis.set(keys.result_key("lasd", rid), err.model_dump_json())  # as publish() does
     assert client.wait(rid, timeout=5).code == "NO_FACE"
+
+
+def test_a_resubmission_refused_as_duplicate_is_not_the_answer(client: QuorumClient) -> None:
+    rid = client.submit(b"x", case_number="C-1", offence_code="PC211", purpose="criminal-investigation")
+    client.submit(b"x", case_number="C-1", offence_code="PC211", purpose="criminal-investigation", request_id=rid)
+    _refuse(client, client.entries[rid], rid, "DUPLICATE_REQUEST")  # the second entry, refused at once
+    with pytest.raises(TimeoutError):
+        client.wait(rid, timeout=1.2)  # still waiting for the first submission's answer
+    answer = ErrorResult(request_id=rid, agency_id="lasd", code="NO_FACE", message="m", retryable=False, stage="intake")
+    publish(client.redis, answer, ttl_s=60)
+    res = client.wait(rid, timeout=2)
+    assert isinstance(res, ErrorResult) and res.code == "NO_FACE"
