@@ -51,6 +51,16 @@ class Timer:
         return Timer(task=d["task"], kwargs=d["kwargs"], queue=d["queue"], timer_id=d["id"])
 
 
+def intake_watchdog(request_id: str) -> Timer:
+    """The timer the gateway sets when it admits a probe: fusion checks that intake ran
+    (``workers.stages.fuse(watchdog=True)``) and sends ``prepare`` again if its message was lost."""
+    from broker.app import FUSION_QUEUE, TASK_FUSE
+
+    return Timer(
+        TASK_FUSE, {"request_id": request_id, "final": True, "watchdog": True}, FUSION_QUEUE, f"{request_id}.watchdog"
+    )
+
+
 def schedule(redis: Any, timer: Timer, due_at: float) -> None:
     redis.zadd(DEADLINES, {timer.encode(): due_at})
 

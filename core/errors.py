@@ -51,6 +51,7 @@ class Code(StrEnum):
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
     NO_ENGINE_RESULT = "NO_ENGINE_RESULT"  # deadline passed with no engine answering
+    SEARCH_TIMEOUT = "SEARCH_TIMEOUT"  # the search timeout passed before the probe's face was found
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"  # the audit database cannot be written: nothing runs unaudited
     INTERNAL = "INTERNAL"
 
@@ -62,6 +63,7 @@ RETRYABLE = frozenset(
         Code.STORE_UNAVAILABLE,
         Code.BROKER_UNAVAILABLE,
         Code.NO_ENGINE_RESULT,
+        Code.SEARCH_TIMEOUT,
         Code.AUDIT_UNAVAILABLE,
         Code.INTERNAL,
     }

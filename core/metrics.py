@@ -31,6 +31,11 @@ ENGINE_DURATION = Histogram(
 ENGINE_FAILURES = Counter("quorum_engine_failures_total", "Engine results with an error", ["engine", "code"])
 GALLERY_TEMPLATES = Gauge("quorum_gallery_templates", "Live templates in this worker's index", ["engine"])
 QUEUE_LENGTH = Gauge("quorum_queue_length", "Messages waiting in a Celery queue", ["queue"])
+TIMERS_PENDING = Gauge("quorum_timers_pending", "Fusion deadlines and search backstops waiting in Redis")
+TIMER_OVERDUE = Gauge(
+    "quorum_timer_overdue_seconds", "How late the earliest due timer is (0: none due; grows if no fusion worker sweeps)"
+)
+TASKS_UNACKED = Gauge("quorum_tasks_unacked", "Celery messages taken by workers and not yet acknowledged")
 TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
 
 _started = False

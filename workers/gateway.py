@@ -38,7 +38,7 @@ import structlog
 
 from accountability import audit
 from accountability.policy import RegistrySnapshot
-from broker import keys
+from broker import deadlines, keys
 from broker.app import ALL_QUEUES, INTAKE_QUEUE, TASK_PREPARE, app
 from broker.keys import as_str
 from broker.redis_errors import ensure_group, redis_boundary
@@ -52,6 +52,7 @@ from schemas.job import Job
 from workers.admission import Admission, AdmissionContext, Refusal, Registry, admit_entry, record_refusal
 
 log = structlog.get_logger()
+UNACKED_HASH = "unacked"  # kombu's Redis transport: messages delivered to a worker, not yet acknowledged
 
 
 class LazyRegistry:
@@ -99,7 +100,7 @@ class Gateway:
         consumer: str | None = None,
         claim_idle_ms: int = 60_000,
         registry: Registry | None = None,
-        dispatch: Callable[[Job], None] = send_prepare,
+        dispatch: Callable[[Job], None] | None = None,
         backoff_s: float = 1.0,
     ) -> None:
         self.redis = redis
@@ -108,13 +109,22 @@ class Gateway:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_idle_ms = claim_idle_ms
         self.registry: Registry = registry if registry is not None else LazyRegistry(settings)
-        self.dispatch = dispatch
+        self.dispatch = dispatch or self.start_search
         self.backoff_s = backoff_s
         self.admission = AdmissionContext(redis, store, settings, self.registry)
         self.streams: set[str] = set()
         self._last_discover = 0.0
         self._last_sample = 0.0
         self._last_anchor = time.monotonic()
+
+    def start_search(self, job: Job) -> None:
+        """Set the intake watchdog (a Redis timer: ``broker.deadlines``), then send ``prepare``. If the
+        prepare message is lost on its way to a worker, the watchdog sends it again."""
+        with redis_boundary("setting the intake watchdog"):
+            deadlines.schedule(
+                self.redis, deadlines.intake_watchdog(job.request_id), time.time() + self.settings.fusion_deadline_s
+            )
+        send_prepare(job)
 
     def anchor_audit(self, force: bool = False) -> None:
         """Anchor the audit chain head in the object store every ``audit_anchor_interval_s``."""
@@ -154,9 +164,15 @@ class Gateway:
             pipe = self.redis.pipeline()
             for q in ALL_QUEUES:
                 pipe.llen(q)
-            lengths = pipe.execute()
+            pipe.zcard(keys.DEADLINES)
+            pipe.zrange(keys.DEADLINES, 0, 0, withscores=True)
+            pipe.hlen(UNACKED_HASH)
+            *lengths, timers, first, unacked = pipe.execute()
         for q, n in zip(ALL_QUEUES, lengths, strict=True):
             metrics.QUEUE_LENGTH.labels(q).set(n)
+        metrics.TIMERS_PENDING.set(timers)
+        metrics.TIMER_OVERDUE.set(max(0.0, time.time() - float(first[0][1])) if first else 0.0)
+        metrics.TASKS_UNACKED.set(unacked)
 
     def heartbeat(self) -> None:
         with redis_boundary("setting the heartbeat"):

@@ -65,6 +65,8 @@ def observe(settings: Settings, result: StageResult) -> None:
         metrics.GALLERY_TEMPLATES.labels(er.engine).set(result.gallery_templates)
     if result.status == "extended":
         log.info("fusion.deadline_extended", request_id=job.request_id if job else None, **result.detail)
+    if result.status == "intake_pending" and result.detail.get("redriven"):
+        log.warning("intake.redriven", request_id=job.request_id if job else None)
 
 
 def install() -> None:

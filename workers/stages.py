@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from broker import keys
-from broker.app import FUSION_QUEUE, TASK_FUSE, TASK_SEARCH, engine_queue
+from broker import deadlines, keys
+from broker.app import FUSION_QUEUE, INTAKE_QUEUE, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, engine_queue
 from broker.jobs import load_job, save_job
 from broker.results import publish
 from core.config import Settings
@@ -104,6 +104,22 @@ def fuse_message(request_id: str, *, final: bool, countdown: float | None = None
     return Send(TASK_FUSE, {"request_id": request_id, "final": final}, FUSION_QUEUE, task_id, countdown)
 
 
+def watchdog_message(request_id: str, countdown: float) -> Send:
+    """The intake watchdog (scheduled at admission, see :func:`fuse`): a fusion call that checks intake ran."""
+    t = deadlines.intake_watchdog(request_id)
+    return Send(t.task, t.kwargs, t.queue, t.timer_id, countdown)
+
+
+def search_message(request_id: str, engine: str) -> Send:
+    return Send(
+        TASK_SEARCH, {"request_id": request_id, "engine": engine}, engine_queue(engine), f"{request_id}.{engine}"
+    )
+
+
+def prepare_message(request_id: str) -> Send:
+    return Send(TASK_PREPARE, {"request_id": request_id}, INTAKE_QUEUE, f"{request_id}.prepare")
+
+
 # ---- intake: decode, detect, choose the face, fan out ------------------------------------------------
 
 
@@ -144,10 +160,7 @@ def prepare(ctx: StageContext, *, request_id: str, last_attempt: bool = True) ->
         )
     )
     save_job(ctx.redis, job, ttl_s=s.result_ttl_s)
-    send = [
-        Send(TASK_SEARCH, {"request_id": request_id, "engine": e}, engine_queue(e), f"{request_id}.{e}")
-        for e in job.engines
-    ]
+    send = [search_message(request_id, e) for e in job.engines]
     # The backstop: answers even if no engine ever does (every engine worker down).
     send.append(fuse_message(request_id, final=True, countdown=s.search_timeout_s, task_id=f"{request_id}.timeout"))
     return StageResult("intake", "dispatched", job, send=tuple(send))
@@ -255,17 +268,39 @@ def _engine_alive(r: Any, engine: str) -> bool:
     return any(True for _ in r.scan_iter(keys.engine_alive_pattern(engine), count=100))
 
 
-def fuse(ctx: StageContext, *, request_id: str, final: bool = False) -> StageResult:
+def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: bool = False) -> StageResult:
     """Merge the engines' lists into the candidate list and publish it, once.
 
     ``final=False`` (the last engine's call) fuses only when every engine has answered;
     ``final=True`` (a deadline or the backstop) fuses what is there, unless a missing engine is alive
-    and the search timeout has not passed (then it asks for itself again a deadline later).
+    and the search timeout has not passed (then it asks for itself again a deadline later, and sends
+    the missing engine's search again if that engine's queue is empty: a message a worker took and
+    lost, e.g. killed between Redis handing it over and recording it as unacknowledged).
+
+    ``watchdog=True`` is the intake watchdog the gateway schedules at admission: while the probe has
+    no face yet (intake has not run) it sends ``prepare`` again if the intake queue is empty and checks
+    again a deadline later; past the search timeout it answers ``SEARCH_TIMEOUT``. Once intake has run,
+    the watchdog has nothing to do (the deadlines and the backstop take over).
     """
     r, s = ctx.redis, ctx.settings
     job = load_job(r, request_id)
-    if job is None or job.face is None or r.exists(keys.result_key(job.agency_id, request_id)):
+    if job is None or r.exists(keys.result_key(job.agency_id, request_id)):
         return StageResult("fusion", "gone", job)
+    if job.face is None:
+        if not watchdog:
+            return StageResult("fusion", "gone", job)
+        if ctx.now() - job.received_at >= s.search_timeout_s:
+            err = ServiceError(Code.SEARCH_TIMEOUT, f"the probe was not through intake after {s.search_timeout_s:.0f}s")
+            published = _publish_error(ctx, job, err, "intake")
+            r.set(keys.job_published_key(request_id), 1, ex=s.result_ttl_s)
+            return StageResult("fusion", Code.SEARCH_TIMEOUT.value, job, published=published)
+        send = [watchdog_message(request_id, s.fusion_deadline_s)]
+        redriven = r.llen(INTAKE_QUEUE) == 0
+        if redriven:
+            send.insert(0, prepare_message(request_id))
+        return StageResult("fusion", "intake_pending", job, send=tuple(send), detail={"redriven": redriven})
+    if watchdog:
+        return StageResult("fusion", "intake_done", job)
     raw = r.hgetall(keys.job_results_key(request_id))
     results = {keys.as_str(k): EngineResult.model_validate_json(v) for k, v in raw.items()}
     if not final and len(results) < len(job.engines):
@@ -277,12 +312,16 @@ def fuse(ctx: StageContext, *, request_id: str, final: bool = False) -> StageRes
         # the wait. An engine with no live worker is left out now.
         alive = [e for e in missing if _engine_alive(r, e)]
         if alive:
+            redrive = [e for e in alive if r.llen(engine_queue(e)) == 0]
             return StageResult(
                 "fusion",
                 "extended",
                 job,
-                send=(fuse_message(request_id, final=True, countdown=s.fusion_deadline_s),),
-                detail={"waiting_for": alive},
+                send=(
+                    *(search_message(request_id, e) for e in redrive),
+                    fuse_message(request_id, final=True, countdown=s.fusion_deadline_s),
+                ),
+                detail={"waiting_for": alive, "redriven": redrive},
             )
     ok = {e: res for e, res in results.items() if res.status == "ok"}
     failed = {e: res.error_code or Code.ENGINE_FAILED.value for e, res in results.items() if res.status != "ok"}

@@ -53,8 +53,8 @@ def search(*, request_id: str, engine: str) -> str:
 
 
 @app.task(name=TASK_FUSE)
-def fuse(*, request_id: str, final: bool = False) -> str:
-    return _finish(stages.fuse(runtime.context(), request_id=request_id, final=final)).status
+def fuse(*, request_id: str, final: bool = False, watchdog: bool = False) -> str:
+    return _finish(stages.fuse(runtime.context(), request_id=request_id, final=final, watchdog=watchdog)).status
 
 
 @app.task(name=TASK_ENROLL)

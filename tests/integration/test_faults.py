@@ -82,16 +82,40 @@ def _wait(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _burst_and_kill(stack, role: str, *, after_s: float, timeout: float = 240.0) -> dict:
+def _work_waiting(st, client, role: str, rids: list[str]) -> bool:
+    """Whether work for ``role`` is queued up behind the frozen process (so killing it loses some)."""
+    import redis as redis_lib
+
+    from broker import keys
+
+    r = redis_lib.Redis.from_url(st.s.redis_url)
+    if role == "gateway":
+        info = r.xpending(keys.intake_stream(client.agency_id), keys.INTAKE_GROUP)
+        return info["pending"] >= 1
+    if role == "fusion":
+        return all(r.hlen(keys.job_results_key(rid)) == 3 for rid in rids)
+    queue = "intake" if role == "intake" else f"engine.{role}"
+    return r.llen(queue) >= BURST - 2
+
+
+def _burst_and_kill(stack, role: str, *, freeze: bool, after_s: float = 0.0, timeout: float = 240.0) -> dict:
+    """Submit a burst and SIGKILL ``role``: mid-work (``after_s`` into the burst), or ``freeze``: stopped
+    (SIGSTOP) before the burst so that messages pile up for it, one of them handed to its socket by
+    Redis and never read, then killed."""
     st, client, probes = stack
     pidfile = st._pidfile(role)
     victim = int(pidfile.read_text())
+    if freeze:
+        os.kill(victim, signal.SIGSTOP)
     t0 = time.monotonic()
     rids = [
         client.submit(p, case_number="F-1", offence_code="PC211", purpose="investigation", candidates=10)
         for p in probes[:BURST]
     ]
-    time.sleep(after_s)
+    if freeze:
+        _wait(lambda: _work_waiting(st, client, role, rids), 60, f"work queued for the frozen {role}")
+    else:
+        time.sleep(after_s)
     os.kill(victim, signal.SIGKILL)
     answers: dict = {}
     try:
@@ -102,6 +126,7 @@ def _burst_and_kill(stack, role: str, *, after_s: float, timeout: float = 240.0)
     lists = [a for a in answers.values() if isinstance(a, CandidateList)]
     report = {
         "killed": role,
+        "how": "frozen, then killed" if freeze else f"killed {after_s}s into the burst",
         "sent": len(rids),
         "answered": len(answers),
         "candidate_lists": len(lists),
@@ -117,16 +142,18 @@ def _burst_and_kill(stack, role: str, *, after_s: float, timeout: float = 240.0)
 
 
 @pytest.mark.parametrize(
-    ("role", "after_s"),
+    ("role", "freeze", "after_s"),
     [
-        ("dlib", 3.0),  # the slowest engine, mid-burst: its taken search comes back after the visibility timeout
-        ("fusion", 1.0),
-        ("intake", 0.5),
-        ("gateway", 0.2),
+        ("dlib", False, 3.0),  # the slowest engine, mid-burst: its taken search returns after the visibility timeout
+        ("dlib", True, 0.0),
+        ("fusion", True, 0.0),
+        ("intake", True, 0.0),
+        ("gateway", True, 0.0),
     ],
+    ids=["engine-busy", "engine-frozen", "fusion-frozen", "intake-frozen", "gateway-frozen"],
 )
-def test_a_killed_process_loses_no_probe(stack, role, after_s):
-    report = _burst_and_kill(stack, role, after_s=after_s)
+def test_a_killed_process_loses_no_probe(stack, role, freeze, after_s):
+    report = _burst_and_kill(stack, role, freeze=freeze, after_s=after_s)
     assert report["lost"] == 0, report
     # A killed process is restarted and its work redelivered: every probe gets a full candidate list.
     assert report["candidate_lists"] == report["sent"], report

@@ -67,3 +67,22 @@ def test_a_send_that_fails_leaves_the_timer_to_come_due_again(r, monkeypatch):
     sent: list = []
     monkeypatch.setattr(serve.app, "send_task", lambda *a, **k: sent.append(a))
     assert serve.sweep_timers_once(r, now=101.0 + 31) == 1 and deadlines.pending(r) == 0
+
+
+def test_the_gateway_sets_the_intake_watchdog_before_sending_prepare(r, monkeypatch, tmp_path):
+    from core.config import Settings
+    from core.objectstore import DiskStore
+    from workers import gateway
+
+    order: list[str] = []
+    monkeypatch.setattr(gateway, "send_prepare", lambda job: order.append(f"prepare:{deadlines.pending(r)}"))
+    gw = gateway.Gateway(r, DiskStore(tmp_path), Settings(home=str(tmp_path), fusion_deadline_s=7.0), registry=object())
+
+    class J:
+        request_id = "rq1"
+
+    gw.dispatch(J())  # type: ignore[arg-type]
+    assert order == ["prepare:1"]  # the timer was in Redis before prepare was sent
+    (timer,) = deadlines.claim_due(r, 1e12)
+    assert timer == deadlines.intake_watchdog("rq1")
+    assert timer.kwargs == {"request_id": "rq1", "final": True, "watchdog": True}

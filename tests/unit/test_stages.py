@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from broker import keys
-from broker.app import FUSION_QUEUE, TASK_FUSE, TASK_SEARCH, engine_queue
+from broker.app import FUSION_QUEUE, INTAKE_QUEUE, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, engine_queue
 from broker.jobs import load_job, save_job
 from broker.results import fetch
 from core import metrics
@@ -269,10 +269,18 @@ def test_a_missing_engine_with_a_live_worker_gets_another_deadline(w):
     job = w.prepared()
     stages.search(w.ctx(), request_id=job.request_id, engine="e1")
     w.redis.set(keys.engine_alive("e2", "node-1"), 1)
+    w.redis.rpush(engine_queue("e2"), b"a search of another probe")  # e2 is busy: its queue is not empty
     res = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
-    assert res.status == "extended" and res.detail == {"waiting_for": ["e2"]}
-    assert [(m.kwargs, m.countdown) for m in res.send] == [
-        ({"request_id": job.request_id, "final": True}, w.settings.fusion_deadline_s)
+    assert res.status == "extended" and res.detail == {"waiting_for": ["e2"], "redriven": []}
+    assert [(m.task, m.kwargs, m.countdown) for m in res.send] == [
+        (TASK_FUSE, {"request_id": job.request_id, "final": True}, w.settings.fusion_deadline_s)
+    ]
+    # e2's queue is empty and its search has not answered: the message was lost, send it again.
+    w.redis.delete(engine_queue("e2"))
+    res = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
+    assert res.detail == {"waiting_for": ["e2"], "redriven": ["e2"]}
+    assert [(m.task, m.kwargs, m.queue, m.task_id) for m in res.send[:1]] == [
+        (TASK_SEARCH, {"request_id": job.request_id, "engine": "e2"}, engine_queue("e2"), f"{job.request_id}.e2")
     ]
     # Past the search timeout, it waits no more: the list goes out degraded.
     w.clock += w.settings.search_timeout_s + 1
@@ -304,6 +312,32 @@ def test_no_engine_result_is_an_error_and_an_empty_gallery_says_so(w):
     _both_engines(w, job2)
     res2 = stages.fuse(w.ctx(), request_id=job2.request_id)
     assert isinstance(res2.published, ErrorResult) and res2.published.code == Code.NO_ENGINE_RESULT.value
+
+
+def test_the_intake_watchdog_sends_prepare_again_only_when_intake_has_nothing_queued(w):
+    job = w.job()  # admitted, but its prepare message never reached a worker
+    res = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
+    assert res.status == "intake_pending" and res.detail == {"redriven": True}
+    assert [(m.task, m.kwargs, m.queue, m.countdown) for m in res.send] == [
+        (TASK_PREPARE, {"request_id": job.request_id}, INTAKE_QUEUE, None),
+        (TASK_FUSE, {"request_id": job.request_id, "final": True, "watchdog": True}, FUSION_QUEUE, 5.0),
+    ]
+    w.redis.rpush(INTAKE_QUEUE, b"other probes waiting")  # a backlog, not a loss: just look again later
+    busy = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
+    assert busy.detail == {"redriven": False} and [m.task for m in busy.send] == [TASK_FUSE]
+    # Past the search timeout the probe is answered, retryable.
+    w.clock += w.settings.search_timeout_s
+    late = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
+    assert isinstance(late.published, ErrorResult) and late.published.code == Code.SEARCH_TIMEOUT.value
+    assert late.published.retryable and late.send == ()
+
+
+def test_the_watchdog_does_nothing_once_intake_ran_and_a_deadline_without_a_face_waits(w):
+    job = w.prepared()
+    res = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
+    assert res.status == "intake_done" and res.send == () and res.published is None
+    fresh = w.job()
+    assert stages.fuse(w.ctx(), request_id=fresh.request_id, final=True).status == "gone"
 
 
 # ---- enrolment --------------------------------------------------------------------------------------------
