@@ -311,12 +311,14 @@ def secrets_by_agency(eng: Engine) -> dict[str, str]:
 def render_redis_acl(eng: Engine, *, service_user: str = "", service_password_sha256: str = "") -> str:
     """An ACL file (``redis-server --aclfile``): one user per agency, confined to its own keys.
 
-    Each agency user may ``XADD`` to ``quorum:intake:<agency>`` (write-only key pattern) and read
-    ``quorum:results:<agency>`` (``XREAD``) and ``quorum:result:<agency>:*`` (``GET``/``MGET``), nothing
-    else; a suspended agency's user is ``off``. With ``service_user`` the file also defines the Quorum
-    services' user (all keys and commands) and turns the ``default`` user off; without it the
-    ``default`` user is left with every right (loopback deployments, tests). Regenerate it after
-    every agency change and ``ACL LOAD`` it; it holds password hashes only, never passwords.
+    Each agency user may ``XADD`` to ``quorum:intake:<agency>`` (and ``XRANGE`` it, through a
+    selector: is my entry still waiting?) and read ``quorum:results:<agency>`` (``XREAD``),
+    ``quorum:result:<agency>:*`` and ``quorum:request:<agency>:*`` (``GET``/``MGET``: its results, and
+    whether the gateway has claimed a request id), nothing else; a suspended agency's user is ``off``.
+    With ``service_user`` the file also defines the Quorum services' user (all keys and commands) and
+    turns the ``default`` user off; without it the ``default`` user is left with every right (loopback
+    deployments, tests). Regenerate it after every agency change and ``ACL LOAD`` it; it holds password
+    hashes only, never passwords.
     """
     lines: list[str] = []  # (Redis ACL files allow no comments)
     with eng.connect() as conn:
@@ -327,7 +329,10 @@ def render_redis_acl(eng: Engine, *, service_user: str = "", service_password_sh
         lines.append(
             f"user {redis_user(a.id)} {state} {pw} resetkeys resetchannels "
             f"%W~{keys.intake_stream(a.id)} %R~{keys.results_stream(a.id)} %R~{keys.result_key(a.id, '*')} "
-            "-@all +xadd +xread +get +mget +ping +hello +client|setname"
+            f"%R~{keys.request_key(a.id, '*')} "
+            "-@all +xadd +xread +get +mget +ping +hello +client|setname "
+            # a selector: XRANGE, and only XRANGE, may read its own intake stream (is my entry still there?)
+            f"(%R~{keys.intake_stream(a.id)} +xrange)"
         )
     if service_user:
         lines.append(f"user {service_user} on #{service_password_sha256} ~* &* +@all")

@@ -39,6 +39,9 @@ class QuorumClient:
         # request id -> the intake entry that carried it: a refusal decided before the request id can
         # be trusted is answered on the results stream only, keyed by that entry (``stream_entry_id``).
         self.entries: dict[str, str] = {}
+        # request id -> the payload submitted, to submit again if Redis loses the entry (a restart).
+        self.payloads: dict[str, str] = {}
+        self.resubmitted: dict[str, int] = {}  # request id -> how many times, for the caller's report
 
     def submit(
         self,
@@ -68,7 +71,9 @@ class QuorumClient:
             candidates=candidates,
             face_index=face_index,
         )
-        self.entries[req.request_id] = self.submit_raw(req.model_dump_json(exclude_none=True))
+        payload = req.model_dump_json(exclude_none=True)
+        self.payloads[req.request_id] = payload
+        self.entries[req.request_id] = self.submit_raw(payload)
         return req.request_id
 
     def submit_raw(self, payload: str | bytes, *, sign: bool = True) -> str:
@@ -118,28 +123,90 @@ class QuorumClient:
         stream = keys.results_stream(self.agency_id)
         by_entry = {self.entries[r]: r for r in request_ids if r in self.entries}
         last = _just_before(min(by_entry, key=_entry_order)) if by_entry else "$"
+        outage_since: float | None = None
         while True:
-            # Check the keys first: results published before we started reading the stream count.
-            ids = sorted(pending)
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                raws = self.redis.mget([keys.result_key(self.agency_id, r) for r in chunk])
-                for rid, raw in zip(chunk, raws, strict=True):
-                    if raw:
-                        done[rid] = parse_result(raw)
-                        pending.discard(rid)
-            if progress:
-                progress(len(done))
+            try:
+                if outage_since is not None:
+                    self.redis.ping()
+                    # Redis is back after an outage (a restart): what it lost must be sent again.
+                    self.resubmit_lost(sorted(pending), by_entry)
+                    outage_since = None
+                last = self._poll(pending, done, deadline, stream, last, by_entry, progress)
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError):
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{len(pending)} of {len(request_ids)} results not published in {timeout}s (Redis unreachable)"
+                    ) from None
+                time.sleep(0.5)
+                continue
             if not pending:
                 return done
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{len(pending)} of {len(request_ids)} results not published in {timeout}s")
-            resp: list = self.redis.xread({stream: last}, block=int(min(remaining, 1.0) * 1000) or 1, count=1000)  # type: ignore[assignment]  # redis-py's union return
-            for _, entries in resp or []:
-                for entry_id, fields in entries:
-                    last = as_str(entry_id)
-                    self._match_refusal(fields, by_entry, pending, done)
+
+    def resubmit_lost(self, request_ids: list[str], by_entry: dict[str, str]) -> list[str]:
+        """Submit again, under the same request id, each request of ours that Redis no longer knows:
+        no result, no claim by the gateway (``quorum:request:<agency>:<id>``) and no entry left in the
+        intake stream (all three readable by the agency's Redis user).
+
+        Called after Redis was unreachable: a restart keeps what its append-only file had written
+        (up to about one second may be lost after a hard kill), and an entry the gateway had not yet
+        claimed may be gone. Should a copy be submitted twice after all (the gateway claimed the first
+        meanwhile), the gateway answers the second ``DUPLICATE_REQUEST``, which this client ignores.
+        """
+        again = []
+        for rid in request_ids:
+            if rid not in self.payloads:
+                continue
+            # MGET, not EXISTS: an agency's Redis user may GET its own result and request keys, nothing more.
+            if any(self.redis.mget([keys.result_key(self.agency_id, rid), keys.request_key(self.agency_id, rid)])):
+                continue
+            entry_id = self.entries.get(rid)
+            if entry_id and self.redis.xrange(keys.intake_stream(self.agency_id), entry_id, entry_id):
+                continue  # still waiting in the stream for the gateway
+            entry = self.submit_raw(self.payloads[rid])
+            old = self.entries.get(rid)
+            if old is not None:
+                by_entry.pop(old, None)
+            self.entries[rid] = entry
+            by_entry[entry] = rid
+            self.resubmitted[rid] = self.resubmitted.get(rid, 0) + 1
+            again.append(rid)
+        return again
+
+    def _poll(
+        self,
+        pending: set[str],
+        done: dict[str, CandidateList | ErrorResult],
+        deadline: float,
+        stream: str,
+        last: str,
+        by_entry: dict[str, str],
+        progress: Callable[[int], object] | None,
+    ) -> str:
+        """One round: published results by key, then refusals on the stream; returns the stream position."""
+        # Check the keys first: results published before we started reading the stream count.
+        ids = sorted(pending)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            raws = self.redis.mget([keys.result_key(self.agency_id, r) for r in chunk])
+            for rid, raw in zip(chunk, raws, strict=True):
+                if raw:
+                    done[rid] = parse_result(raw)
+                    pending.discard(rid)
+        if progress:
+            progress(len(done))
+        if not pending:
+            return last
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{len(pending)} of {len(pending) + len(done)} results not published in time")
+        resp: list = self.redis.xread({stream: last}, block=int(min(remaining, 1.0) * 1000) or 1, count=1000)  # type: ignore[assignment]  # redis-py's union return
+        for _, entries in resp or []:
+            for entry_id, fields in entries:
+                last = as_str(entry_id)
+                self._match_refusal(fields, by_entry, pending, done)
+        return last
 
     @staticmethod
     def _match_refusal(

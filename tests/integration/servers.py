@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -37,10 +39,11 @@ def free_port(span: int = 1) -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, aof: bool = False) -> None:
         self.dir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.aof = aof  # append-only file, fsync every second: what the local stack and compose run
 
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server")
@@ -62,7 +65,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.aof else "no",
+                "--appendfsync",
+                "everysec",
                 "--logfile",
                 str(self.dir / "redis.log"),
             ],
@@ -80,6 +85,20 @@ class RedisServer:
     def stop(self) -> None:
         with contextlib.suppress(redis.RedisError):
             redis.Redis(port=self.port).shutdown(nosave=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is flushed."""
+        os.kill(int((self.dir / "redis.pid").read_text()), signal.SIGKILL)
+
+    def wait_down(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+            except redis.ConnectionError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not stop")
 
 
 class S3Server:

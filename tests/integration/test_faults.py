@@ -41,7 +41,7 @@ def stack(tmp_path_factory, data_dir):
     from broker.client import QuorumClient
 
     home = tmp_path_factory.mktemp("faults")
-    redis_server = RedisServer(home / "redis").start()
+    redis_server = RedisServer(home / "redis", aof=True).start()
     s = load_settings(
         env={},
         home=str(home),
@@ -67,7 +67,7 @@ def stack(tmp_path_factory, data_dir):
         known = {r.identity for r in gallery}
         probes = [r.path for r in rows if r.role == "probe" and r.identity in known]
         assert len(probes) >= BURST
-        yield st, client, probes
+        yield st, client, probes, redis_server
     finally:
         st.down()
         redis_server.stop()
@@ -102,7 +102,7 @@ def _burst_and_kill(stack, role: str, *, freeze: bool, after_s: float = 0.0, tim
     """Submit a burst and SIGKILL ``role``: mid-work (``after_s`` into the burst), or ``freeze``: stopped
     (SIGSTOP) before the burst so that messages pile up for it, one of them handed to its socket by
     Redis and never read, then killed."""
-    st, client, probes = stack
+    st, client, probes, _ = stack
     pidfile = st._pidfile(role)
     victim = int(pidfile.read_text())
     if freeze:
@@ -158,3 +158,54 @@ def test_a_killed_process_loses_no_probe(stack, role, freeze, after_s):
     # A killed process is restarted and its work redelivered: every probe gets a full candidate list.
     assert report["candidate_lists"] == report["sent"], report
     assert report["degraded"] == 0, report
+
+
+@pytest.mark.parametrize("how", ["shutdown-nosave", "kill-9"])
+def test_a_redis_restart_with_probes_in_flight_loses_no_probe(stack, how):
+    """Redis goes away 1 s into a burst and comes back 3 s later (its AOF, fsynced every second, is
+    what survives). The services reconnect by themselves; the client, waiting through the outage,
+    submits again what Redis no longer knows (``QuorumClient.resubmit_lost``)."""
+    import threading
+
+    _, client, probes, redis_server = stack
+    t0 = time.monotonic()
+    rids = [
+        client.submit(p, case_number="F-2", offence_code="PC211", purpose="investigation", candidates=10)
+        for p in probes[:BURST]
+    ]
+    box: dict = {}
+
+    def wait() -> None:
+        try:
+            box["answers"] = client.wait_all(rids, timeout=240)
+        except TimeoutError as exc:
+            box["timeout"] = str(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(1.0)
+    if how == "kill-9":
+        redis_server.kill()
+    else:
+        redis_server.stop()
+    redis_server.wait_down()
+    time.sleep(3.0)
+    redis_server.start()
+    waiter.join(300)
+    answers = box.get("answers") or {r: a for r in rids if (a := client.result(r)) is not None}
+    lists = [a for a in answers.values() if isinstance(a, CandidateList)]
+    report = {
+        "redis": how,
+        "sent": len(rids),
+        "answered": len(answers),
+        "candidate_lists": len(lists),
+        "degraded": sum(a.degraded for a in lists),
+        "errors": dict(Counter(a.code for a in answers.values() if not isinstance(a, CandidateList))),
+        "resubmitted_by_client": sum(client.resubmitted.get(r, 0) for r in rids),
+        "lost": len(rids) - len(answers),
+        "last_answer_s": round(time.monotonic() - t0, 1),
+    }
+    print(f"\nfault: {report}")
+    assert "timeout" not in box, (box, report)
+    assert report["lost"] == 0, report
+    assert report["candidate_lists"] == report["sent"], report

@@ -18,6 +18,7 @@ from redis.retry import Retry
 from accountability import db, registry
 from broker import keys
 from broker.client import QuorumClient
+from broker.keys import as_str
 from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -96,9 +97,14 @@ def test_agency_can_do_its_own_business(acl_redis):
     # The Python client works with exactly these rights.
     url = f"redis://{creds['a'].redis_user}:{creds['a'].redis_password}@127.0.0.1:{port}/0"
     client = QuorumClient(url, "a", "u1", secret="not-checked-here")
-    client.submit_raw('{"hello": 1}')
+    entry = client.submit_raw('{"hello": 1}')
     assert admin.xlen(keys.intake_stream("a")) == 2
     assert client.redis.get(keys.result_key("a", "r1")) == b"result of a"
+    # What the client needs after a Redis restart: is my request claimed, is my entry still waiting?
+    admin.set(keys.request_key("a", "r1"), "1-1")
+    assert client.redis.mget([keys.request_key("a", "r1")]) == [b"1-1"]
+    assert [as_str(e) for e, _ in client.redis.xrange(keys.intake_stream("a"), entry, entry)] == [entry]
+    assert client.resubmit_lost(["r1"], {}) == []  # (it has no payload of r1 to send: nothing to do)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +114,9 @@ def test_agency_can_do_its_own_business(acl_redis):
         lambda r: r.get(keys.result_key("b", "r1")),  # read another agency's result
         lambda r: r.mget([keys.result_key("b", "r1")]),
         lambda r: r.xread({keys.results_stream("b"): "0"}),  # read another agency's result stream
-        lambda r: r.xread({keys.intake_stream("a"): "0"}),  # read its own intake (write-only)
+        lambda r: r.xread({keys.intake_stream("a"): "0"}),  # read its own intake (XRANGE only)
+        lambda r: r.xrange(keys.intake_stream("b")),  # look into another agency's intake
+        lambda r: r.get(keys.request_key("b", "r1")),  # another agency's request claims
         lambda r: r.xadd(keys.results_stream("a"), {"forged": "result"}),  # forge its own result
         lambda r: r.set(keys.result_key("a", "r2"), "forged"),
         lambda r: r.delete(keys.intake_stream("a")),

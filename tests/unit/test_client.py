@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import fakeredis
@@ -78,3 +79,67 @@ def test_a_resubmission_refused_as_duplicate_is_not_the_answer(client: QuorumCli
     publish(client.redis, answer, ttl_s=60)
     res = client.wait(rid, timeout=2)
     assert isinstance(res, ErrorResult) and res.code == "NO_FACE"
+
+
+class _Outage:
+    """A Redis connection that fails ``n`` calls (a restart), then behaves."""
+
+    def __init__(self, inner, n: int) -> None:
+        self.inner, self.n = inner, n
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a, **k):
+            if self.n > 0:
+                self.n -= 1
+                import redis
+
+                raise redis.ConnectionError("Connection refused")
+            return attr(*a, **k)
+
+        return call
+
+
+def test_after_a_redis_outage_requests_redis_lost_are_submitted_again(client: QuorumClient) -> None:
+    import threading
+
+    lost = client.submit(b"x", case_number="C-1", offence_code="PC211", purpose="criminal-investigation")
+    kept = client.submit(b"y", case_number="C-2", offence_code="PC211", purpose="criminal-investigation")
+    real = client.redis
+    real.set(keys.request_key("lasd", kept), client.entries[kept])  # the gateway had claimed this one
+    real.delete(keys.intake_stream("lasd"))  # the restart lost the stream (and the unclaimed entry)
+    client.redis = _Outage(real, 3)
+    first_entry = client.entries[lost]
+
+    def answer_later() -> None:  # once the lost request is back in the stream, as a gateway would
+        deadline = time.monotonic() + 5
+        while not real.xlen(keys.intake_stream("lasd")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for rid in (lost, kept):
+            publish(
+                real,
+                ErrorResult(
+                    request_id=rid, agency_id="lasd", code="NO_FACE", message="m", retryable=False, stage="intake"
+                ),
+                ttl_s=60,
+            )
+
+    threading.Thread(target=answer_later).start()
+    res = client.wait_all([lost, kept], timeout=10)
+    assert set(res) == {lost, kept}
+    assert client.resubmitted == {lost: 1}  # the claimed one was not sent again
+    assert client.entries[lost] != first_entry
+    (entry,) = real.xrange(keys.intake_stream("lasd"))
+    assert entry[0].decode() == client.entries[lost]
+    assert json.loads(entry[1][b"payload"])["request_id"] == lost  # same request id, signed afresh
+    assert entry[1][b"nonce"]
+
+
+def test_redis_away_for_the_whole_wait_is_a_timeout_not_a_connection_traceback(client: QuorumClient) -> None:
+    rid = client.submit(b"x", case_number="C-1", offence_code="PC211", purpose="criminal-investigation")
+    client.redis = _Outage(client.redis, 10_000)
+    with pytest.raises(TimeoutError, match="Redis unreachable"):
+        client.wait(rid, timeout=1.5)
