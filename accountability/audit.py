@@ -461,11 +461,24 @@ def anchor(eng: Engine, anchors: AnchorStore, *, actor: str = "system") -> dict 
 # ---- hooks the pipeline calls ---------------------------------------------------------------------------
 
 
-def record_result(s: Settings, job, result, *, engines: dict | None = None, attempts: int = 3) -> None:
-    """Audit a published result (``job``: ``schemas.job.Job``; ``result``: CandidateList or ErrorResult).
+def result_recorded(s: Settings, request_id: str) -> bool:
+    """Whether a request's result is already in the audit trail."""
+    try:
+        eng = db.get_engine(s)
+        t = db.audit_log
+        with eng.connect() as conn:
+            q = select(t.c.seq).where(t.c.request_id == request_id, t.c.action == SEARCH_RESULT).limit(1)
+            return conn.execute(q).first() is not None
+    except Exception as exc:
+        raise ServiceError(Code.AUDIT_UNAVAILABLE, f"audit read failed: {type(exc).__name__}: {exc}") from exc
 
-    Called once, after the result was published (publication is exactly-once). If the database stays
-    unavailable the failure is logged as ``audit.result_unrecorded`` (the result is out already).
+
+def record_result(s: Settings, job, result, *, engines: dict | None = None, attempts: int = 3) -> bool:
+    """Audit a result before it is published (``job``: ``schemas.job.Job``; ``result``: CandidateList or
+    ErrorResult). Once per request: returns False, writing nothing, if the request's result is already
+    recorded (a publication retried after the audit write succeeded). Raises ``AUDIT_UNAVAILABLE`` if
+    the database stays unavailable over ``attempts``: the caller then holds the result back, since no
+    result may reach an agency without its audit record.
     """
     if result.type == "candidate_list":
         outcome, code = ("degraded" if result.degraded else "ok"), ""
@@ -493,7 +506,11 @@ def record_result(s: Settings, job, result, *, engines: dict | None = None, atte
         probe_sha256=job.probe_sha256,
         details=details,
     )
-    try:
-        call_with_retries(lambda: record(s, event), attempts=attempts)
-    except ServiceError as err:
-        log.error("audit.result_unrecorded", request_id=job.request_id, error=err.message)
+
+    def once() -> bool:
+        if result_recorded(s, job.request_id):
+            return False
+        record(s, event)
+        return True
+
+    return call_with_retries(once, attempts=attempts)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Column,
     Date,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -109,6 +110,7 @@ audit_log = Table(
     Column("details", Text, nullable=False),  # canonical JSON
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    Index("ix_audit_log_request_action", "request_id", "action"),  # migration 0002
 )
 
 case_holds = Table(

@@ -45,6 +45,11 @@ def job_results_key(request_id: str) -> str:
     return f"quorum:job:{request_id}:engines"
 
 
+def answer_lock(request_id: str) -> str:
+    """Held while one process audits and publishes a request's answer."""
+    return f"quorum:job:{request_id}:answering"
+
+
 def job_published_key(request_id: str) -> str:
     return f"quorum:job:{request_id}:published"
 

@@ -36,6 +36,9 @@ TIMER_OVERDUE = Gauge(
     "quorum_timer_overdue_seconds", "How late the earliest due timer is (0: none due; grows if no fusion worker sweeps)"
 )
 TASKS_UNACKED = Gauge("quorum_tasks_unacked", "Celery messages taken by workers and not yet acknowledged")
+ANSWERS_HELD = Counter(
+    "quorum_answers_held_for_audit_total", "Answers not published yet because the audit database was unavailable"
+)
 TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
 
 _started = False

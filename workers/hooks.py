@@ -1,4 +1,4 @@
-"""Cross-cutting work, in one place: log context, metrics and the audit of answers.
+"""Cross-cutting work, in one place: log context and metrics.
 
 Nothing here decides anything: it observes. Two kinds of observer:
 
@@ -6,11 +6,15 @@ Nothing here decides anything: it observes. Two kinds of observer:
   engine are bound to structlog's context; after it, the task's outcome is counted
   (``quorum_tasks_total``); a task that raised is logged.
 - :func:`observe`, called by every task adapter (``workers.tasks``) with the
-  :class:`~workers.stages.StageResult` its stage returned: an answer the stage published is written
-  to the audit trail and counted (searches completed, refusals by code, search duration); an engine's
-  result is timed or counted as a failure; the gallery size is sampled.
+  :class:`~workers.stages.StageResult` its stage returned: an answer the stage published is counted
+  (searches completed, refusals by code, search duration) and logged; an answer held back because the
+  audit database is away is counted; an engine's result is timed or counted as a failure; the gallery
+  size is sampled.
 
-Stage functions (``workers.stages``) therefore hold no metric, log-context or audit code of their own.
+Stage functions (``workers.stages``) therefore hold no metric or log-context code of their own. The
+audit record of an answer is not an observation: it is written before the answer is published, as
+part of the stage (``workers.stages._answer`` through the context's ``record_result``), so that no
+answer ever reaches an agency unaudited.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import structlog
 from celery import signals
 
-from accountability import audit
 from broker.app import TASK_FUSE, TASK_PREPARE, TASK_SEARCH
 from core import metrics
 from core.config import Settings
@@ -34,11 +37,6 @@ def observe(settings: Settings, result: StageResult) -> None:
     job, answer = result.job, result.published
     if answer is not None and job is not None:
         if isinstance(answer, CandidateList):
-            engines = {
-                e: {"status": res.status, "embed_ms": res.embed_ms, "search_ms": res.search_ms}
-                for e, res in result.engine_results.items()
-            }
-            audit.record_result(settings, job, answer, engines=engines)
             outcome = "degraded" if answer.degraded else "ok"
             metrics.SEARCHES_COMPLETED.labels(job.agency_id, outcome).inc()
             metrics.SEARCH_DURATION.labels(outcome).observe(answer.duration_ms / 1000)
@@ -50,10 +48,12 @@ def observe(settings: Settings, result: StageResult) -> None:
                 duration_ms=answer.duration_ms,
             )
         else:
-            audit.record_result(settings, job, answer)
             metrics.PROBES_REJECTED.labels(job.agency_id, answer.code).inc()
             metrics.SEARCHES_COMPLETED.labels(job.agency_id, "error").inc()
             log.info("probe.error", request_id=job.request_id, code=answer.code, stage=answer.stage)
+    if result.status == "audit_pending":
+        metrics.ANSWERS_HELD.inc()
+        log.warning("answer.held_for_audit", request_id=job.request_id if job else None, **result.detail)
     er = result.engine_result
     if er is not None:
         if er.status == "ok":

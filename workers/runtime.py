@@ -56,6 +56,7 @@ class Runtime:
 
     def context(self):
         """The stage context (``workers.stages.StageContext``) over this process's lazily loaded parts."""
+        from accountability import audit
         from workers.stages import StageContext
 
         return StageContext(
@@ -66,6 +67,7 @@ class Runtime:
             engine=self.engine,
             replica=self.replica,
             calibration=lambda: self.calibration,
+            record_result=lambda job, result, engines: audit.record_result(self.settings, job, result, engines=engines),
         )
 
     def engine(self, name: str):

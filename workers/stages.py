@@ -59,6 +59,9 @@ class StageContext:
     detect: Callable[[np.ndarray], list[Face]]
     engine: Callable[[str], Any]  # name -> workers.engines.Engine
     replica: Callable[[str], Any]  # name -> workers.gallery.GalleryReplica (synced on use)
+    # Writes a request's answer to the audit trail before it is published (once per request; raises
+    # ServiceError(AUDIT_UNAVAILABLE) if it cannot): accountability.audit.record_result in production.
+    record_result: Callable[[Job, Any, dict | None], bool]
     calibration: Callable[[], Any] = lambda: None  # fusion calibration (None: uncalibrated methods only)
     now: Callable[[], float] = time.time
 
@@ -87,8 +90,37 @@ class StageResult:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def _publish_error(ctx: StageContext, job: Job, err: QuorumError, stage: str) -> ErrorResult | None:
-    result = ErrorResult(
+class AnswerHeld(Exception):
+    """Another process is auditing and publishing this request's answer right now."""
+
+
+def _answer(
+    ctx: StageContext, job: Job, result: CandidateList | ErrorResult, engines: dict | None = None
+) -> CandidateList | ErrorResult | None:
+    """Audit, then publish, the request's answer, once. Returns it if this call published it.
+
+    No answer reaches an agency without its audit record: ``ctx.record_result`` (the audit write,
+    idempotent per request) comes first and raises ``AUDIT_UNAVAILABLE`` if the database is away, and
+    then nothing is published. A per-request lock keeps two fusion calls from auditing one request
+    twice; the loser raises :class:`AnswerHeld`.
+    """
+    r, s = ctx.redis, ctx.settings
+    if r.exists(keys.result_key(job.agency_id, job.request_id)):
+        return None
+    lock = keys.answer_lock(job.request_id)
+    if not r.set(lock, 1, nx=True, ex=60):
+        raise AnswerHeld(job.request_id)
+    try:
+        ctx.record_result(job, result, engines)
+        published = result if publish(r, result, ttl_s=s.result_ttl_s) else None
+        r.set(keys.job_published_key(job.request_id), 1, ex=s.result_ttl_s)
+        return published
+    finally:
+        r.delete(lock)
+
+
+def _error(job: Job, err: QuorumError, stage: str) -> ErrorResult:
+    return ErrorResult(
         request_id=job.request_id,
         agency_id=job.agency_id,
         stream_entry_id=job.stream_entry_id,
@@ -97,7 +129,6 @@ def _publish_error(ctx: StageContext, job: Job, err: QuorumError, stage: str) ->
         retryable=err.retryable,
         stage=stage,
     )
-    return result if publish(ctx.redis, result, ttl_s=ctx.settings.result_ttl_s) else None
 
 
 def fuse_message(request_id: str, *, final: bool, countdown: float | None = None, task_id: str | None = None) -> Send:
@@ -135,20 +166,28 @@ def prepare(ctx: StageContext, *, request_id: str, last_attempt: bool = True) ->
     if job is None:
         log.warning("intake.job_missing", request_id=request_id)
         return StageResult("intake", "missing")
+    failure: QuorumError | None = None
     try:
         image = ctx.load_image(job.image_key)
         faces = ctx.detect(image)
         idx, face = choose_face(faces, job.face_index, min_face_pixels=s.min_face_pixels)
     except InputError as err:
-        return StageResult("intake", err.code.value, job, published=_publish_error(ctx, job, err, "intake"))
+        failure = err
     except ServiceError as err:
         if not last_attempt:
             raise
-        return StageResult("intake", err.code.value, job, published=_publish_error(ctx, job, err, "intake"))
+        failure = err
     except Exception as exc:  # never crash on input: anything unexpected is an error result
         log.exception("intake.unexpected", request_id=request_id)
-        err = QuorumError(Code.INTERNAL, f"{type(exc).__name__}")
-        return StageResult("intake", Code.INTERNAL.value, job, published=_publish_error(ctx, job, err, "intake"))
+        failure = QuorumError(Code.INTERNAL, f"{type(exc).__name__}")
+    if failure is not None:
+        # An audit database that is away raises here (AUDIT_UNAVAILABLE): the task retries, and the
+        # intake watchdog sends prepare again after that; nothing is answered unaudited.
+        try:
+            published = _answer(ctx, job, _error(job, failure, "intake"))
+        except AnswerHeld:
+            published = None
+        return StageResult("intake", failure.code.value, job, published=published)
     job = job.with_face(
         SearchedFace(
             index=idx,
@@ -291,9 +330,7 @@ def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: b
             return StageResult("fusion", "gone", job)
         if ctx.now() - job.received_at >= s.search_timeout_s:
             err = ServiceError(Code.SEARCH_TIMEOUT, f"the probe was not through intake after {s.search_timeout_s:.0f}s")
-            published = _publish_error(ctx, job, err, "intake")
-            r.set(keys.job_published_key(request_id), 1, ex=s.result_ttl_s)
-            return StageResult("fusion", Code.SEARCH_TIMEOUT.value, job, published=published)
+            return _held_or(ctx, job, lambda: _answer(ctx, job, _error(job, err, "intake")), Code.SEARCH_TIMEOUT.value)
         send = [watchdog_message(request_id, s.fusion_deadline_s)]
         redriven = r.llen(INTAKE_QUEUE) == 0
         if redriven:
@@ -330,13 +367,37 @@ def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: b
     if not ok:
         codes = set(failed.values())
         code = Code.GALLERY_EMPTY if codes == {Code.GALLERY_EMPTY.value} else Code.NO_ENGINE_RESULT
-        published = _publish_error(ctx, job, ServiceError(code, f"no engine answered: {failed}"), "fusion")
-        r.set(keys.job_published_key(request_id), 1, ex=s.result_ttl_s)
-        return StageResult("fusion", code.value, job, published=published, engine_results=results)
+        err = ServiceError(code, f"no engine answered: {failed}")
+        return _held_or(ctx, job, lambda: _answer(ctx, job, _error(job, err, "fusion")), code.value, results)
     result = assemble(ctx, job, ok, failed)
-    published_result = result if publish(r, result, ttl_s=s.result_ttl_s) else None
-    r.set(keys.job_published_key(request_id), 1, ex=s.result_ttl_s)
-    return StageResult("fusion", "published", job, published=published_result, engine_results=results)
+    engines = {
+        e: {"status": res.status, "embed_ms": res.embed_ms, "search_ms": res.search_ms} for e, res in results.items()
+    }
+    return _held_or(ctx, job, lambda: _answer(ctx, job, result, engines), "published", results)
+
+
+AUDIT_RETRY_S = 5.0
+
+
+def _held_or(
+    ctx: StageContext,
+    job: Job,
+    answer: Callable[[], CandidateList | ErrorResult | None],
+    status: str,
+    results: dict[str, EngineResult] | None = None,
+) -> StageResult:
+    """Run a fusion answer; if the audit database is away, or another process holds the request's
+    answer, ask for fusion again in ``AUDIT_RETRY_S`` (a Redis timer) instead of publishing."""
+    again = (fuse_message(job.request_id, final=True, countdown=AUDIT_RETRY_S, task_id=f"{job.request_id}.again"),)
+    try:
+        published = answer()
+    except AnswerHeld:
+        return StageResult("fusion", "held", job, send=again)
+    except ServiceError as err:
+        if err.code != Code.AUDIT_UNAVAILABLE:
+            raise
+        return StageResult("fusion", "audit_pending", job, send=again, detail={"error": err.message})
+    return StageResult("fusion", status, job, published=published, engine_results=results or {})
 
 
 def assemble(ctx: StageContext, job: Job, ok: dict[str, EngineResult], failed: dict[str, str]) -> CandidateList:

@@ -26,6 +26,7 @@ from core.objectstore import open_store
 from evaluation.ci_split import read_split
 from schemas import CandidateList
 from tests.integration.servers import RedisServer
+from tests.unit.accountability_db import pg_database  # noqa: F401  (fixture)
 from workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,24 @@ BURST = 12
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, data_dir):
+def pg(pg_database):
+    """The stack's registry and audit database on the local PostgreSQL (as a deployment runs it), and an
+    admin connection that can take it away."""
+    import psycopg
+
+    from tests.unit.accountability_db import PG_BASE
+
+    name = pg_database.rsplit("/", 1)[1]
+    admin = psycopg.connect(
+        PG_BASE.replace("postgresql+psycopg://", "postgresql://") + "/postgres", autocommit=True, connect_timeout=5
+    )
+    yield pg_database, name, admin
+    admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, data_dir, pg):
     """A stack of its own (its processes get killed): short visibility timeout and fusion deadline."""
     from accountability import db, registry
     from broker.client import QuorumClient
@@ -46,6 +64,7 @@ def stack(tmp_path_factory, data_dir):
         env={},
         home=str(home),
         redis_url=redis_server.url,
+        database_url=pg[0],
         task_visibility_timeout_s=VISIBILITY_S,
         fusion_deadline_s=10.0,
         search_timeout_s=300.0,
@@ -67,7 +86,7 @@ def stack(tmp_path_factory, data_dir):
         known = {r.identity for r in gallery}
         probes = [r.path for r in rows if r.role == "probe" and r.identity in known]
         assert len(probes) >= BURST
-        yield st, client, probes, redis_server
+        yield st, client, probes, redis_server, s
     finally:
         st.down()
         redis_server.stop()
@@ -102,7 +121,7 @@ def _burst_and_kill(stack, role: str, *, freeze: bool, after_s: float = 0.0, tim
     """Submit a burst and SIGKILL ``role``: mid-work (``after_s`` into the burst), or ``freeze``: stopped
     (SIGSTOP) before the burst so that messages pile up for it, one of them handed to its socket by
     Redis and never read, then killed."""
-    st, client, probes, _ = stack
+    st, client, probes, *_ = stack
     pidfile = st._pidfile(role)
     victim = int(pidfile.read_text())
     if freeze:
@@ -167,7 +186,7 @@ def test_a_redis_restart_with_probes_in_flight_loses_no_probe(stack, how):
     submits again what Redis no longer knows (``QuorumClient.resubmit_lost``)."""
     import threading
 
-    _, client, probes, redis_server = stack
+    _, client, probes, redis_server, _ = stack
     t0 = time.monotonic()
     rids = [
         client.submit(p, case_number="F-2", offence_code="PC211", purpose="investigation", candidates=10)
@@ -209,3 +228,60 @@ def test_a_redis_restart_with_probes_in_flight_loses_no_probe(stack, how):
     assert "timeout" not in box, (box, report)
     assert report["lost"] == 0, report
     assert report["candidate_lists"] == report["sent"], report
+
+
+def test_the_audit_database_away_holds_answers_back_and_loses_none(stack, pg):
+    """PostgreSQL refuses the stack's database for 20 s while a burst is in flight (connections cut,
+    new ones refused). No answer may reach the agency without its audit record: while the database is
+    away nothing is published; afterwards every probe is answered, each with exactly one audit record."""
+    import redis as redis_lib
+    from sqlalchemy import func, select
+
+    from accountability import audit, db
+    from broker import keys
+
+    _, client, probes, _, s = stack
+    _, name, admin = pg
+    r = redis_lib.Redis.from_url(s.redis_url)
+    t0 = time.monotonic()
+    rids = [
+        client.submit(p, case_number="F-3", offence_code="PC211", purpose="investigation", candidates=10)
+        for p in probes[:8]
+    ]
+    # Once every probe is admitted (audited and claimed), take the database away.
+    _wait(lambda: all(r.exists(keys.request_key(client.agency_id, rid)) for rid in rids), 60, "admission")
+    admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    answered_before = sum(bool(r.exists(keys.result_key(client.agency_id, rid))) for rid in rids)
+    time.sleep(20)
+    answered_during = sum(bool(r.exists(keys.result_key(client.agency_id, rid))) for rid in rids) - answered_before
+    admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    answers = client.wait_all(rids, timeout=180)
+    db.dispose_all()
+    eng = db.get_engine(s)
+    log_t = db.audit_log
+    with eng.connect() as conn:
+        counts = dict(
+            conn.execute(
+                select(log_t.c.request_id, func.count())
+                .where(log_t.c.request_id.in_(rids), log_t.c.action == audit.SEARCH_RESULT)
+                .group_by(log_t.c.request_id)
+            ).all()
+        )
+    report = {
+        "audit_db": "away 20 s",
+        "sent": len(rids),
+        "answered_before_outage": answered_before,
+        "published_during_outage": answered_during,
+        "answered": len(answers),
+        "candidate_lists": sum(isinstance(a, CandidateList) for a in answers.values()),
+        "audit_records_per_request": sorted(set(counts.values())),
+        "lost": len(rids) - len(answers),
+        "last_answer_s": round(time.monotonic() - t0, 1),
+    }
+    print(f"\nfault: {report}")
+    assert answered_before < len(rids), report  # the outage caught answers in flight
+    assert answered_during == 0, report  # held back: nothing out without its audit record
+    assert report["lost"] == 0 and report["candidate_lists"] == len(rids), report
+    assert counts == {rid: 1 for rid in rids}, report
+    assert audit.verify(eng).ok

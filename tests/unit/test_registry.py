@@ -17,7 +17,11 @@ FAR = date(2099, 1, 1)
 
 def test_migrations_are_idempotent_and_seed_purposes(eng):  # noqa: F811
     db.upgrade(eng)
-    assert db.current_revision(eng) == "0001"
+    assert db.current_revision(eng) == "0002"
+    import sqlalchemy as sa
+
+    indexes = {i["name"] for i in sa.inspect(eng).get_indexes("audit_log")}
+    assert "ix_audit_log_request_action" in indexes  # 0002: results are audited once per request
     snap = registry.snapshot(eng)
     assert snap.purposes["criminal-investigation"] is True
     for refused in ("general-identification", "non-member-request", "live-scanning", "crowd-scanning"):

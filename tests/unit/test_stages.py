@@ -87,6 +87,16 @@ class World:
         self.engines = {e: StandInEngine(e) for e in ENGINES}
         self.replicas = {e: StandInReplica(_gallery()) for e in ENGINES}
         self.clock = time.time()
+        self.audited: list[tuple[str, str]] = []  # (request id, answer type), in the order written
+        self.audit_down = False
+
+    def record_result(self, job: Job, result: Any, engines: dict | None) -> bool:
+        if self.audit_down:
+            raise ServiceError(Code.AUDIT_UNAVAILABLE, "audit database unavailable")
+        # The answer must not be out yet when its audit record is written.
+        assert fetch(self.redis, job.agency_id, job.request_id) is None
+        self.audited.append((job.request_id, result.type))
+        return True
 
     def load_image(self, key: str) -> np.ndarray:
         if self.image_error:
@@ -102,6 +112,7 @@ class World:
             engine=lambda name: self.engines[name],
             replica=lambda name: self.replicas[name],
             now=lambda: self.clock,
+            record_result=self.record_result,
         )
 
     def job(self, **kw: Any) -> Job:
@@ -367,28 +378,63 @@ def _sample(counter: Any, *labels: str) -> float:
     return counter.labels(*labels)._value.get()
 
 
-def test_hooks_audit_and_count_each_published_answer_once(w, monkeypatch):
-    audited: list[tuple[str, str]] = []
-    monkeypatch.setattr(
-        "accountability.audit.record_result", lambda s, job, result, **kw: audited.append((job.request_id, result.type))
-    )
+def test_every_answer_is_audited_before_it_is_published_and_once(w):
+    w.faces = []
+    bad = w.job()
+    stages.prepare(w.ctx(), request_id=bad.request_id)
+    w.faces = [FACE]
+    good = w.prepared()
+    _both_engines(w, good)
+    stages.fuse(w.ctx(), request_id=good.request_id)
+    stages.fuse(w.ctx(), request_id=good.request_id, final=True)  # the deadline, late: nothing more
+    assert w.audited == [(bad.request_id, "error"), (good.request_id, "candidate_list")]
+
+
+def test_an_answer_is_held_while_the_audit_database_is_away_then_published(w):
+    job = w.prepared()
+    _both_engines(w, job)
+    w.audit_down = True
+    held = stages.fuse(w.ctx(), request_id=job.request_id)
+    assert held.status == "audit_pending" and held.published is None
+    assert fetch(w.redis, job.agency_id, job.request_id) is None  # nothing reached the agency
+    (again,) = held.send
+    assert again.kwargs == {"request_id": job.request_id, "final": True} and again.countdown == stages.AUDIT_RETRY_S
+    w.audit_down = False
+    res = stages.fuse(w.ctx(), **again.kwargs)
+    assert isinstance(res.published, CandidateList) and w.audited == [(job.request_id, "candidate_list")]
+    # The same in intake: a bad probe's refusal waits for the audit trail too (the task retries).
+    w.audit_down = True
+    w.faces = []
+    bad = w.job()
+    with pytest.raises(ServiceError):
+        stages.prepare(w.ctx(), request_id=bad.request_id)
+    assert fetch(w.redis, bad.agency_id, bad.request_id) is None
+
+
+def test_a_second_fusion_while_one_is_answering_asks_again_later(w):
+    job = w.prepared()
+    _both_engines(w, job)
+    w.redis.set(keys.answer_lock(job.request_id), 1)
+    res = stages.fuse(w.ctx(), request_id=job.request_id)
+    assert res.status == "held" and res.published is None and not w.audited
+    assert [m.countdown for m in res.send] == [stages.AUDIT_RETRY_S]
+
+
+def test_hooks_count_each_published_answer_once(w):
     w.faces = []
     bad = w.job()
     bad_res = stages.prepare(w.ctx(), request_id=bad.request_id)
     before = _sample(metrics.PROBES_REJECTED, bad.agency_id, Code.NO_FACE.value)
     hooks.observe(w.settings, bad_res)
     assert _sample(metrics.PROBES_REJECTED, bad.agency_id, Code.NO_FACE.value) == before + 1
-    assert audited == [(bad.request_id, "error")]
 
     w.faces = [FACE]
     good = w.prepared()
     for e in ENGINES:
         hooks.observe(w.settings, stages.search(w.ctx(), request_id=good.request_id, engine=e))
     ok_before = _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok")
-    published = stages.fuse(w.ctx(), request_id=good.request_id)
-    hooks.observe(w.settings, published)
+    hooks.observe(w.settings, stages.fuse(w.ctx(), request_id=good.request_id))
     hooks.observe(w.settings, stages.fuse(w.ctx(), request_id=good.request_id, final=True))  # gone: nothing
-    assert audited[1:] == [(good.request_id, "candidate_list")]
     assert _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok") == ok_before + 1
 
 
