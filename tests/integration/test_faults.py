@@ -36,7 +36,7 @@ BURST = 12
 
 
 @pytest.fixture(scope="module")
-def pg(pg_database):
+def pg(pg_database):  # noqa: F811
     """The stack's registry and audit database on the local PostgreSQL (as a deployment runs it), and an
     admin connection that can take it away."""
     import psycopg
