@@ -288,8 +288,10 @@ class SnapshotCache:
         now = time.monotonic()
         if self._snap is None or now - self._checked >= self.min_interval_s:
             if self._snap is None or version(self.eng) != self._snap.version:
-                self._snap = snapshot(self.eng)
-                self._secrets = secrets_by_agency(self.eng)
+                # Both or neither: a snapshot kept without its secrets would refuse every agency as
+                # unknown when the secrets could not be opened (a wrong key file), instead of failing.
+                snap, secrets = snapshot(self.eng), secrets_by_agency(self.eng)
+                self._snap, self._secrets = snap, secrets
             self._checked = now
         return self._snap
 

@@ -13,6 +13,7 @@ from enum import StrEnum
 class Code(StrEnum):
     # The request itself is wrong: fix the input, do not retry.
     INVALID_MESSAGE = "INVALID_MESSAGE"  # not JSON, or breaks the schema
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"  # the entry's payload is over what any valid request needs
     UNSUPPORTED_SCHEMA_VERSION = "UNSUPPORTED_SCHEMA_VERSION"
     DUPLICATE_REQUEST = "DUPLICATE_REQUEST"  # request id seen before (replay)
     AGENCY_MISMATCH = "AGENCY_MISMATCH"  # message agency differs from the stream it came on

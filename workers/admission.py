@@ -156,7 +156,7 @@ def admit_entry(
     """
     parsed: Parsed | None = None
     try:
-        parsed = parse(fields)
+        parsed = parse(fields, max_bytes=payload_limit(ctx.settings.max_image_bytes))
         check_version(parsed)
         authenticate(ctx, agency, entry_id, parsed)
         req = validate(agency, parsed)
@@ -180,16 +180,37 @@ def admit_entry(
         raise
 
 
-def parse(fields: Mapping[Any, Any]) -> Parsed:
-    """The entry's fields (keys as str) and its payload parsed as JSON."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys repeat is refused: parsers disagree on which value wins, and the
+    signature must cover exactly what is acted on."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def payload_limit(max_image_bytes: int) -> int:
+    """The largest payload read: an inline image at the limit, base64-encoded, plus 64 KiB of fields."""
+    return max_image_bytes * 4 // 3 + 4 + 64 * 1024
+
+
+def parse(fields: Mapping[Any, Any], *, max_bytes: int | None = None) -> Parsed:
+    """The entry's fields (keys as str) and its payload parsed as JSON (strict: one value per key, UTF-8,
+    nesting bounded by Python's recursion limit, at most ``max_bytes``)."""
     f = {as_str(k): v for k, v in fields.items()}
     raw = f.get("payload")
     if raw is None:
         raise InputError(Code.INVALID_MESSAGE, "the entry has no 'payload' field")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InputError(Code.PAYLOAD_TOO_LARGE, f"payload of {len(raw)} bytes, over the limit of {max_bytes}")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(Code.INVALID_MESSAGE, f"payload is not JSON: {exc}") from exc
+    except RecursionError:
+        raise InputError(Code.INVALID_MESSAGE, "payload is nested too deeply") from None
     rid = doc.get("request_id") if isinstance(doc, dict) else None
     return Parsed(f, doc, rid if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID else None)
 

@@ -69,6 +69,11 @@ def stack(tmp_path_factory, data_dir, pg):
         fusion_deadline_s=10.0,
         search_timeout_s=300.0,
     )
+    # The services and this process must open agency secrets with one key file (a deployment sets
+    # QUORUM_SECRETS_KEY_FILE for every service; here: the file this process uses).
+    from accountability import sealing
+
+    s = s.model_copy(update={"secrets_key_file": str(sealing.key_file_for(db.get_engine(s)))})
     st = Stack(s)
     try:
         st.up(timeout=300)

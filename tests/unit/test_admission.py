@@ -536,3 +536,19 @@ def test_gateway_run_survives_a_redis_outage(gateway):
         stop.set()
         t.join(5)
     assert not t.is_alive() and _pending(gw, stream) == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ('{"a": 1, "a": 2}', Code.INVALID_MESSAGE),  # duplicate keys
+        ("[" * 2000 + "]" * 2000, Code.INVALID_MESSAGE),  # nested beyond the recursion limit
+        (b'{"case_number": "\xff\xfe"}', Code.INVALID_MESSAGE),  # not UTF-8
+        ("x" * 5000, Code.PAYLOAD_TOO_LARGE),
+    ],
+    ids=["duplicate-keys", "deep-nesting", "not-utf8", "too-large"],
+)
+def test_parse_refuses_ambiguous_hostile_and_oversized_payloads(payload, code):
+    with pytest.raises(InputError) as exc:
+        admission.parse({"payload": payload}, max_bytes=4096)
+    assert exc.value.code == code

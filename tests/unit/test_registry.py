@@ -275,3 +275,19 @@ def test_a_secret_from_before_sealing_is_read_and_sealed_by_reseal(eng, tmp_path
     registry.reseal_secrets(eng)
     assert _stored_secret(eng, "lasd").startswith("sealed:")
     assert registry.agency_secret(eng, "lasd") == "ab" * 32
+
+
+def test_a_gateway_that_cannot_open_secrets_fails_instead_of_calling_agencies_unknown(eng, tmp_path, monkeypatch):  # noqa: F811
+    from accountability import sealing
+    from core.config import load_settings
+    from core.errors import ServiceError
+
+    keyfile = tmp_path / "secrets.key"
+    monkeypatch.setattr(sealing, "settings", lambda: load_settings(env={}, secrets_key_file=str(keyfile)))
+    registry.add_agency(eng, "lasd", "LA Sheriff", actor="op1")
+    keyfile.write_bytes(sealing.Fernet.generate_key() + b"\n")  # the wrong key: another service's file
+    cache = registry.SnapshotCache(eng)
+    for _ in range(2):  # the first failure must not leave a snapshot without secrets behind
+        with pytest.raises(ServiceError) as ei:
+            cache.get()
+        assert ei.value.code == Code.AUDIT_UNAVAILABLE
