@@ -19,7 +19,7 @@ SEARCHES_COMPLETED = Counter(
 SEARCH_DURATION = Histogram(
     "quorum_search_duration_seconds",
     "From gateway receipt to fused result",
-    ["outcome"],
+    ["agency", "outcome"],  # agency: bounded by the registry (64 members)
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
 )
 ENGINE_DURATION = Histogram(
@@ -38,6 +38,11 @@ TIMER_OVERDUE = Gauge(
 TASKS_UNACKED = Gauge("quorum_tasks_unacked", "Celery messages taken by workers and not yet acknowledged")
 ANSWERS_HELD = Counter(
     "quorum_answers_held_for_audit_total", "Answers not published yet because the audit database was unavailable"
+)
+QUOTA_USED = Gauge("quorum_agency_quota_used", "Searches counted against the agency's daily quota today", ["agency"])
+QUOTA_LIMIT = Gauge("quorum_agency_quota_limit", "The agency's daily search quota (0: unlimited)", ["agency"])
+AUDIT_ANCHOR_AGE = Gauge(
+    "quorum_audit_anchor_age_seconds", "Time since this gateway last anchored the audit chain head in the object store"
 )
 TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
 

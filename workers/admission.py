@@ -70,6 +70,7 @@ from broker import keys, signing
 from broker.jobs import save_job
 from broker.keys import as_str
 from broker.redis_errors import redis_boundary
+from core import metrics
 from core.config import Settings
 from core.errors import Code, InputError, QuorumError, ServiceError
 from core.objectstore import ObjectStore, put_content
@@ -317,7 +318,11 @@ def take_quota(ctx: AdmissionContext, agency: str, quota: int, now: float) -> No
         used, _ = pipe.execute()
         if used > quota:
             ctx.redis.decr(key)
+            metrics.QUOTA_USED.labels(agency).set(quota)
+            metrics.QUOTA_LIMIT.labels(agency).set(quota)
             raise InputError(Code.QUOTA_EXCEEDED, f"agency {agency!r} used its {quota} searches for {day}")
+    metrics.QUOTA_USED.labels(agency).set(used)
+    metrics.QUOTA_LIMIT.labels(agency).set(quota)
 
 
 def store(ctx: AdmissionContext, req: ProbeRequest) -> StoredImage:

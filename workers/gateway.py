@@ -116,6 +116,7 @@ class Gateway:
         self._last_discover = 0.0
         self._last_sample = 0.0
         self._last_anchor = time.monotonic()
+        self._last_anchor_ok = time.monotonic()  # the age counts from start until the first anchor
 
     def start_search(self, job: Job) -> None:
         """Set the intake watchdog (a Redis timer: ``broker.deadlines``), then send ``prepare``. If the
@@ -136,6 +137,7 @@ class Gateway:
             from accountability import db
 
             audit.anchor(db.get_engine(self.settings), audit.open_anchors(self.settings), actor="gateway")
+            self._last_anchor_ok = time.monotonic()
         except Exception as exc:  # anchoring is periodic: a failure is logged and retried next time
             log.warning("audit.anchor_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -173,6 +175,8 @@ class Gateway:
         metrics.TIMERS_PENDING.set(timers)
         metrics.TIMER_OVERDUE.set(max(0.0, time.time() - float(first[0][1])) if first else 0.0)
         metrics.TASKS_UNACKED.set(unacked)
+        if self.settings.audit_anchor_interval_s > 0:
+            metrics.AUDIT_ANCHOR_AGE.set(time.monotonic() - self._last_anchor_ok)
 
     def heartbeat(self) -> None:
         with redis_boundary("setting the heartbeat"):

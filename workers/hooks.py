@@ -39,7 +39,7 @@ def observe(settings: Settings, result: StageResult) -> None:
         if isinstance(answer, CandidateList):
             outcome = "degraded" if answer.degraded else "ok"
             metrics.SEARCHES_COMPLETED.labels(job.agency_id, outcome).inc()
-            metrics.SEARCH_DURATION.labels(outcome).observe(answer.duration_ms / 1000)
+            metrics.SEARCH_DURATION.labels(job.agency_id, outcome).observe(answer.duration_ms / 1000)
             log.info(
                 "search.published",
                 request_id=job.request_id,

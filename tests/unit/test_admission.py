@@ -552,3 +552,16 @@ def test_parse_refuses_ambiguous_hostile_and_oversized_payloads(payload, code):
     with pytest.raises(InputError) as exc:
         admission.parse({"payload": payload}, max_bytes=4096)
     assert exc.value.code == code
+
+
+def test_quota_use_is_a_gauge_per_agency(world):
+    from core import metrics
+
+    ctx, _, _ = world
+    now = time.time()
+    admission.take_quota(ctx, Q, 2, now)
+    assert metrics.QUOTA_USED.labels(Q)._value.get() == 1 and metrics.QUOTA_LIMIT.labels(Q)._value.get() == 2
+    admission.take_quota(ctx, Q, 2, now)
+    with pytest.raises(InputError):
+        admission.take_quota(ctx, Q, 2, now)
+    assert metrics.QUOTA_USED.labels(Q)._value.get() == 2

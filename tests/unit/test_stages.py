@@ -433,7 +433,10 @@ def test_hooks_count_each_published_answer_once(w):
     for e in ENGINES:
         hooks.observe(w.settings, stages.search(w.ctx(), request_id=good.request_id, engine=e))
     ok_before = _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok")
+    latency_sum = metrics.SEARCH_DURATION.labels(good.agency_id, "ok")._sum.get()
+    w.clock += 2.5  # the answer is published 2.5 s after receipt
     hooks.observe(w.settings, stages.fuse(w.ctx(), request_id=good.request_id))
+    assert metrics.SEARCH_DURATION.labels(good.agency_id, "ok")._sum.get() == pytest.approx(latency_sum + 2.5)
     hooks.observe(w.settings, stages.fuse(w.ctx(), request_id=good.request_id, final=True))  # gone: nothing
     assert _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok") == ok_before + 1
 
