@@ -353,3 +353,39 @@ def test_the_readme_table_lists_exactly_these_kinds_and_codes():
     expected.update({kind: "candidate list" for kind in accepted_kinds(dummy, b"\xff\xd8\xff")})
     rows = {k: ("candidate list" if v == "candidate list" else v) for k, v in rows.items()}
     assert rows == expected
+
+
+def test_no_probe_image_stays_in_redis_once_answered(world):
+    """Probe images live in the object store under retention (``quorum probes purge``), never in Redis:
+    once a probe is answered no key, stream entry or hash field holds any part of it."""
+    s, client, _, subjects = world
+    r = redis.Redis.from_url(s.redis_url)
+    data = sorted(subjects[5].iterdir())[1].read_bytes()
+    rid = client.submit(data, case_number="H-2026-7", offence_code="PC211", purpose="investigation", candidates=5)
+    assert isinstance(client.wait(rid, timeout=120), CandidateList)
+    _quiet(r)
+    needles = [base64.b64encode(data)[1000:1064], data[1000:1064]]  # from the middle: not a shared header
+
+    def holds(value: bytes) -> bool:
+        return any(n in value for n in needles)
+
+    found = []
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key)
+        if kind == b"string":
+            values = [r.get(key) or b""]
+        elif kind == b"hash":
+            values = list(r.hgetall(key).values())
+        elif kind == b"stream":
+            values = [v for _, f in r.xrange(key) for v in f.values()]
+        elif kind == b"list":
+            values = r.lrange(key, 0, -1)
+        elif kind == b"zset":
+            values = [m for m in r.zrange(key, 0, -1)]
+        elif kind == b"set":
+            values = list(r.smembers(key))
+        else:
+            values = []
+        if any(holds(v) for v in values):
+            found.append(key.decode())
+    assert not found, found
