@@ -72,6 +72,31 @@ def status() -> None:
         click.echo("gallery log entries: " + "  ".join(f"{e}={r.xlen(keys.gallery_log(e))}" for e in s.engines))
     except redis_lib.RedisError as exc:
         click.echo(f"redis: unreachable ({exc})")
+    click.echo(f"engines ({s.deployment} deployment; configured: {', '.join(s.engines)}):")
+    for line in engine_provenance_lines(s):
+        click.echo("  " + line)
+
+
+def engine_provenance_lines(s) -> list[str]:
+    """Per engine: weights and checksum, training set, licence, and whether it may run here."""
+    from core.engines import ENGINES
+
+    lines = []
+    for spec in ENGINES.values():
+        if not spec.research_only:
+            may = "may run"
+        elif s.deployment == "demo":
+            may = "research-only licence: runs in the demo"
+        elif spec.name in s.accept_research_licences or "all" in s.accept_research_licences:
+            may = "research-only licence: accepted by the operator"
+        else:
+            may = f"research-only licence NOT accepted: set QUORUM_ACCEPT_RESEARCH_LICENCES={spec.name} to run it"
+        used = "in use" if spec.name in s.engines else "not configured"
+        lines.append(
+            f"{spec.name:<8} {used}; {may}\n      weights {spec.weights}, sha256 {spec.sha256[:16]}...\n"
+            f"      trained on {spec.training_set}\n      licence: {spec.licence}"
+        )
+    return lines
 
 
 @click.command("stack-supervise", hidden=True)

@@ -35,8 +35,13 @@ from core.config import Settings
 
 log = structlog.get_logger()
 
-ROLES = ("gateway", *ROLE_QUEUES)
+ROLES = ("gateway", *ROLE_QUEUES)  # every role there is (each has its fixed metrics port offset)
 SUPERVISOR = "supervisor"
+
+
+def stack_roles(s: Settings) -> tuple[str, ...]:
+    """The processes a stack runs: the gateway, intake, one worker per configured engine, fusion, gallery."""
+    return tuple(r for r in ROLES if r in ("gateway", "intake", "fusion", "gallery") or r in s.engines)
 
 
 def settings_env(s: Settings) -> dict[str, str]:
@@ -170,8 +175,14 @@ class Stack:
         return proc.pid
 
     def up(
-        self, roles: tuple[str, ...] = ROLES, *, metrics_base: int = 0, timeout: float = 180.0, supervise: bool = True
+        self,
+        roles: tuple[str, ...] | None = None,
+        *,
+        metrics_base: int = 0,
+        timeout: float = 180.0,
+        supervise: bool = True,
     ) -> None:
+        roles = stack_roles(self.s) if roles is None else roles
         started_redis = self.start_redis()
         if started_redis:
             (self.run_dir / "redis.started").write_text("1")

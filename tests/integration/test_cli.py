@@ -10,7 +10,7 @@ import sys
 import jsonschema
 import pytest
 
-from cli.stack import ROLES, Stack, settings_env
+from cli.stack import Stack, settings_env, stack_roles
 from core.objectstore import open_store
 from evaluation.ci_split import read_split
 from schemas import CandidateList
@@ -67,7 +67,7 @@ def test_search_json_is_the_schema_and_status_shows_the_stack(gallery, data_dir)
     assert rows[0].identity in human.stdout
     status = _quorum(s, "status")
     assert status.returncode == 0
-    for role in ROLES:
+    for role in stack_roles(s):
         assert f"{role:<10} running" in status.stdout
 
 
@@ -97,7 +97,7 @@ def test_probes_written_while_gateway_is_down_are_answered_when_it_returns(galle
         assert client.result(next(iter(rids))) is None
     finally:
         stack.start_process("gateway")
-        stack.wait_ready(ROLES)
+        stack.wait_ready(stack_roles(s))
     results = client.wait_all(list(rids), timeout=180)
     for rid, identity in rids.items():
         assert isinstance(results[rid], CandidateList), results[rid]

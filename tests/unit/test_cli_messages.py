@@ -105,9 +105,9 @@ def test_worker_roles_are_the_broker_queues():
 
 
 def test_unknown_worker_role_is_refused_by_click():
-    res = run("worker", "arcface")
+    res = run("worker", "vggface")
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert "Invalid value" in res.stderr and "'arcface' is not one of" in res.stderr
+    assert "Invalid value" in res.stderr and "'vggface' is not one of" in res.stderr
 
 
 def test_empty_case_is_a_clean_error(image):
@@ -167,9 +167,9 @@ def test_a_coded_error_prints_its_code():
 
 
 def test_a_bad_setting_is_a_clean_error():
-    res = run("status", env={"QUORUM_ENGINES": "sface,arcface"})
+    res = run("status", env={"QUORUM_ENGINES": "sface,vggface"})
     assert_clean_failure(res)
-    assert "QUORUM_ENGINES" in res.stderr and "unknown engine 'arcface'" in res.stderr
+    assert "QUORUM_ENGINES" in res.stderr and "unknown engine 'vggface'" in res.stderr
 
 
 def test_a_missing_settings_file_is_a_clean_error(tmp_path):

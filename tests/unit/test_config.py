@@ -54,12 +54,12 @@ def test_comma_separated_engines():
     assert load_settings(env={}, engines=["dlib"]).engines == ("dlib",)
 
 
-@pytest.mark.parametrize("engines", ["sface,arcface", "arcface"])
+@pytest.mark.parametrize("engines", ["sface,vggface", "vggface"])
 def test_unknown_engine_refused_with_the_known_ones(engines):
     with pytest.raises(ValueError) as err:
         load_settings(env={"QUORUM_ENGINES": engines})
     text = str(err.value)
-    assert "engines" in text and "unknown engine 'arcface'" in text
+    assert "engines" in text and "unknown engine 'vggface'" in text
     assert "known engines: " + ", ".join(ENGINE_NAMES) in text
 
 

@@ -1,4 +1,5 @@
-"""The three embedding engines on real LFW faces: shape, normalisation, discrimination, equivalence."""
+"""The embedding engines on real LFW faces: shape, normalisation, discrimination, equivalence; their
+provenance (checksums of the weights) and the research-licence gate."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ PEOPLE = [
     ("Daniel_Radcliffe", 1, 2),
     ("Hugh_Grant", 1, 2),
 ]
-DIMS = {"sface": 128, "dlib": 128, "facenet": 512}
+DIMS = {"sface": 128, "dlib": 128, "facenet": 512, "arcface": 512}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def samples(data_dir: Path) -> list[tuple[str, np.ndarray, Face]]:
 
 
 def test_registry() -> None:
-    assert ENGINES == ("sface", "dlib", "facenet")
+    assert ENGINES == ("sface", "dlib", "facenet", "arcface")
     with pytest.raises(ValueError, match="sface"):
         get_engine("nope")
     assert get_engine("sface", "cpu") is get_engine("sface", "cpu")
@@ -93,3 +94,42 @@ def test_sface_graph_is_folded() -> None:
     eng = get_engine("sface", "cpu")
     session = eng._session  # type: ignore[attr-defined]
     assert [i.name for i in session.get_inputs()] == ["data"]
+
+
+def test_arcface_batches_in_one_call_without_the_declared_batch_of_one(samples) -> None:
+    eng = get_engine("arcface", "cpu")
+    session = eng._session  # type: ignore[attr-defined]
+    assert session.get_inputs()[0].name == "input.1"
+    assert session.get_inputs()[0].shape[0] == "N" and session.get_outputs()[0].shape[0] == "N"
+    crops = [eng._crop(img, face) for _, img, face in samples]  # type: ignore[attr-defined]
+    batch = eng._forward(crops)  # type: ignore[attr-defined]
+    one_by_one = np.concatenate([eng._forward([c]) for c in crops])  # type: ignore[attr-defined]
+    np.testing.assert_allclose(batch, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_every_engine_records_its_weights_checksum_and_it_matches() -> None:
+    from core.engines import ENGINES as SPECS
+    from workers.engines import file_sha256
+
+    for name, spec in SPECS.items():
+        eng = get_engine(name, "cpu")
+        assert len(spec.sha256) == 64 and spec.training_set and spec.licence
+        assert file_sha256(eng.weights_file) == spec.sha256, name  # type: ignore[attr-defined]
+
+
+def test_a_research_only_engine_needs_the_operators_acceptance_in_production() -> None:
+    from core.config import load_settings
+    from core.engines import engine_spec
+    from workers.engines import check_licence
+
+    arc = engine_spec("arcface")
+    assert arc.research_only and not engine_spec("dlib").research_only
+    check_licence(arc, load_settings(env={}))  # the demo (default) runs it
+    with pytest.raises(ServiceError) as ei:
+        check_licence(arc, load_settings(env={}, deployment="production"))
+    assert ei.value.code == Code.LICENCE_NOT_ACCEPTED and "QUORUM_ACCEPT_RESEARCH_LICENCES=arcface" in ei.value.message
+    check_licence(arc, load_settings(env={}, deployment="production", accept_research_licences="arcface,facenet"))
+    check_licence(arc, load_settings(env={}, deployment="production", accept_research_licences=("all",)))
+    check_licence(engine_spec("dlib"), load_settings(env={}, deployment="production"))
+    with pytest.raises(ServiceError):
+        get_engine("facenet", "cpu", load_settings(env={}, deployment="production", accept_research_licences="sface"))

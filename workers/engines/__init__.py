@@ -1,6 +1,6 @@
 """The embedding-engine interface and registry.
 
-Three engines of different architectures, training sets and runtimes (SFace/onnxruntime,
+Engines of different architectures, training sets and runtimes (SFace and ArcFace/onnxruntime,
 dlib ResNet, FaceNet/cv2.dnn) so that their errors are as independent as possible. Each is loaded
 lazily, once per process (models take seconds and hundreds of MB), and every failure inside a model
 call is turned into ``ServiceError(ENGINE_FAILED)`` here so callers see one stable, retryable code.
@@ -8,6 +8,7 @@ call is turned into ``ServiceError(ENGINE_FAILED)`` here so callers see one stab
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import threading
@@ -19,7 +20,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import structlog
 
-from core.engines import engine_spec
+from core.config import Settings, settings
+from core.engines import EngineSpec, engine_spec
 from core.errors import Code, QuorumError, ServiceError
 from workers.detect import Face
 
@@ -129,11 +131,39 @@ _cache: dict[tuple[str, str], Engine] = {}
 _lock = threading.Lock()
 
 
-def get_engine(name: str, device: str = "auto") -> Engine:
-    """The named engine, loaded on first use and cached per process (per device)."""
+def check_licence(spec: EngineSpec, s: Settings) -> None:
+    """A research-only engine runs in the demo, or in production once the operator accepted its licence."""
+    if not spec.research_only:
+        return
+    accepted = set(s.accept_research_licences)
+    if s.deployment == "demo" or "all" in accepted or spec.name in accepted:
+        if s.deployment == "demo" and spec.name not in accepted and "all" not in accepted:
+            log.warning("engine.research_licence_demo", engine=spec.name, licence=spec.licence)
+        return
+    raise ServiceError(
+        Code.LICENCE_NOT_ACCEPTED,
+        f"engine {spec.name!r}: {spec.licence}. To run it, the operator must accept that licence: "
+        f"set QUORUM_ACCEPT_RESEARCH_LICENCES={spec.name} (a comma-separated list, or 'all'), or leave it out "
+        "of QUORUM_ENGINES",
+        engine=spec.name,
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> Engine:
+    """The named engine, loaded on first use and cached per process (per device): its licence accepted
+    (see :func:`check_licence`) and its weights file checked against the registry's checksum."""
     spec = engine_spec(name)
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"unknown device {device!r}; use auto, cpu or gpu")
+    check_licence(spec, s or settings())
     key = (name, device)
     with _lock:
         engine = _cache.get(key)
@@ -145,6 +175,14 @@ def get_engine(name: str, device: str = "auto") -> Engine:
                 raise
             except Exception as exc:
                 raise ServiceError(Code.ENGINE_FAILED, f"cannot load engine {name}: {exc}") from exc
-            log.info("engine_loaded", engine=name, version=engine.version, device=device)
+            weights = getattr(engine, "weights_file", None)
+            if spec.sha256 and weights and file_sha256(weights) != spec.sha256:
+                raise ServiceError(
+                    Code.ENGINE_FAILED,
+                    f"engine {name}: {weights} does not match the recorded checksum (sha256 {spec.sha256[:12]}...): "
+                    "not the weights this engine was measured with",
+                    engine=name,
+                )
+            log.info("engine_loaded", engine=name, version=engine.version, device=device, weights_sha256=spec.sha256)
             _cache[key] = engine
         return engine

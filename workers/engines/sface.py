@@ -111,6 +111,7 @@ class SFaceEngine(BaseEngine):
         import onnxruntime as ort
 
         self.flip = flip
+        self.weights_file = model_path()
         self.rgb = rgb  # True is FaceRecognizerSF's order; False only for the bench comparison
         self.version = f"sface-2021dec-int8bq-folded/align-arcface112-{'rgb' if rgb else 'bgr'}/flip{int(flip)}"
         self.provenance = (
