@@ -27,7 +27,9 @@ PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "quorum-dashboard.json"
 
 INSTALL_HINT = "install it with: apt-get install -y docker-compose prometheus"
-ENTRY_POINTS = {("gateway",)} | {("worker", r) for r in ("intake", "sface", "dlib", "facenet", "fusion", "gallery")}
+ENTRY_POINTS = {("gateway",)} | {
+    ("worker", r) for r in ("intake", "sface", "dlib", "facenet", "arcface", "fusion", "gallery")
+}
 # Every Celery queue and the worker role that consumes it (the gateway consumes the Redis streams).
 QUEUE_ROLES = {
     "intake": "intake",
