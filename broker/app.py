@@ -1,12 +1,16 @@
 """The Celery application on Redis (kombu).
 
 Queues: ``intake`` (detect and choose the face), one ``engine.<name>`` per engine (embed + search,
-and enrolment into that engine), ``fusion`` (merge rank lists) and ``gallery`` (maintenance:
-snapshots, expunge). Tasks are acknowledged late and rejected when a worker dies, so a message is
-redelivered rather than lost; every task is idempotent (see ``workers.tasks``) so redelivery is safe.
+and enrolment into that engine; for a sharded engine, embed and scatter), one ``shard.<name>.<i>of<S>``
+per shard of a sharded engine (search that shard; created when first used), ``fusion`` (merge rank
+lists) and ``gallery`` (maintenance: snapshots, expunge). Tasks are acknowledged late and rejected
+when a worker dies, so a message is redelivered rather than lost; every task is idempotent (see
+``workers.tasks``) so redelivery is safe.
 """
 
 from __future__ import annotations
+
+import re
 
 from celery import Celery
 from kombu import Queue
@@ -17,6 +21,7 @@ from core.engines import ENGINE_NAMES
 # Task names: the workers register these names (workers.tasks); senders use them (no import of workers).
 TASK_PREPARE = "quorum.intake.prepare"
 TASK_SEARCH = "quorum.engine.search"
+TASK_SHARD_SEARCH = "quorum.shard.search"
 TASK_ENROLL = "quorum.engine.enroll"
 TASK_FUSE = "quorum.fusion.fuse"
 TASK_SNAPSHOT = "quorum.gallery.snapshot"
@@ -30,6 +35,11 @@ def engine_queue(engine: str) -> str:
     return f"engine.{engine}"
 
 
+def shard_queue(engine: str, shard: int, shards: int) -> str:
+    """One shard of a sharded engine's gallery: its searches (every replica of the shard consumes it)."""
+    return f"shard.{engine}.{shard}of{shards}"
+
+
 ALL_QUEUES = (INTAKE_QUEUE, *(engine_queue(e) for e in ENGINE_NAMES), FUSION_QUEUE, GALLERY_QUEUE)
 
 # Which queue each worker role consumes.
@@ -39,6 +49,29 @@ ROLE_QUEUES = {
     "fusion": FUSION_QUEUE,
     "gallery": GALLERY_QUEUE,
 }
+
+
+def shard_role(engine: str, shard: int, shards: int) -> str:
+    """The worker role that serves one shard of a sharded engine: ``sface.2of4``."""
+    return f"{engine}.{shard}of{shards}"
+
+
+_SHARD_ROLE = re.compile(r"^([a-z0-9_]+)\.(\d+)of(\d+)$")
+
+
+def parse_shard_role(role: str) -> tuple[str, int, int] | None:
+    """``sface.2of4`` -> ("sface", 2, 4); None for any other role."""
+    m = _SHARD_ROLE.match(role)
+    if not m or m.group(1) not in ENGINE_NAMES:
+        return None
+    shard, shards = int(m.group(2)), int(m.group(3))
+    return (m.group(1), shard, shards) if 0 <= shard < shards else None
+
+
+def role_queue(role: str) -> str | None:
+    """The queue a worker role consumes (None: no such role)."""
+    parsed = parse_shard_role(role)
+    return shard_queue(*parsed) if parsed else ROLE_QUEUES.get(role)
 
 
 def make_app(redis_url: str | None = None) -> Celery:

@@ -54,9 +54,22 @@ def job_published_key(request_id: str) -> str:
     return f"quorum:job:{request_id}:published"
 
 
-def gallery_log(engine: str) -> str:
-    """Append-only stream of gallery changes for one engine; every replica of its index applies it."""
-    return f"quorum:gallery:log:{engine}"
+def gallery_log(engine: str, shard: int = 0, shards: int = 1) -> str:
+    """Append-only stream of gallery changes for one engine (or one shard of it: ``shards`` > 1);
+    every replica of that index applies it."""
+    if shards == 1:
+        return f"quorum:gallery:log:{engine}"
+    return f"quorum:gallery:log:{engine}:{shard}of{shards}"
+
+
+def job_vector_key(request_id: str, engine: str) -> str:
+    """A sharded engine's embedding of the probe (float32 bytes), read by every shard's search."""
+    return f"quorum:job:{request_id}:vector:{engine}"
+
+
+def job_shards_key(request_id: str, engine: str) -> str:
+    """Hash shard number -> that shard's hits (JSON) for a sharded engine's search in flight."""
+    return f"quorum:job:{request_id}:shards:{engine}"
 
 
 def gallery_label_counter(engine: str) -> str:
@@ -70,6 +83,15 @@ def engine_alive(engine: str, node: str) -> str:
 
 def engine_alive_pattern(engine: str) -> str:
     return f"quorum:alive:engine:{engine}:*"
+
+
+def shard_alive(engine: str, shard: int, shards: int, node: str) -> str:
+    """Set with a short expiry by a live shard worker's heartbeat thread."""
+    return f"quorum:alive:shard:{engine}:{shard}of{shards}:{node}"
+
+
+def shard_alive_pattern(engine: str, shard: int, shards: int) -> str:
+    return f"quorum:alive:shard:{engine}:{shard}of{shards}:*"
 
 
 def gallery_enrolled(engine: str) -> str:

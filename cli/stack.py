@@ -30,7 +30,7 @@ import redis as redis_lib
 import structlog
 
 from broker import keys
-from broker.app import ROLE_QUEUES
+from broker.app import ROLE_QUEUES, parse_shard_role, shard_role
 from core.config import Settings
 
 log = structlog.get_logger()
@@ -40,8 +40,20 @@ SUPERVISOR = "supervisor"
 
 
 def stack_roles(s: Settings) -> tuple[str, ...]:
-    """The processes a stack runs: the gateway, intake, one worker per configured engine, fusion, gallery."""
-    return tuple(r for r in ROLES if r in ("gateway", "intake", "fusion", "gallery") or r in s.engines)
+    """The processes a stack runs: the gateway, intake, one worker per configured engine (and one per
+    shard of a sharded engine: ``sface.0of3`` ...), fusion, gallery."""
+    base = tuple(r for r in ROLES if r in ("gateway", "intake", "fusion", "gallery") or r in s.engines)
+    return base + shard_roles(s)
+
+
+def shard_roles(s: Settings) -> tuple[str, ...]:
+    return tuple(
+        shard_role(e, i, s.shards_of(e)) for e in s.engines if s.shards_of(e) > 1 for i in range(s.shards_of(e))
+    )
+
+
+def _known_role(s: Settings, role: str) -> bool:
+    return role in ROLES or role in shard_roles(s)
 
 
 def settings_env(s: Settings) -> dict[str, str]:
@@ -50,7 +62,7 @@ def settings_env(s: Settings) -> dict[str, str]:
     for name in type(s).model_fields:
         value = getattr(s, name)
         if isinstance(value, tuple):
-            value = ",".join(value)
+            value = ",".join(f"{x[0]}={x[1]}" if isinstance(x, tuple) else x for x in value)
         elif isinstance(value, bool):
             value = str(value).lower()
         env["QUORUM_" + name.upper()] = str(value)
@@ -140,7 +152,12 @@ class Stack:
             base = int((self.run_dir / "metrics_base").read_text())
         except (FileNotFoundError, ValueError):
             return 0
-        return base + ROLES.index(role) if base and i == 0 and role in ROLES else 0
+        if not base or i != 0:
+            return 0
+        if role in ROLES:
+            return base + ROLES.index(role)
+        shards = shard_roles(self.s)
+        return base + len(ROLES) + shards.index(role) if role in shards else 0
 
     def start_process(self, role: str, i: int = 0, *, metrics_port: int | None = None) -> int:
         if metrics_port is None:
@@ -160,6 +177,8 @@ class Stack:
             # A stable consumer name: a restarted gateway takes back its own pending entries at once
             # instead of waiting for another to find them idle.
             env["QUORUM_GATEWAY_CONSUMER"] = f"{socket.gethostname()}-gateway-{i}"
+        elif shard := parse_shard_role(role):
+            args = [sys.executable, "-m", "cli", "worker", shard[0], "--shard", f"{shard[1]}/{shard[2]}"]
         else:
             args = [sys.executable, "-m", "cli", "worker", role]
         with open(self.log_dir / f"{role}-{i}.log", "ab") as out:
@@ -216,7 +235,7 @@ class Stack:
             now = time.monotonic()
             for pidfile in sorted(self.run_dir.glob("*-*.pid")):
                 role, _, i = pidfile.stem.rpartition("-")
-                if role not in ROLES or not i.isdigit():
+                if not _known_role(self.s, role) or not i.isdigit():
                     continue
                 if self._alive(pidfile):
                     if now - started_at.get(pidfile.stem, now) > stable_s:
@@ -290,7 +309,7 @@ class Stack:
 
     def status(self) -> dict[str, str]:
         out = {"redis": "up" if self._redis_reachable() else "down"}
-        for role in (*ROLES, SUPERVISOR):
+        for role in (*ROLES, *shard_roles(self.s), SUPERVISOR):
             out[role] = "running" if self._alive(self._pidfile(role)) else "stopped"
         return out
 

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     # named here ("all" accepts every one); "demo" (the default: quorum up, tests) runs them, logged.
     deployment: Literal["demo", "production"] = "demo"
     accept_research_licences: Annotated[tuple[str, ...], NoDecode] = ()
+    # Gallery shards per engine (README "Scaling"): a subject lives in shard workers.shards.shard_of(id, S)
+    # of its engine; the engine's embed workers scatter each probe's vector to every shard's queue.
+    # In the environment "sface=4,dlib=2"; an engine not named has one shard (its workers hold it all).
+    # Changing an engine's count moves subjects between shards: re-enrol that engine after changing it.
+    shards: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()  # (engine, count) pairs; hashable
     device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the ONNX engine
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -132,6 +137,40 @@ class Settings(BaseSettings):
         if isinstance(raw, str):
             return tuple(p.strip() for p in raw.split(",") if p.strip())
         return raw
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _parse_shards(cls, raw: Any) -> Any:
+        if isinstance(raw, str):
+            out: dict[str, Any] = {}
+            for part in (p.strip() for p in raw.split(",")):
+                if not part:
+                    continue
+                name, sep, count = part.partition("=")
+                if not sep or not count.strip().isdigit():
+                    raise ValueError(f"shards: {part!r} is not ENGINE=COUNT (e.g. sface=4,dlib=2)")
+                out[name.strip()] = int(count)
+            raw = out
+        if isinstance(raw, dict):
+            return tuple(sorted(raw.items()))
+        return raw
+
+    @field_validator("shards")
+    @classmethod
+    def _check_shards(cls, shards: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+        names = [name for name, _ in shards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"shards: an engine is named twice: {', '.join(names)}")
+        for name, count in shards:
+            if name not in ENGINE_NAMES:
+                raise ValueError(f"shards: unknown engine {name!r}; known engines: {', '.join(ENGINE_NAMES)}")
+            if not 1 <= count <= 1024:
+                raise ValueError(f"shards: {name}={count} is outside 1..1024")
+        return shards
+
+    def shards_of(self, engine: str) -> int:
+        """How many gallery shards ``engine`` is split into (1: not sharded)."""
+        return dict(self.shards).get(engine, 1)
 
     @field_validator("engines", mode="before")
     @classmethod

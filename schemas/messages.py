@@ -94,6 +94,10 @@ class EngineResult(_Model):
     gallery_size: int = 0
     embed_ms: float = 0.0
     search_ms: float = 0.0
+    shards: int = Field(default=1, ge=1, description="how many gallery shards the engine's gallery is split into")
+    shards_answered: list[int] | None = Field(
+        default=None, description="sharded engine: the shards whose answers were merged into this list"
+    )
 
 
 class EngineHit(_Model):
@@ -130,7 +134,11 @@ class CandidateList(_Model):
     fusion_method: str
     engines_contributed: list[str]
     engines_failed: dict[str, str] = Field(default_factory=dict, description="engine -> error code")
-    degraded: bool = Field(description="true when an engine did not contribute")
+    engines_partial: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="sharded engine whose list covers only part of its gallery -> the shards that answered",
+    )
+    degraded: bool = Field(description="true when an engine did not contribute, or only some of its shards did")
     notice: str = INVESTIGATIVE_LEAD_NOTICE
     duration_ms: float
     created_at: datetime = Field(default_factory=_now)

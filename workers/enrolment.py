@@ -175,11 +175,12 @@ def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor
                 "images": len(images),
                 "known": bool(raw),
                 "engines": list(s.engines),
+                "shards": {e: s.shards_of(e) for e in s.engines},
             },
         ),
     )
     for engine in s.engines:
-        log_remove(r, engine, subject, reason)
+        log_remove(r, engine, subject, reason, shards=s.shards_of(engine))
         done_key = keys.gallery_enrolled(engine)
         stale = [m for m in r.sscan_iter(done_key, match=f"{subject}|*") if m.decode().split("|", 1)[0] == subject]
         if stale:

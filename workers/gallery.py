@@ -206,6 +206,8 @@ class GalleryReplica:
         ef_construction: int,
         ef_search: int,
         capacity: int,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
         from broker import keys
 
@@ -214,15 +216,28 @@ class GalleryReplica:
         self.dim = dim
         self.redis = redis
         self.store = store
-        self.log_key = keys.gallery_log(engine)
+        self.shard, self.shards = shard, shards
+        self.log_key = keys.gallery_log(engine, shard, shards)
         self.index = GalleryIndex(dim, m=m, ef_construction=ef_construction, ef_search=ef_search, capacity=capacity)
         self.applied_id = "0-0"
         self.skipped_other_version = 0
 
-    # Snapshots live under gallery/<engine>/ with a pointer object naming the newest one.
+    # Snapshots live under gallery/<engine>/ (a shard's under gallery/<engine>/shard-<i>of<S>/) with a
+    # pointer object naming the newest one.
+    @property
+    def _prefix(self) -> str:
+        if self.shards == 1:
+            return f"gallery/{self.engine}"
+        return f"gallery/{self.engine}/shard-{self.shard}of{self.shards}"
+
     @property
     def _pointer_key(self) -> str:
-        return f"gallery/{self.engine}/latest.json"
+        return f"{self._prefix}/latest.json"
+
+    @property
+    def name(self) -> str:
+        """The engine, or ``engine[i/S]`` for one shard of it (logs, metrics)."""
+        return self.engine if self.shards == 1 else f"{self.engine}[{self.shard}/{self.shards}]"
 
     def load_snapshot(self) -> bool:
         from core.errors import InputError
@@ -234,7 +249,7 @@ class GalleryReplica:
         if pointer.get("engine_version") != self.engine_version:
             log.warning(
                 "gallery.snapshot_version_mismatch",
-                engine=self.engine,
+                engine=self.name,
                 snapshot=pointer.get("engine_version"),
                 ours=self.engine_version,
             )
@@ -243,18 +258,20 @@ class GalleryReplica:
         data = self.store.get(pointer["index_key"])
         self.index = GalleryIndex.from_bytes(data, meta)
         self.applied_id = pointer["log_id"]
-        log.info("gallery.snapshot_loaded", engine=self.engine, templates=len(self.index), log_id=self.applied_id)
+        log.info("gallery.snapshot_loaded", engine=self.name, templates=len(self.index), log_id=self.applied_id)
         return True
 
     def save_snapshot(self) -> dict:
         self.sync()
         data, meta = self.index.to_bytes()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        base = f"gallery/{self.engine}/snapshots/{stamp}-{self.applied_id.replace('-', '_')}"
+        base = f"{self._prefix}/snapshots/{stamp}-{self.applied_id.replace('-', '_')}"
         self.store.put(base + "/index.hnsw", data)
         self.store.put(base + "/meta.json", json.dumps(meta).encode())
         pointer = {
             "engine": self.engine,
+            "shard": self.shard,
+            "shards": self.shards,
             "engine_version": self.engine_version,
             "index_key": base + "/index.hnsw",
             "meta_key": base + "/meta.json",
@@ -265,13 +282,13 @@ class GalleryReplica:
         }
         previous = self._read_pointer()
         self.store.put(self._pointer_key, json.dumps(pointer).encode())
-        log.info("gallery.snapshot_saved", engine=self.engine, templates=len(self.index), log_id=self.applied_id)
+        log.info("gallery.snapshot_saved", engine=self.name, templates=len(self.index), log_id=self.applied_id)
         # The log before the *previous* snapshot is no longer needed by anyone: a starting replica
         # loads this snapshot, and a running one that fell behind it notices the gap and reloads.
         # Keeping one generation of overlap spares replicas that are merely a little behind.
         if previous and previous.get("engine_version") == self.engine_version and previous["log_id"] != "0-0":
             trimmed = self.redis.xtrim(self.log_key, minid=previous["log_id"], approximate=False)
-            log.info("gallery.log_trimmed", engine=self.engine, entries=trimmed, before=previous["log_id"])
+            log.info("gallery.log_trimmed", engine=self.name, entries=trimmed, before=previous["log_id"])
         return pointer
 
     def _read_pointer(self) -> dict | None:
@@ -297,9 +314,9 @@ class GalleryReplica:
         """Apply every log entry after the last one applied. Returns how many entries were read."""
         total = 0
         if self._missed_entries():
-            log.warning("gallery.replica_behind_trimmed_log", engine=self.engine, applied=self.applied_id)
+            log.warning("gallery.replica_behind_trimmed_log", engine=self.name, applied=self.applied_id)
             if not self.load_snapshot():
-                raise RuntimeError(f"{self.engine}: the gallery log was trimmed but no snapshot can be loaded")
+                raise RuntimeError(f"{self.name}: the gallery log was trimmed but no snapshot can be loaded")
         while True:
             resp = self.redis.xread({self.log_key: self.applied_id}, count=batch)
             if not resp:
@@ -343,10 +360,19 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
 
 
 def log_add_entries(
-    redis, engine: str, engine_version: str, subjects: Sequence[str], vectors: np.ndarray, images: Sequence[str]
+    redis,
+    engine: str,
+    engine_version: str,
+    subjects: Sequence[str],
+    vectors: np.ndarray,
+    images: Sequence[str],
+    *,
+    shards: int = 1,
 ) -> list[int]:
-    """Append templates to an engine's gallery log; labels come from one atomic counter."""
+    """Append templates to an engine's gallery log (each to its subject's shard's log when the engine
+    has ``shards`` > 1); labels come from one atomic counter per engine, unique across its shards."""
     from broker import keys
+    from workers.shards import shard_of
 
     n = len(subjects)
     if n == 0:
@@ -356,7 +382,7 @@ def log_add_entries(
     pipe = redis.pipeline(transaction=True)
     for lab, subj, vec, img in zip(labels, subjects, vectors, images, strict=True):
         pipe.xadd(
-            keys.gallery_log(engine),
+            keys.gallery_log(engine, shard_of(subj, shards), shards),
             {
                 "op": "add",
                 "label": lab,
@@ -370,7 +396,10 @@ def log_add_entries(
     return labels
 
 
-def log_remove(redis, engine: str, subject: str, reason: str) -> None:
+def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1) -> None:
+    """Expunge a subject from an engine: a ``remove`` entry in the log of the shard that holds it."""
     from broker import keys
+    from workers.shards import shard_of
 
-    redis.xadd(keys.gallery_log(engine), {"op": "remove", "subject": subject, "reason": reason})
+    log_key = keys.gallery_log(engine, shard_of(subject, shards), shards)
+    redis.xadd(log_key, {"op": "remove", "subject": subject, "reason": reason})

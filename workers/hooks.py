@@ -22,7 +22,7 @@ from __future__ import annotations
 import structlog
 from celery import signals
 
-from broker.app import TASK_FUSE, TASK_PREPARE, TASK_SEARCH
+from broker.app import TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
 from core import metrics
 from core.config import Settings
 from schemas import CandidateList
@@ -81,10 +81,12 @@ def install() -> None:
         structlog.contextvars.clear_contextvars()
         ctx = {"task": task.name if task else None, "task_id": task_id}
         kw = kwargs or {}
-        if task and task.name in {TASK_PREPARE, TASK_SEARCH, TASK_FUSE} and "request_id" in kw:
+        if task and task.name in {TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH, TASK_FUSE} and "request_id" in kw:
             ctx["request_id"] = kw["request_id"]
         if "engine" in kw:
             ctx["engine"] = kw["engine"]
+        if "shard" in kw:
+            ctx["shard"] = kw["shard"]
         structlog.contextvars.bind_contextvars(**ctx)
 
     @signals.task_postrun.connect(weak=False)

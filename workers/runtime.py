@@ -77,13 +77,17 @@ class Runtime:
             self._engines[name] = get_engine(name, device=self.settings.device, s=self.settings)
         return self._engines[name]
 
-    def replica(self, name: str):
-        """This process's replica of an engine's gallery: snapshot loaded, log applied."""
-        if name not in self._replicas:
+    def replica(self, name: str, shard: int = 0):
+        """This process's replica of an engine's gallery (or of one shard of it, when the engine is
+        sharded: ``settings.shards``): snapshot loaded, log applied."""
+        if (name, shard) not in self._replicas:
             from workers.gallery import GalleryReplica
 
             eng = self.engine(name)
             s = self.settings
+            shards = s.shards_of(name)
+            if not 0 <= shard < shards:
+                raise ValueError(f"{name} has {shards} shard(s); there is no shard {shard}")
             rep = GalleryReplica(
                 name,
                 eng.version,
@@ -94,12 +98,14 @@ class Runtime:
                 ef_construction=s.hnsw_ef_construction,
                 ef_search=s.hnsw_ef_search,
                 capacity=s.gallery_capacity,
+                shard=shard,
+                shards=shards,
             )
             rep.load_snapshot()
             applied = rep.sync()
-            log.info("gallery.replica_ready", engine=name, templates=len(rep.index), log_entries_applied=applied)
-            self._replicas[name] = rep
-        return self._replicas[name]
+            log.info("gallery.replica_ready", engine=rep.name, templates=len(rep.index), log_entries_applied=applied)
+            self._replicas[(name, shard)] = rep
+        return self._replicas[(name, shard)]
 
 
 runtime = Runtime()

@@ -9,7 +9,7 @@ import threading
 
 import structlog
 
-from broker.app import ROLE_QUEUES, app
+from broker.app import ROLE_QUEUES, app, parse_shard_role, role_queue
 from core import metrics
 from core.config import settings
 from core.logs import configure_logging
@@ -29,11 +29,23 @@ def _start_metrics() -> None:
 
 
 def run_worker(role: str, concurrency: int = 1) -> None:
-    """A Celery worker consuming the queue of ``role``; engine roles preload model and gallery."""
-    if role not in ROLE_QUEUES:
-        raise SystemExit(f"unknown role {role!r}; roles: {', '.join(ROLE_QUEUES)}")
+    """A Celery worker consuming the queue of ``role``; engine roles preload model and gallery.
+
+    For a sharded engine (``settings.shards``) the engine's role (``sface``) embeds and scatters and
+    loads no gallery; each shard has its own role (``sface.2of4``), which loads only that shard."""
+    queue = role_queue(role)
+    if queue is None:
+        raise SystemExit(f"unknown role {role!r}; roles: {', '.join(ROLE_QUEUES)}, or ENGINE.IofS for a shard")
     s = settings()
+    shard = parse_shard_role(role)
+    if shard and (shard[0] not in s.engines or s.shards_of(shard[0]) != shard[2]):
+        configured = s.shards_of(shard[0]) if shard[0] in s.engines else 0
+        raise SystemExit(
+            f"{role}: {shard[0]} is configured with {configured} shard(s) here (QUORUM_ENGINES, QUORUM_SHARDS), "
+            f"not {shard[2]}"
+        )
     configure_logging(s.log_level, s.log_json)
+    from broker import keys
     from workers import hooks
     from workers.runtime import runtime
 
@@ -41,12 +53,20 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     runtime.role = role
     _start_metrics()
     node = f"{role}@{socket.gethostname()}-{os.getpid()}"
-    if role in s.engines:
+    if shard:
+        engine, i, n = shard
+        _start_heartbeat(runtime.redis, keys.shard_alive(engine, i, n, node))
+        rep = runtime.replica(engine, i)  # loads only this shard's snapshot and log
+        metrics.GALLERY_TEMPLATES.labels(rep.name).set(len(rep.index))
+    elif role in s.engines:
         # Beat from the start: a worker that is (re)starting will answer, so fusion waits for it
         # (bounded by the search timeout) rather than degrading the list while it loads.
-        _start_heartbeat(runtime.redis, role, node)
-        runtime.replica(role)  # loads the model and catches up with the gallery before taking work
-        metrics.GALLERY_TEMPLATES.labels(role).set(len(runtime.replica(role).index))
+        _start_heartbeat(runtime.redis, keys.engine_alive(role, node))
+        if s.shards_of(role) == 1:
+            runtime.replica(role)  # loads the model and catches up with the gallery before taking work
+            metrics.GALLERY_TEMPLATES.labels(role).set(len(runtime.replica(role).index))
+        else:
+            runtime.engine(role)  # embeds and scatters: the shards' workers hold the gallery
     elif role == "intake":
         _ = runtime.detector
     if role == "fusion":
@@ -57,7 +77,7 @@ def run_worker(role: str, concurrency: int = 1) -> None:
         [
             "worker",
             "-Q",
-            ROLE_QUEUES[role],
+            queue,
             "-n",
             node,
             "--pool",
@@ -70,11 +90,8 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     )
 
 
-def _start_heartbeat(redis, engine: str, node: str, every_s: float = 3.0) -> None:
-    """Tell fusion this engine is alive (busy, perhaps, but not down) while the process lives."""
-    from broker import keys
-
-    key = keys.engine_alive(engine, node)
+def _start_heartbeat(redis, key: str, every_s: float = 3.0) -> None:
+    """Tell fusion this engine (or shard) is alive (busy, perhaps, but not down) while the process lives."""
 
     def beat() -> None:
         while True:

@@ -25,6 +25,7 @@ logged, and publication is guarded by the request's result key.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,16 @@ import numpy as np
 import structlog
 
 from broker import deadlines, keys
-from broker.app import FUSION_QUEUE, INTAKE_QUEUE, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, engine_queue
+from broker.app import (
+    FUSION_QUEUE,
+    INTAKE_QUEUE,
+    TASK_FUSE,
+    TASK_PREPARE,
+    TASK_SEARCH,
+    TASK_SHARD_SEARCH,
+    engine_queue,
+    shard_queue,
+)
 from broker.jobs import load_job, save_job
 from broker.results import publish
 from core.config import Settings
@@ -44,6 +54,8 @@ from schemas.job import Job, SearchedFace
 from schemas.messages import MAX_CANDIDATES
 from workers import fusion
 from workers.detect import Face, choose_face
+from workers.gallery import Hit
+from workers.shards import merge
 
 log = structlog.get_logger()
 
@@ -58,7 +70,8 @@ class StageContext:
     load_image: Callable[[str], np.ndarray]  # object-store key -> decoded BGR image, under size limits
     detect: Callable[[np.ndarray], list[Face]]
     engine: Callable[[str], Any]  # name -> workers.engines.Engine
-    replica: Callable[[str], Any]  # name -> workers.gallery.GalleryReplica (synced on use)
+    # (name) -> the engine's workers.gallery.GalleryReplica; (name, shard) -> one shard's (synced on use)
+    replica: Callable[..., Any]
     # Writes a request's answer to the audit trail before it is published (once per request; raises
     # ServiceError(AUDIT_UNAVAILABLE) if it cannot): accountability.audit.record_result in production.
     record_result: Callable[[Job, Any, dict | None], bool]
@@ -147,6 +160,15 @@ def search_message(request_id: str, engine: str) -> Send:
     )
 
 
+def shard_search_message(request_id: str, engine: str, shard: int, shards: int) -> Send:
+    return Send(
+        TASK_SHARD_SEARCH,
+        {"request_id": request_id, "engine": engine, "shard": shard, "shards": shards},
+        shard_queue(engine, shard, shards),
+        f"{request_id}.{engine}.{shard}of{shards}",
+    )
+
+
 def prepare_message(request_id: str) -> Send:
     return Send(TASK_PREPARE, {"request_id": request_id}, INTAKE_QUEUE, f"{request_id}.prepare")
 
@@ -214,6 +236,33 @@ def engine_list_length(job: Job) -> int:
     return max(job.candidates, MAX_CANDIDATES)
 
 
+def _engine_error(job: Job, engine: str, version: str, err: Exception, **extra: Any) -> EngineResult:
+    """An engine's error result: a stable code for a QuorumError, ENGINE_FAILED for anything else."""
+    if isinstance(err, QuorumError):
+        code, message = err.code.value, err.message
+    else:
+        log.error("engine.unexpected", engine=engine, request_id=job.request_id, error=repr(err))
+        code, message = Code.ENGINE_FAILED.value, type(err).__name__
+    return EngineResult(
+        request_id=job.request_id,
+        engine=engine,
+        engine_version=version,
+        status="error",
+        error_code=code,
+        error_message=message,
+        **extra,
+    )
+
+
+def _embed(ctx: StageContext, job: Job, engine: Any) -> np.ndarray:
+    """The probe's chosen face embedded by one engine."""
+    image = ctx.load_image(job.image_key)
+    if job.face is None:
+        raise QuorumError(Code.INTERNAL, "the job has no face (intake did not run)")
+    f = job.face
+    return engine.embed(image, Face(box=f.box, landmarks=f.landmarks, score=f.detector_score))
+
+
 def run_engine(ctx: StageContext, job: Job, engine_name: str) -> tuple[EngineResult, int | None]:
     """Embed the probe's chosen face with one engine and search that engine's gallery.
 
@@ -227,11 +276,7 @@ def run_engine(ctx: StageContext, job: Job, engine_name: str) -> tuple[EngineRes
         version = engine.version
         replica = ctx.replica(engine_name)
         t0 = time.perf_counter()
-        image = ctx.load_image(job.image_key)
-        if job.face is None:
-            raise QuorumError(Code.INTERNAL, "the job has no face (intake did not run)")
-        f = job.face
-        vec = engine.embed(image, Face(box=f.box, landmarks=f.landmarks, score=f.detector_score))
+        vec = _embed(ctx, job, engine)
         t1 = time.perf_counter()
         replica.sync()
         templates = len(replica.index)
@@ -239,65 +284,204 @@ def run_engine(ctx: StageContext, job: Job, engine_name: str) -> tuple[EngineRes
             raise ServiceError(Code.GALLERY_EMPTY, f"the {engine_name} gallery is empty")
         hits = replica.index.search(vec, engine_list_length(job))
         t2 = time.perf_counter()
-    except QuorumError as err:
-        return EngineResult(
-            request_id=job.request_id,
-            engine=engine_name,
-            engine_version=version,
-            status="error",
-            error_code=err.code.value,
-            error_message=err.message,
-        ), templates
-    except Exception as exc:
-        log.exception("engine.unexpected", engine=engine_name, request_id=job.request_id)
-        return EngineResult(
-            request_id=job.request_id,
-            engine=engine_name,
-            engine_version=version,
-            status="error",
-            error_code=Code.ENGINE_FAILED.value,
-            error_message=type(exc).__name__,
-        ), templates
+    except Exception as err:
+        return _engine_error(job, engine_name, version, err), templates
     return EngineResult(
         request_id=job.request_id,
         engine=engine_name,
         engine_version=version,
         status="ok",
-        candidates=[
-            EngineCandidate(subject_id=h.subject_id, rank=i + 1, score=round(h.score, 6)) for i, h in enumerate(hits)
-        ],
+        candidates=_ranked(hits),
         gallery_size=replica.index.subjects,
         embed_ms=round((t1 - t0) * 1000, 2),
         search_ms=round((t2 - t1) * 1000, 2),
     ), templates
 
 
-def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
-    """Record one engine's result for a job (once), and ask for fusion when the job needs it."""
+def _ranked(hits: Sequence[Hit]) -> list[EngineCandidate]:
+    return [EngineCandidate(subject_id=h.subject_id, rank=i + 1, score=round(h.score, 6)) for i, h in enumerate(hits)]
+
+
+def _record(ctx: StageContext, job: Job, engine: str, result: EngineResult | None) -> list[Send]:
+    """Record an engine's result for a job (the first one recorded stands: redelivery and a late shard
+    change nothing) and say what fusion needs: a deadline when it is the first engine in, a fusion
+    now when it is the last."""
     r, s = ctx.redis, ctx.settings
+    results_key = keys.job_results_key(job.request_id)
+    first = False
+    if result is None:
+        answered = r.hlen(results_key)
+    else:
+        pipe = r.pipeline(transaction=True)  # atomic: exactly one engine sees itself as the first
+        pipe.hsetnx(results_key, engine, result.model_dump_json())
+        pipe.hlen(results_key)
+        pipe.expire(results_key, s.result_ttl_s)
+        added, answered, _ = pipe.execute()
+        first = bool(added) and answered == 1
+    send: list[Send] = []
+    if first and len(job.engines) > 1:
+        # First answer in: the others get fusion_deadline_s more, then fusion goes without them.
+        send.append(
+            fuse_message(
+                job.request_id, final=True, countdown=s.fusion_deadline_s, task_id=f"{job.request_id}.deadline"
+            )
+        )
+    if answered >= len(job.engines):
+        send.append(fuse_message(job.request_id, final=False))
+    return send
+
+
+def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
+    """Record one engine's result for a job (once), and ask for fusion when the job needs it.
+
+    For a sharded engine (``settings.shards``) this embeds the face once and scatters the vector to
+    every shard (:func:`scatter`); the shards' answers are merged by :func:`shard_search`."""
+    r = ctx.redis
     job = load_job(r, request_id)
     if job is None or r.exists(keys.job_published_key(request_id)):
         return StageResult("engine", "gone", job)
-    results_key = keys.job_results_key(request_id)
-    answered = r.hlen(results_key)
+    if ctx.settings.shards_of(engine) > 1:
+        return scatter(ctx, job, engine)
     result: EngineResult | None = None
     templates: int | None = None
-    send: list[Send] = []
-    if not r.hexists(results_key, engine):  # a redelivery does not recompute
+    if not r.hexists(keys.job_results_key(request_id), engine):  # a redelivery does not recompute
         result, templates = run_engine(ctx, job, engine)
-        pipe = r.pipeline(transaction=True)  # atomic: exactly one engine sees itself as the first
-        pipe.hset(results_key, engine, result.model_dump_json())
-        pipe.hlen(results_key)
-        pipe.expire(results_key, s.result_ttl_s)
-        _, answered, _ = pipe.execute()
-        if answered == 1 and len(job.engines) > 1:
-            # First answer in: the others get fusion_deadline_s more, then fusion goes without them.
-            send.append(
-                fuse_message(request_id, final=True, countdown=s.fusion_deadline_s, task_id=f"{request_id}.deadline")
-            )
-    if answered >= len(job.engines):
-        send.append(fuse_message(request_id, final=False))
+    send = _record(ctx, job, engine, result)
     return StageResult("engine", "done", job, send=tuple(send), engine_result=result, gallery_templates=templates)
+
+
+# ---- sharded engines: embed once, search every shard, merge -------------------------------------------
+
+
+def scatter(ctx: StageContext, job: Job, engine: str) -> StageResult:
+    """Embed the probe once with a sharded engine, keep the vector in Redis for the shards (with the
+    job's lifetime) and ask every shard that has not answered yet to search it."""
+    r, s = ctx.redis, ctx.settings
+    shards = s.shards_of(engine)
+    if r.hexists(keys.job_results_key(job.request_id), engine):  # merged already (or failed): a redelivery
+        return StageResult("engine", "done", job, send=tuple(_record(ctx, job, engine, None)))
+    vkey = keys.job_vector_key(job.request_id, engine)
+    if not r.exists(vkey):
+        version = "unknown"
+        try:
+            eng = ctx.engine(engine)
+            version = eng.version
+            t0 = time.perf_counter()
+            vec = np.asarray(_embed(ctx, job, eng), dtype="<f4")
+            embed_ms = round((time.perf_counter() - t0) * 1000, 2)
+        except Exception as err:
+            result = _engine_error(job, engine, version, err, shards=shards)
+            return StageResult(
+                "engine", "done", job, send=tuple(_record(ctx, job, engine, result)), engine_result=result
+            )
+        pipe = r.pipeline(transaction=True)
+        pipe.hset(vkey, mapping={"vec": vec.tobytes(), "dim": vec.shape[0], "version": version, "embed_ms": embed_ms})
+        pipe.expire(vkey, s.result_ttl_s)
+        pipe.execute()
+    answered = {int(k) for k in r.hkeys(keys.job_shards_key(job.request_id, engine))}
+    send = tuple(shard_search_message(job.request_id, engine, i, shards) for i in range(shards) if i not in answered)
+    return StageResult("engine", "scattered", job, send=send, detail={"engine": engine, "shards": shards})
+
+
+def _run_shard(ctx: StageContext, job: Job, engine: str, shard: int, shards: int) -> dict[str, Any]:
+    """Search one shard with the vector the engine's embed step left; a JSON-able answer, never raises."""
+    r = ctx.redis
+    try:
+        raw = {keys.as_str(k): v for k, v in r.hgetall(keys.job_vector_key(job.request_id, engine)).items()}
+        if not raw:
+            raise ServiceError(Code.ENGINE_FAILED, "the probe's vector is gone (the search expired)")
+        if ctx.settings.shards_of(engine) != shards:
+            raise ServiceError(
+                Code.ENGINE_FAILED, f"{engine} is configured with {ctx.settings.shards_of(engine)} shards, not {shards}"
+            )
+        replica = ctx.replica(engine, shard)
+        if keys.as_str(raw["version"]) != replica.engine_version:
+            raise ServiceError(
+                Code.ENGINE_FAILED,
+                f"the probe was embedded by {keys.as_str(raw['version'])}, the shard holds {replica.engine_version}",
+            )
+        vec = np.frombuffer(raw["vec"], dtype="<f4")
+        t0 = time.perf_counter()
+        replica.sync()
+        hits = replica.index.search(vec, engine_list_length(job))
+        search_ms = round((time.perf_counter() - t0) * 1000, 2)
+    except Exception as err:
+        code = err.code.value if isinstance(err, QuorumError) else Code.ENGINE_FAILED.value
+        if not isinstance(err, QuorumError):
+            log.error("shard.unexpected", engine=engine, shard=shard, request_id=job.request_id, error=repr(err))
+        return {"status": "error", "code": code, "message": str(getattr(err, "message", type(err).__name__))}
+    return {
+        "status": "ok",
+        "hits": [[h.subject_id, h.score] for h in hits],
+        "templates": len(replica.index),
+        "subjects": replica.index.subjects,
+        "search_ms": search_ms,
+    }
+
+
+def merge_shard_answers(
+    job: Job, engine: str, shards: int, answers: dict[int, dict[str, Any]], vector: dict[str, Any]
+) -> EngineResult:
+    """One engine's result from its shards' answers: the best ``k`` over the shards that answered (the
+    same list one index over those shards would give), marked with which shards those were."""
+    version = keys.as_str(vector.get("version", b"unknown"))
+    ok = {i: a for i, a in answers.items() if a.get("status") == "ok"}
+    if not ok:
+        codes = sorted({a.get("code", Code.ENGINE_FAILED.value) for a in answers.values()})
+        err = ServiceError(Code(codes[0]) if codes else Code.ENGINE_TIMEOUT, f"no shard of {engine} answered: {codes}")
+        return _engine_error(job, engine, version, err, shards=shards, shards_answered=[])
+    if sum(a["templates"] for a in ok.values()) == 0:
+        err = ServiceError(Code.GALLERY_EMPTY, f"the {engine} gallery is empty")
+        return _engine_error(job, engine, version, err, shards=shards, shards_answered=sorted(ok))
+    hits = merge(([Hit(sj, float(sc)) for sj, sc in a["hits"]] for a in ok.values()), engine_list_length(job))
+    return EngineResult(
+        request_id=job.request_id,
+        engine=engine,
+        engine_version=version,
+        status="ok",
+        candidates=_ranked(hits),
+        gallery_size=sum(a["subjects"] for a in ok.values()),
+        embed_ms=float(keys.as_str(vector.get("embed_ms", b"0"))),
+        search_ms=max(a["search_ms"] for a in ok.values()),
+        shards=shards,
+        shards_answered=sorted(ok),
+    )
+
+
+def _merge_now(ctx: StageContext, job: Job, engine: str, shards: int) -> EngineResult:
+    r = ctx.redis
+    raw = r.hgetall(keys.job_shards_key(job.request_id, engine))
+    answers = {int(keys.as_str(k)): json.loads(v) for k, v in raw.items()}
+    vector = {keys.as_str(k): v for k, v in r.hgetall(keys.job_vector_key(job.request_id, engine)).items()}
+    return merge_shard_answers(job, engine, shards, answers, vector)
+
+
+def shard_search(ctx: StageContext, *, request_id: str, engine: str, shard: int, shards: int) -> StageResult:
+    """Search one shard of a sharded engine (once per shard), and when every shard has answered,
+    merge their answers into the engine's result and record it as :func:`search` does."""
+    r, s = ctx.redis, ctx.settings
+    job = load_job(r, request_id)
+    if job is None or r.exists(keys.job_published_key(request_id)):
+        return StageResult("shard", "gone", job)
+    if r.hexists(keys.job_results_key(request_id), engine):  # merged already, perhaps without this shard
+        return StageResult("shard", "late", job, detail={"engine": engine, "shard": shard})
+    shards_key = keys.job_shards_key(request_id, engine)
+    answer: dict[str, Any] | None = None
+    if not r.hexists(shards_key, shard):  # a redelivery does not search again
+        answer = _run_shard(ctx, job, engine, shard, shards)
+        pipe = r.pipeline(transaction=True)
+        pipe.hsetnx(shards_key, shard, json.dumps(answer))
+        pipe.hlen(shards_key)
+        pipe.expire(shards_key, s.result_ttl_s)
+        _, answered, _ = pipe.execute()
+    else:
+        answered = r.hlen(shards_key)
+    detail = {"engine": engine, "shard": shard, "shards": shards, "answer": (answer or {}).get("status")}
+    if answered < shards:
+        return StageResult("shard", "answered", job, detail=detail)
+    result = _merge_now(ctx, job, engine, shards)
+    send = _record(ctx, job, engine, result)
+    return StageResult("shard", "merged", job, send=tuple(send), engine_result=result, detail=detail)
 
 
 # ---- fusion -------------------------------------------------------------------------------------------
@@ -305,6 +489,34 @@ def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
 
 def _engine_alive(r: Any, engine: str) -> bool:
     return any(True for _ in r.scan_iter(keys.engine_alive_pattern(engine), count=100))
+
+
+def _shard_alive(r: Any, engine: str, shard: int, shards: int) -> bool:
+    return any(True for _ in r.scan_iter(keys.shard_alive_pattern(engine, shard, shards), count=100))
+
+
+def _still_coming(ctx: StageContext, job: Job, missing: Sequence[str]) -> tuple[list[str], list[Send]]:
+    """Of the engines that have not answered, those a live worker may still answer for (``sface`` or,
+    for a shard, ``sface[2/4]``), and the searches to send again: a live engine's or shard's whose queue
+    is empty has lost the message (a worker took it and died before acknowledging it)."""
+    r, s = ctx.redis, ctx.settings
+    waiting: list[str] = []
+    redrive: list[Send] = []
+    for e in missing:
+        shards = s.shards_of(e)
+        if shards > 1 and r.exists(keys.job_vector_key(job.request_id, e)):
+            answered = {int(keys.as_str(k)) for k in r.hkeys(keys.job_shards_key(job.request_id, e))}
+            for i in range(shards):
+                if i in answered or not _shard_alive(r, e, i, shards):
+                    continue
+                waiting.append(f"{e}[{i}/{shards}]")
+                if r.llen(shard_queue(e, i, shards)) == 0:
+                    redrive.append(shard_search_message(job.request_id, e, i, shards))
+        elif _engine_alive(r, e):
+            waiting.append(e)
+            if r.llen(engine_queue(e)) == 0:
+                redrive.append(search_message(job.request_id, e))
+    return waiting, redrive
 
 
 def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: bool = False) -> StageResult:
@@ -344,22 +556,27 @@ def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: b
         return StageResult("fusion", "waiting", job)
     missing = [e for e in job.engines if e not in results]
     if missing and ctx.now() - job.received_at < s.search_timeout_s:
-        # The deadline passed. An engine whose workers are alive is busy, not down (a backlog, one
-        # slow engine): give it another deadline rather than degrade; the search timeout still bounds
-        # the wait. An engine with no live worker is left out now.
-        alive = [e for e in missing if _engine_alive(r, e)]
-        if alive:
-            redrive = [e for e in alive if r.llen(engine_queue(e)) == 0]
+        # The deadline passed. An engine (or shard) whose workers are alive is busy, not down (a
+        # backlog, one slow engine): give it another deadline rather than degrade; the search timeout
+        # still bounds the wait. One with no live worker is left out now.
+        waiting, redrive = _still_coming(ctx, job, missing)
+        if waiting:
             return StageResult(
                 "fusion",
                 "extended",
                 job,
-                send=(
-                    *(search_message(request_id, e) for e in redrive),
-                    fuse_message(request_id, final=True, countdown=s.fusion_deadline_s),
-                ),
-                detail={"waiting_for": alive, "redriven": redrive},
+                send=(*redrive, fuse_message(request_id, final=True, countdown=s.fusion_deadline_s)),
+                detail={"waiting_for": waiting, "redriven": [m.kwargs.get("engine") for m in redrive]},
             )
+    # A sharded engine some of whose shards answered contributes what they found, marked partial.
+    for e in missing:
+        shards = s.shards_of(e)
+        if shards > 1 and r.hlen(keys.job_shards_key(request_id, e)):
+            _record(ctx, job, e, _merge_now(ctx, job, e, shards))
+            raw_e = r.hget(keys.job_results_key(request_id), e)
+            if raw_e is not None:
+                results[e] = EngineResult.model_validate_json(raw_e)
+    missing = [e for e in job.engines if e not in results]
     ok = {e: res for e, res in results.items() if res.status == "ok"}
     failed = {e: res.error_code or Code.ENGINE_FAILED.value for e, res in results.items() if res.status != "ok"}
     for e in missing:
@@ -410,6 +627,11 @@ def assemble(ctx: StageContext, job: Job, ok: dict[str, EngineResult], failed: d
         fusion.resolve_method(ctx.settings.fusion_method, cal), [e for e, lst in lists.items() if lst], cal, versions
     )
     fused = fusion.fuse(lists, job.candidates, method=method, calibration=cal, versions=versions)
+    partial = {
+        e: list(res.shards_answered)
+        for e, res in ok.items()
+        if res.shards_answered is not None and len(res.shards_answered) < res.shards
+    }
     return CandidateList(
         request_id=job.request_id,
         agency_id=job.agency_id,
@@ -428,7 +650,8 @@ def assemble(ctx: StageContext, job: Job, ok: dict[str, EngineResult], failed: d
         fusion_method=method,
         engines_contributed=sorted(ok),
         engines_failed=failed,
-        degraded=bool(failed),
+        engines_partial=partial,
+        degraded=bool(failed) or bool(partial),
         duration_ms=round((ctx.now() - job.received_at) * 1000, 1),
     )
 
@@ -462,7 +685,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict]) -> StageRes
     vectors = eng.embed_batch([(img, face) for _, _, img, face in todo]) if todo else np.empty((0, eng.dim))
     subjects = [t[0] for t in todo]
     images = [t[1] for t in todo]
-    log_add_entries(r, engine, eng.version, subjects, vectors, images)
+    log_add_entries(r, engine, eng.version, subjects, vectors, images, shards=s.shards_of(engine))
     if todo:
         r.sadd(done_key, *[f"{sj}|{k}|{eng.version}" for sj, k in zip(subjects, images, strict=True)])
     counts = {
@@ -475,5 +698,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict]) -> StageRes
 
 
 def snapshot(ctx: StageContext, *, engines: Sequence[str] | None = None) -> StageResult:
+    """Snapshot each engine's gallery (every shard of a sharded engine) and trim its log."""
     names = list(engines or ctx.settings.engines)
-    return StageResult("gallery", "done", detail={"snapshots": [ctx.replica(e).save_snapshot() for e in names]})
+    pointers = [ctx.replica(e, i).save_snapshot() for e in names for i in range(ctx.settings.shards_of(e))]
+    return StageResult("gallery", "done", detail={"snapshots": pointers})

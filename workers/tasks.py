@@ -14,7 +14,7 @@ import time
 from celery import Task
 
 from broker import deadlines
-from broker.app import TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SNAPSHOT, app
+from broker.app import TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH, TASK_SNAPSHOT, app
 from core.errors import ServiceError
 from workers import hooks, stages
 from workers.runtime import runtime
@@ -50,6 +50,12 @@ def prepare(self: Task, *, request_id: str) -> str:
 @app.task(name=TASK_SEARCH)
 def search(*, request_id: str, engine: str) -> str:
     return _finish(stages.search(runtime.context(), request_id=request_id, engine=engine)).status
+
+
+@app.task(name=TASK_SHARD_SEARCH)
+def shard_search(*, request_id: str, engine: str, shard: int, shards: int) -> str:
+    ctx = runtime.context()
+    return _finish(stages.shard_search(ctx, request_id=request_id, engine=engine, shard=shard, shards=shards)).status
 
 
 @app.task(name=TASK_FUSE)

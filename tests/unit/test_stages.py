@@ -116,6 +116,7 @@ class World:
         )
 
     def job(self, **kw: Any) -> Job:
+        kw.setdefault("engines", ENGINES)
         job = Job(
             request_id=uuid.uuid4().hex,
             agency_id="agency-a",
@@ -126,7 +127,6 @@ class World:
             image_key="probes/x.jpg",
             probe_sha256="0" * 64,
             candidates=10,
-            engines=ENGINES,
             received_at=self.clock,
             stream_entry_id="1-1",
             **kw,
@@ -358,7 +358,7 @@ def test_enrolment_logs_templates_once_and_reports_failures_by_code(w, monkeypat
     logged: list[tuple] = []
     monkeypatch.setattr(
         "workers.gallery.log_add_entries",
-        lambda r, eng, ver, subjects, vectors, images: logged.append((subjects, images)),
+        lambda r, eng, ver, subjects, vectors, images, **kw: logged.append((subjects, images)),
     )
     items = [{"subject_id": "p1", "image_key": "g/1.jpg"}, {"subject_id": "p2", "image_key": "g/2.jpg"}]
     res = stages.enroll(w.ctx(), engine="e1", items=items)
