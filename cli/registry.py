@@ -182,12 +182,25 @@ def registry_list() -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--service-user", default="", help="also define the services' user and turn 'default' off")
 @click.option("--service-password-sha256", default="")
-def redis_acl(out: Path | None, service_user: str, service_password_sha256: str) -> None:
+@click.option(
+    "--services",
+    "services_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="`USER SHA256` lines (quorum deploy init's redis-services.sha256): one least-privilege user per service",
+)
+def redis_acl(out: Path | None, service_user: str, service_password_sha256: str, services_file: Path | None) -> None:
     """Render the Redis ACL file (one user per agency) from the registry."""
     from accountability import registry
+    from cli.deploy import read_service_hashes
 
+    if services_file and service_user:
+        raise click.UsageError("give --services or --service-user, not both")
     text = registry.render_redis_acl(
-        db_engine(), service_user=service_user, service_password_sha256=service_password_sha256
+        db_engine(),
+        service_user=service_user,
+        service_password_sha256=service_password_sha256,
+        services=read_service_hashes(services_file) if services_file else None,
     )
     emit(text, out)
 
