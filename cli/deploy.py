@@ -10,7 +10,8 @@ renews the certificates alone. Files that exist are kept (``--force`` replaces t
 ``ca.key``: the CA's private key (keep it offline; needed only to issue a new server certificate);
 ``redis-{gateway,worker,admin}.url``: each service's ``rediss://`` URL with its own ACL user;
 ``redis-services.sha256``: the service users' password hashes, read by ``quorum registry redis-acl``;
-``redis-exporter.json``: redis_exporter's password file; the rest one value a file (see SECRET_FILES).
+``redis-exporter.json``: redis_exporter's password file; ``database-url``: the services' PostgreSQL URL
+(role ``quorum``); ``secrets-key``: the key sealing agency secrets; the rest one value a file (SECRET_FILES).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import os
 import secrets
 from pathlib import Path
 from urllib.parse import quote
@@ -29,6 +31,11 @@ import click
 REDIS_SERVICE_USERS = ("gateway", "worker", "admin", "exporter")
 # Names under which a Redis client inside compose finds the CA (the compose secret `redis-ca`).
 CONTAINER_CA = "/run/secrets/redis-ca"
+# docker-compose (v1, and v2 without swarm) mounts a secret file as it is, with its owner and mode, and
+# the services run as other users (quorum 10001, postgres 999, grafana 472): the files are readable
+# (0644) inside a directory that only its owner may enter (0700). The two private keys stay 0600.
+SECRET_MODE = 0o644
+REDIS_UID = 999  # the redis:7 image's user: it must read redis/redis.key
 # One value a file: (file name, how to make it).
 SECRET_FILES: tuple[tuple[str, str], ...] = (
     ("minio-root-user", "name"),
@@ -139,6 +146,11 @@ def redis_url(user: str, password: str, host: str = "redis", port: int = 6379, c
     )
 
 
+def database_url(password: str, host: str = "postgres", role: str = "quorum", database: str = "quorum") -> str:
+    """The services' PostgreSQL URL: role ``quorum`` (deploy/postgres/init-roles.sh), not the superuser."""
+    return f"postgresql+psycopg://{role}:{quote(password, safe='')}@{host}:5432/{database}"
+
+
 def write_certs(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> list[str]:
     """The CA and server certificate into ``directory`` (CA key beside ``redis/``); returns what was written."""
     redis_dir = directory / "redis"
@@ -155,6 +167,9 @@ def write_certs(directory: Path, hosts: tuple[str, ...], days: int, force: bool)
     ):
         _write(path, pem[name], mode=mode, force=True)
         written.append(str(path.relative_to(directory)))
+    redis_dir.chmod(0o755)
+    if os.geteuid() == 0:  # else deploy/README.md: chown 999 redis/redis.key
+        os.chown(redis_dir / "redis.key", REDIS_UID, REDIS_UID)
     return written
 
 
@@ -203,28 +218,46 @@ def init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> Non
     written = write_certs(directory, _all_hosts(hosts), days, force)
     for name, kind in SECRET_FILES:
         value = f"quorum-{secrets.token_hex(4)}" if kind == "name" else secrets.token_urlsafe(32)
-        if _write(directory / name, value + "\n", mode=0o600, force=force):
+        if _write(directory / name, value + "\n", mode=SECRET_MODE, force=force):
             written.append(name)
     passwords: dict[str, str] = {}
     for user in REDIS_SERVICE_USERS:
         pw_file = directory / f"redis-{user}.password"
-        if _write(pw_file, secrets.token_urlsafe(32) + "\n", mode=0o600, force=force):
+        if _write(pw_file, secrets.token_urlsafe(32) + "\n", mode=SECRET_MODE, force=force):
             written.append(pw_file.name)
         passwords[user] = pw_file.read_text().strip()
     for user in ("gateway", "worker", "admin"):
-        if _write(directory / f"redis-{user}.url", redis_url(user, passwords[user]) + "\n", mode=0o600, force=force):
+        url = redis_url(user, passwords[user]) + "\n"
+        if _write(directory / f"redis-{user}.url", url, mode=SECRET_MODE, force=force):
             written.append(f"redis-{user}.url")
     exporter = json.dumps({"rediss://redis:6379": passwords["exporter"]}) + "\n"
-    if _write(directory / "redis-exporter.json", exporter, mode=0o600, force=force):
+    if _write(directory / "redis-exporter.json", exporter, mode=SECRET_MODE, force=force):
         written.append("redis-exporter.json")
+    app_pw = (directory / "postgres-app-password").read_text().strip()
+    if _write(directory / "database-url", database_url(app_pw) + "\n", mode=SECRET_MODE, force=force):
+        written.append("database-url")
     hashes = {u: hashlib.sha256(p.encode()).hexdigest() for u, p in passwords.items()}
     # Derived from the passwords: always rewritten so that they match.
     (directory / "redis-services.sha256").write_text("".join(f"{u} {h}\n" for u, h in hashes.items()))
     if _write(directory / "redis" / "users.acl", render_service_acl(hashes), mode=0o644, force=force):
         written.append("redis/users.acl")
-    if _write(directory / "secrets-key", _fernet_key() + "\n", mode=0o600, force=force):
+    if _write(directory / "secrets-key", _fernet_key() + "\n", mode=SECRET_MODE, force=force):
         written.append("secrets-key")
     click.echo(f"{directory}: wrote {', '.join(written) if written else 'nothing (all present)'}")
+
+
+@deploy_group.command("acl-load")
+def acl_load() -> None:
+    """Make Redis re-read its ACL file (after `quorum registry redis-acl` rendered it again): ACL LOAD as
+    the configured Redis user (compose: `docker-compose run --rm admin quorum deploy acl-load`)."""
+    import redis as redis_lib
+
+    from core.config import settings
+
+    client = redis_lib.Redis.from_url(settings().redis_url, socket_connect_timeout=5)
+    client.execute_command("ACL", "LOAD")
+    users = [u.decode() if isinstance(u, bytes) else u for u in client.execute_command("ACL", "USERS")]
+    click.echo(f"ACL reloaded: {len(users)} users ({', '.join(users)})")
 
 
 def _fernet_key() -> str:
