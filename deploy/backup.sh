@@ -62,9 +62,10 @@ redis_cli() {
 
 backup_redis() {
     out=$1
-    before=$(redis_cli LASTSAVE | tr -d '\r')
+    # BGSAVE replies once its child runs: in_progress is 1 from then until the snapshot is renamed into place.
     redis_cli BGSAVE >/dev/null
-    while [ "$(redis_cli LASTSAVE | tr -d '\r')" = "$before" ]; do sleep 1; done
+    while redis_cli INFO persistence | grep -q '^rdb_bgsave_in_progress:1'; do sleep 1; done
+    redis_cli INFO persistence | grep -q '^rdb_last_bgsave_status:ok' || die "BGSAVE failed (redis logs)"
     $COMPOSE exec -T redis cat /data/dump.rdb > "$out.partial"
     [ -s "$out.partial" ] || die "no snapshot read"
     mv "$out.partial" "$out"
@@ -75,9 +76,10 @@ restore_redis() {
     in=$1
     [ -s "$in" ] || die "$in: no such backup"
     $COMPOSE stop redis
-    # With appendonly on and no AOF, Redis 7 loads dump.rdb and writes a new AOF base from it.
-    $COMPOSE run --rm --no-deps -T --entrypoint sh redis \
-        -c 'rm -rf /data/appendonlydir && cat > /data/dump.rdb && chown -R redis:redis /data' < "$in"
+    # Redis 7 with appendonly on and no AOF would start empty: restore-snapshot.sh loads the snapshot
+    # with AOF off, turns AOF on (a new AOF base from memory) and stops; then the service starts on it.
+    $COMPOSE run --rm --no-deps -T -v "$(pwd)/deploy/redis/restore-snapshot.sh:/restore-snapshot.sh:ro" \
+        --entrypoint sh redis /restore-snapshot.sh /data < "$in"
     $COMPOSE start redis
     say "redis: $in restored; queued tasks and timers are those of the snapshot"
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -172,3 +173,48 @@ def test_init_roles_makes_the_services_role_owner_and_the_exporter_a_monitor(dat
         for role in (app_role, exporter_role):
             admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         admin.execute(f'CREATE DATABASE "{name}"')  # the fixture drops it again
+
+
+def test_redis_snapshot_restore_rebuilds_the_aof(tmp_path):
+    """deploy/redis/restore-snapshot.sh on a real redis-server with AOF on, as compose runs it: the
+    restored server holds the snapshot's keys and streams (consumer group and pending entries
+    included), not what was written after it, and keeps them across a restart (they are in the AOF)."""
+    import redis
+
+    from tests.integration.servers import RedisServer, free_port
+
+    server = RedisServer(tmp_path / "redis", aof=True).start()
+    r = redis.Redis(port=server.port)
+    r.set("quorum:job:r1", "{}")
+    r.xadd("quorum:intake:lasd", {"payload": "p1"})
+    r.xgroup_create("quorum:intake:lasd", "gateways", id="0")
+    r.xreadgroup("gateways", "g1", {"quorum:intake:lasd": ">"})  # one pending entry
+    r.bgsave()  # as deploy/backup.sh backup-redis does
+    while r.info("persistence")["rdb_bgsave_in_progress"]:
+        time.sleep(0.05)
+    assert r.info("persistence")["rdb_last_bgsave_status"] == "ok"
+    snapshot = (tmp_path / "redis" / "dump.rdb").read_bytes()
+    r.set("quorum:job:r2", "{}")  # after the backup
+    server.stop()
+    server.wait_down()
+
+    proc = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "redis" / "restore-snapshot.sh"), str(tmp_path / "redis")],
+        input=snapshot,
+        env={**os.environ, "RUN_AS": "", "PORT": str(free_port())},
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (tmp_path / "redis" / "appendonlydir" / "appendonly.aof.manifest").is_file()
+    for _ in range(2):  # restored, then restarted once more: the data is in the AOF
+        server = RedisServer(tmp_path / "redis", aof=True)
+        server.start()
+        r = redis.Redis(port=server.port)
+        try:
+            assert r.get("quorum:job:r1") == b"{}" and r.get("quorum:job:r2") is None
+            assert r.xpending("quorum:intake:lasd", "gateways")["pending"] == 1
+        finally:
+            server.stop()
+            server.wait_down()
+        (tmp_path / "redis" / "dump.rdb").unlink(missing_ok=True)  # the second start reads the AOF only
