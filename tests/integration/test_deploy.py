@@ -326,20 +326,22 @@ def documented_compose_commands() -> list[tuple[str, str, list[str]]]:
             m = re.search(r"docker-compose run ([^`#|>]*)", line)
             if not m:
                 continue
+            if "<" in m.group(1):  # a placeholder (`quorum <command>`), not a command
+                continue
             words = shlex_split(m.group(1))
             while words and words[0].startswith("-"):
                 flag = words.pop(0)
                 if flag in {"-e", "-v", "-u", "--user", "--entrypoint", "-w"}:
                     words.pop(0)
             service, argv = words[0], words[1:]
-            out.append((doc.name, service, argv))
+            out.append((str(doc.relative_to(ROOT)), service, argv))
     return out
 
 
 def shlex_split(text: str) -> list[str]:
     import shlex
 
-    return shlex.split(text.split(" # ")[0].replace("\\\n", " "), posix=True)
+    return shlex.split(text.split(" # ")[0].rstrip().removesuffix("\\"), posix=True)
 
 
 def test_documented_compose_commands_name_real_services_and_quorum_commands() -> None:
@@ -348,6 +350,17 @@ def test_documented_compose_commands_name_real_services_and_quorum_commands() ->
     services = compose()["services"]
     found = documented_compose_commands()
     assert any(argv[:3] == ["quorum", "db", "upgrade"] for _, _, argv in found), "no documented db upgrade"
+    # `docker run ... IMAGE quorum ...` (before compose can start anything: deploy init) uses the built image.
+    images = {
+        svc.get("image", "").replace("${QUORUM_IMAGE:-quorum}:${QUORUM_IMAGE_TAG:-cpu}", "quorum:cpu")
+        for svc in services.values()
+    }
+    text = (ROOT / "deploy" / "README.md").read_text().replace("\\\n", " ")
+    docker_runs = re.findall(r"docker run --rm -v \S+ (\S+)\s+(quorum [^\n`]*)", text)
+    assert docker_runs, "deploy/README.md: no `docker run ... quorum deploy init`"
+    for image, command in docker_runs:
+        assert image in images, f"deploy/README.md: `docker run {image}`: compose builds {sorted(images)}"
+        found.append(("deploy/README.md", "admin", shlex_split(command)))
     for doc, service, argv in found:
         assert service in services, f"{doc}: `docker-compose run {service}`: no such service"
         assert argv and argv[0] == "quorum", f"{doc}: {argv}: the image has no ENTRYPOINT; start with `quorum`"
