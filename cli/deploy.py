@@ -255,7 +255,15 @@ def acl_load() -> None:
     from core.config import settings
 
     client = redis_lib.Redis.from_url(settings().redis_url, socket_connect_timeout=5)
-    client.execute_command("ACL", "LOAD")
+    try:
+        client.execute_command("ACL", "LOAD")
+    except redis_lib.exceptions.NoPermissionError as err:
+        raise click.ClickException(
+            f"this Redis user may not reload the ACL ({err}): run it as the admin service "
+            "(docker-compose run --rm admin quorum deploy acl-load)"
+        ) from None
+    except redis_lib.exceptions.ResponseError as err:  # the file does not parse: Redis keeps the old ACL
+        raise click.ClickException(f"Redis refused the ACL file, the previous ACL stays in force: {err}") from None
     users = [u.decode() if isinstance(u, bytes) else u for u in client.execute_command("ACL", "USERS")]
     click.echo(f"ACL reloaded: {len(users)} users ({', '.join(users)})")
 

@@ -265,3 +265,29 @@ def test_celery_round_trip_over_tls_as_the_service_users(tls_redis, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_compose_healthcheck_command_and_acl_load(tls_redis):
+    """The redis service's health check (redis-cli as `healthcheck`, over TLS) as compose runs it, and
+    `quorum deploy acl-load` as the admin user; the gateway's user may not reload the ACL."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    check = compose["services"]["redis"]["healthcheck"]["test"][1]
+    check = check.replace("/etc/redis/quorum/ca.crt", str(tls_redis["ca"])).replace(
+        "redis-cli ", f"redis-cli -p {tls_redis['port']} "
+    )
+    assert subprocess.run(["sh", "-c", check], timeout=30).returncode == 0
+    env = {**os.environ, "QUORUM_REDIS_URL": tls_redis["urls"]["admin"]}
+    env.pop("QUORUM_SETTINGS", None)
+    loaded = subprocess.run(
+        [sys.executable, "-m", "cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert "ACL reloaded" in loaded.stdout and "agency-a" in loaded.stdout
+    env["QUORUM_REDIS_URL"] = tls_redis["urls"]["gateway"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "may not reload the ACL" in refused.stderr
+    assert "Traceback" not in refused.stderr
