@@ -216,32 +216,33 @@ def init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> Non
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     written = write_certs(directory, _all_hosts(hosts), days, force)
+    # One value a file, without a trailing newline: some images read a secret file byte for byte.
     for name, kind in SECRET_FILES:
         value = f"quorum-{secrets.token_hex(4)}" if kind == "name" else secrets.token_urlsafe(32)
-        if _write(directory / name, value + "\n", mode=SECRET_MODE, force=force):
+        if _write(directory / name, value, mode=SECRET_MODE, force=force):
             written.append(name)
     passwords: dict[str, str] = {}
     for user in REDIS_SERVICE_USERS:
         pw_file = directory / f"redis-{user}.password"
-        if _write(pw_file, secrets.token_urlsafe(32) + "\n", mode=SECRET_MODE, force=force):
+        if _write(pw_file, secrets.token_urlsafe(32), mode=SECRET_MODE, force=force):
             written.append(pw_file.name)
         passwords[user] = pw_file.read_text().strip()
     for user in ("gateway", "worker", "admin"):
-        url = redis_url(user, passwords[user]) + "\n"
+        url = redis_url(user, passwords[user])
         if _write(directory / f"redis-{user}.url", url, mode=SECRET_MODE, force=force):
             written.append(f"redis-{user}.url")
     exporter = json.dumps({"rediss://redis:6379": passwords["exporter"]}) + "\n"
     if _write(directory / "redis-exporter.json", exporter, mode=SECRET_MODE, force=force):
         written.append("redis-exporter.json")
     app_pw = (directory / "postgres-app-password").read_text().strip()
-    if _write(directory / "database-url", database_url(app_pw) + "\n", mode=SECRET_MODE, force=force):
+    if _write(directory / "database-url", database_url(app_pw), mode=SECRET_MODE, force=force):
         written.append("database-url")
     hashes = {u: hashlib.sha256(p.encode()).hexdigest() for u, p in passwords.items()}
     # Derived from the passwords: always rewritten so that they match.
     (directory / "redis-services.sha256").write_text("".join(f"{u} {h}\n" for u, h in hashes.items()))
     if _write(directory / "redis" / "users.acl", render_service_acl(hashes), mode=0o644, force=force):
         written.append("redis/users.acl")
-    if _write(directory / "secrets-key", _fernet_key() + "\n", mode=SECRET_MODE, force=force):
+    if _write(directory / "secrets-key", _fernet_key(), mode=SECRET_MODE, force=force):
         written.append("secrets-key")
     click.echo(f"{directory}: wrote {', '.join(written) if written else 'nothing (all present)'}")
 

@@ -29,8 +29,9 @@ def test_init_writes_every_secret_once_and_keeps_them(tmp_path: Path) -> None:
     res = invoke("deploy", "init", str(d), "--host", "redis.agencies.example", "--host", "10.0.0.5")
     assert res.exit_code == 0, res.output
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    for name, _ in SECRET_FILES:
-        assert (d / name).read_text().strip(), name
+    for name in [n for n, _ in SECRET_FILES] + ["database-url", "secrets-key", "redis-gateway.url"]:
+        value = (d / name).read_text()
+        assert value and value == value.strip(), f"{name}: one value, no trailing newline"
     assert stat.S_IMODE((d / "ca.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((d / "redis" / "redis.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((d / "s3-secret-key").stat().st_mode) == 0o644  # readable by the service's user
