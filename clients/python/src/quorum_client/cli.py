@@ -30,7 +30,9 @@ def _env(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="quorum-client", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="quorum-client", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="sign, submit and wait for the answer")
     s.add_argument("image", help="JPEG/PNG file, or probes/<sha256> for an image already stored")
