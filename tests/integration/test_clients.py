@@ -274,3 +274,42 @@ def test_the_same_payload_is_signed_alike_in_every_language(world, payload, shel
     # and the gateway's check accepts it
     fields = {"payload": payload, "timestamp": str(ts), "nonce": nonce, "signature": server}
     assert signing.verify(secret, json.loads(payload), fields, now=ts, window_s=300).nonce == nonce
+
+
+def test_the_readme_recipe_by_hand_works_as_written(world):
+    """README "Submitting a search without Python": the by-hand block, run as written (names and port
+    put in), gets a candidate list for an image over 200 KB."""
+    import re
+    import time
+    import uuid
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("By hand, the shell client's steps are:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in block.splitlines() if "XREAD BLOCK 0" not in ln]  # the one line that waits forever
+    rid = uuid.uuid4().hex
+    port = world["env"]["QUORUM_REDIS_PORT"]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    script = script.replace("7f3c9a102b1e4c7a9a550d6f2f1d8e21", rid).replace("inv-0042", USER)
+    script = re.sub(r"\blasd\b", AGENCY, script).replace("-p 6390", f"-p {port}")
+    work = world["tmp"] / "by-hand"
+    work.mkdir()
+    (work / "schemas").symlink_to(REPO / "schemas")
+    shutil.copy(world["big"][1], work / "probe.jpg")  # (a PNG: the name does not matter)
+    env = {
+        **world["env"],
+        "LASD_REDIS_PASSWORD": world["env"]["REDISCLI_AUTH"],
+        "LASD_SECRET": world["env"]["QUORUM_AGENCY_SECRET"],
+        "PATH": f"{NODE_DIR / 'node_modules' / '.bin'}:{os.environ['PATH']}",  # ajv
+    }
+    env.pop("REDISCLI_AUTH")
+    out = subprocess.run(["bash", "-c", script], cwd=str(work), env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == "PONG" and "AUTH failed" not in out.stderr, out.stderr
+    assert any(re.fullmatch(r"\d+-\d+", ln) for ln in out.stdout.splitlines()), out.stdout  # XADD's entry id
+    deadline = time.monotonic() + 180
+    while (raw := world["admin"].get(keys.result_key(AGENCY, rid))) is None:
+        assert time.monotonic() < deadline, "no answer to the README recipe's request"
+        time.sleep(0.5)
+    result = json.loads(raw)
+    assert result["type"] == "candidate_list", result
+    assert result["candidates"][0]["subject_id"] == world["big"][0]
