@@ -74,6 +74,8 @@ def canonical_payload(doc: dict) -> bytes:
         return rfc8785.dumps(obj)
     except rfc8785.CanonicalizationError as exc:
         raise InputError(Code.INVALID_MESSAGE, f"the payload has no canonical form (RFC 8785): {exc}") from exc
+    except RecursionError:  # parsed, but too deep for the (recursive) canonical serialiser
+        raise InputError(Code.INVALID_MESSAGE, "payload is nested too deeply") from None
 
 
 def string_to_sign(canonical: bytes, timestamp: str, nonce: str) -> bytes:

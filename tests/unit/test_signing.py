@@ -182,6 +182,22 @@ def test_payloads_without_a_canonical_form_are_invalid(text):
     assert exc.value.code == Code.INVALID_MESSAGE
 
 
+def test_a_payload_parsed_but_too_deep_to_canonicalise_is_invalid():
+    """The serialiser recurses in Python: a document the parser took but that runs out of stack while
+    being canonicalised is INVALID_MESSAGE, not a crash (stack made small here to show it)."""
+    import sys
+
+    doc = json.loads('{"a":' * 300 + "1" + "}" * 300)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(250)
+    try:
+        with pytest.raises(InputError) as exc:
+            signing.canonical_payload(doc)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert exc.value.code == Code.INVALID_MESSAGE
+
+
 @pytest.mark.parametrize("vector", VECTORS["vectors"], ids=lambda v: v["name"])
 def test_shared_cross_language_vectors(vector):
     """The vectors the Node and shell clients are tested against: canonical text and signature."""

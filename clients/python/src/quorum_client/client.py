@@ -53,6 +53,8 @@ def canonical_payload(doc: dict[str, Any]) -> bytes:
         return rfc8785.dumps(obj)
     except rfc8785.CanonicalizationError as exc:
         raise InvalidRequest([f"no canonical form (RFC 8785): {exc}"]) from exc
+    except RecursionError:
+        raise InvalidRequest(["nested too deeply"]) from None
 
 
 def sign(secret: str, payload: str, *, timestamp: int | None = None, nonce: str | None = None) -> dict[str, str]:
