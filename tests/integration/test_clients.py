@@ -197,6 +197,32 @@ def test_refusal_comes_back_with_its_code(world, client):
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_a_refusal_answered_on_the_stream_only_is_found(world, client):
+    """BAD_SIGNATURE is decided before the request id can be trusted: no result key, only an error on the
+    results stream naming the intake entry, which each client must match."""
+    out = _run(
+        world,
+        client,
+        "submit",
+        str(world["probes"][0].path),
+        "--agency",
+        AGENCY,
+        "--user",
+        USER,
+        "--case",
+        "2026-CLI-0003",
+        "--offence",
+        "PC211",
+        "--purpose",
+        "criminal-investigation",
+        env={"QUORUM_AGENCY_SECRET": "not-the-agency-secret"},
+    )
+    assert out.returncode == 2, f"{client}: rc {out.returncode}\n{out.stderr[-3000:]}"
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] == "BAD_SIGNATURE" and result["stream_entry_id"]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize(
     "breakage",
     [("--candidates", "0"), ("--request-id", "not a valid id!"), ("--case", "")],
