@@ -36,7 +36,10 @@ def agency_add(agency_id: str, name: str, daily_quota: int, actor: str | None) -
     click.echo(f"agency {agency_id} registered. Give these to the agency now; they are not shown again.")
     click.echo(f"signing secret (HMAC-SHA256): {c.secret}")
     click.echo(f"redis user: {c.redis_user}  password: {c.redis_password}")
-    click.echo("then re-render the Redis ACL: quorum registry redis-acl --out <aclfile> && redis-cli ACL LOAD")
+    click.echo(
+        "then re-render the Redis ACL: quorum registry redis-acl --out <aclfile> && redis-cli ACL LOAD "
+        "(a Redis without an ACL file, such as the local stack: quorum registry redis-acl --apply)"
+    )
 
 
 @agency_group.command("suspend")
@@ -182,10 +185,27 @@ def registry_list() -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--service-user", default="", help="also define the services' user and turn 'default' off")
 @click.option("--service-password-sha256", default="")
-def redis_acl(out: Path | None, service_user: str, service_password_sha256: str) -> None:
-    """Render the Redis ACL file (one user per agency) from the registry."""
+@click.option(
+    "--apply",
+    "apply_live",
+    is_flag=True,
+    help="load the agency users into the running Redis (QUORUM_REDIS_URL) with ACL SETUSER instead: "
+    "for a Redis started without an ACL file, such as the local stack's",
+)
+def redis_acl(out: Path | None, service_user: str, service_password_sha256: str, apply_live: bool) -> None:
+    """Render the Redis ACL file (one user per agency) from the registry, or apply it live."""
     from accountability import registry
 
+    if apply_live:
+        import redis as redis_lib
+
+        from cli.common import load_settings_or_fail, require_redis
+
+        url = load_settings_or_fail().redis_url
+        require_redis(url)
+        users = registry.apply_redis_acl(db_engine(), redis_lib.Redis.from_url(url))
+        click.echo(f"applied {len(users)} agency users to the running Redis: {' '.join(users) or '(none)'}")
+        return
     text = registry.render_redis_acl(
         db_engine(), service_user=service_user, service_password_sha256=service_password_sha256
     )
