@@ -68,13 +68,22 @@ def gallery() -> None:
 
 
 @gallery.command("snapshot")
-def gallery_snapshot() -> None:
-    """Write every engine's index to the object store (workers load it at start)."""
+@click.option("--timeout", default=1800.0, show_default=True, help="seconds to wait for every snapshot")
+def gallery_snapshot(timeout: float) -> None:
+    """Write every engine's index (every shard of a sharded engine) to the object store, trimming the
+    gallery logs; workers load the newest at start."""
+    from celery.result import AsyncResult
+
     from broker.app import GALLERY_QUEUE, TASK_SNAPSHOT, make_app
 
-    require_redis(settings().redis_url)
-    res = make_app(settings().redis_url).send_task(TASK_SNAPSHOT, queue=GALLERY_QUEUE)
-    for p in res.get(timeout=600):
+    s = settings()
+    require_redis(s.redis_url)
+    app = make_app(s.redis_url)
+    out = app.send_task(TASK_SNAPSHOT, queue=GALLERY_QUEUE).get(timeout=timeout)
+    pointers = list(out["snapshots"])
+    for task_id in out["sent"]:  # one per shard, written by a worker of that shard
+        pointers += AsyncResult(task_id, app=app).get(timeout=timeout)["snapshots"]
+    for p in pointers:
         name = p["engine"] if p.get("shards", 1) == 1 else f"{p['engine']} shard {p['shard']}/{p['shards']}"
         click.echo(f"{name}: {p['templates']} templates, {p['subjects']} subjects -> {p['index_key']}")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from broker.app import (
     TASK_PREPARE,
     TASK_SEARCH,
     TASK_SHARD_SEARCH,
+    TASK_SNAPSHOT,
     engine_queue,
     shard_queue,
 )
@@ -742,8 +744,27 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     return StageResult("enrolment", "done", detail=counts)
 
 
-def snapshot(ctx: StageContext, *, engines: Sequence[str] | None = None) -> StageResult:
-    """Snapshot each engine's gallery (every shard of a sharded engine) and trim its log."""
-    names = list(engines or ctx.settings.engines)
-    pointers = [ctx.replica(e, i).save_snapshot() for e in names for i in range(ctx.settings.shards_of(e))]
-    return StageResult("gallery", "done", detail={"snapshots": pointers})
+def snapshot(ctx: StageContext, *, engines: Sequence[str] | None = None, shard: int | None = None) -> StageResult:
+    """Snapshot galleries and trim their logs. On the gallery queue (``shard=None``): each unsharded
+    engine's gallery here, and for a sharded engine one snapshot message to each of its shards' queues
+    (``detail["sent"]``: their task ids), so each is written by a worker that holds that shard and the
+    gallery worker never loads a sharded gallery. On a shard's queue: that shard."""
+    s = ctx.settings
+    names = list(engines or s.engines)
+    if shard is not None:
+        (engine,) = names
+        return StageResult("gallery", "done", detail={"snapshots": [ctx.replica(engine, shard).save_snapshot()]})
+    pointers = [ctx.replica(e).save_snapshot() for e in names if s.shards_of(e) == 1]
+    send = tuple(
+        Send(
+            TASK_SNAPSHOT,
+            {"engines": [e], "shard": i},
+            shard_queue(e, i, s.shards_of(e)),
+            f"snapshot.{e}.{i}of{s.shards_of(e)}.{uuid.uuid4().hex[:12]}",
+        )
+        for e in names
+        if s.shards_of(e) > 1
+        for i in range(s.shards_of(e))
+    )
+    detail = {"snapshots": pointers, "sent": [m.task_id for m in send]}
+    return StageResult("gallery", "done", send=send, detail=detail)

@@ -85,5 +85,6 @@ def enroll(*, engine: str, items: list[dict], failed: list[dict] | None = None) 
 
 
 @app.task(name=TASK_SNAPSHOT)
-def snapshot(*, engines: list[str] | None = None) -> list[dict]:
-    return _finish(stages.snapshot(runtime.context(), engines=engines)).detail["snapshots"]
+def snapshot(*, engines: list[str] | None = None, shard: int | None = None) -> dict:
+    """Snapshots written here, and the task ids of those sent to the shards' queues (``sent``)."""
+    return _finish(stages.snapshot(runtime.context(), engines=engines, shard=shard)).detail

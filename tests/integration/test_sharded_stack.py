@@ -126,9 +126,15 @@ def test_the_merged_sface_list_is_one_index_over_the_whole_gallery(sharded):
 
 def test_a_new_shard_replica_catches_up_from_snapshot_and_log(sharded):
     s, stack, client, probes, later, _ = sharded
+    from celery.result import AsyncResult
+
     from broker.app import TASK_SNAPSHOT, make_app
 
-    make_app(s.redis_url).send_task(TASK_SNAPSHOT, kwargs={"engines": ["sface"]}, queue="gallery").get(timeout=300)
+    app = make_app(s.redis_url)
+    out = app.send_task(TASK_SNAPSHOT, kwargs={"engines": ["sface"]}, queue="gallery").get(timeout=300)
+    assert out["snapshots"] == [] and len(out["sent"]) == SHARDS  # each shard snapshots itself
+    shards = [AsyncResult(t, app=app).get(timeout=300)["snapshots"][0] for t in out["sent"]]
+    assert sorted((p["shard"], p["shards"]) for p in shards) == [(i, SHARDS) for i in range(SHARDS)]
     enrol(s, open_store(s), [(r.identity, r.path) for r in later])  # after the snapshot: only in the log
     stack.start_process("sface.1of3", 1)  # a second replica of shard 1
     r = redis_lib.Redis.from_url(s.redis_url)
