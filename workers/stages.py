@@ -192,6 +192,7 @@ def prepare(ctx: StageContext, *, request_id: str, last_attempt: bool = True) ->
         log.warning("intake.job_missing", request_id=request_id)
         return StageResult("intake", "missing")
     failure: QuorumError | None = None
+    t0 = time.perf_counter()
     try:
         image = ctx.load_image(job.image_key)
         faces = ctx.detect(image)
@@ -222,7 +223,7 @@ def prepare(ctx: StageContext, *, request_id: str, last_attempt: bool = True) ->
             landmarks=face.landmarks,
             chosen_by="request" if job.face_index is not None else "largest",
         )
-    )
+    ).model_copy(update={"intake_ms": round((time.perf_counter() - t0) * 1000, 2)})
     save_job(ctx.redis, job, ttl_s=s.result_ttl_s)
     send = [search_message(request_id, e) for e in job.engines]
     # The backstop: answers even if no engine ever does (every engine worker down).
