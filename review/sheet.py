@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,8 @@ class Sheet:
     bands_note: str
     generated_at: str
     generated_by: str
+    probe_sha256: str = ""
     notice_short: str = NOTICE_SHORT
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def agreement(hits: Mapping[str, tuple[int, float]], engines: Sequence[str], list_length: int) -> tuple[str, ...]:
@@ -257,6 +257,7 @@ def build(
         bands_note=note,
         generated_at=now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         generated_by=generated_by,
+        probe_sha256=result.probe_sha256,
     )
 
 
@@ -452,16 +453,15 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
     )
 
 
-def write_sheet(
-    s: Any, request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli"
+def view_sheet(
+    s: Any, request_id: str, *, actor: str, agency: str | None = None, via: str = "cli", **details: Any
 ) -> Sheet:
-    """Gather, audit (``search.viewed``), render and write the sheet of ``request_id`` to ``out``.
+    """Gather the sheet of ``request_id`` and audit the view (``search.viewed``: who, which request, how).
 
     A view that cannot be given (unknown request, no list, result expired) is audited as refused,
-    with its code, and raised."""
+    with its code, and raised. ``agency``: only a search of this agency (a reviewer's own)."""
     from accountability import audit, db
     from core.errors import QuorumError
-    from review.render import render
 
     eng = db.get_engine(s)
     try:
@@ -477,11 +477,10 @@ def write_sheet(
                     actor=actor,
                     agency=agency or "",
                     request_id=request_id,
-                    details={"via": via},
+                    details={"via": via, **details},
                 ),
             )
         raise
-    sub = find_submission(eng, request_id, sheet.agency)
     audit.append(
         eng,
         audit.AuditEvent(
@@ -493,11 +492,20 @@ def write_sheet(
             case_number=sheet.case_number,
             offence_code=sheet.offence_code,
             purpose=sheet.purpose,
-            probe_sha256=sub.probe_sha256,
-            details={"via": via, "candidates": sheet.candidates, "removed": sheet.removed, "file": out.name},
+            probe_sha256=sheet.probe_sha256,
+            details={"via": via, "candidates": sheet.candidates, "removed": sheet.removed, **details},
         ),
     )
-    html = render(sheet)
-    out.write_text(html, encoding="utf-8")
+    return sheet
+
+
+def write_sheet(
+    s: Any, request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli"
+) -> Sheet:
+    """Gather, audit, render and write the sheet of ``request_id`` to ``out`` (audited before it is written)."""
+    from review.render import render
+
+    sheet = view_sheet(s, request_id, actor=actor, agency=agency, via=via, file=out.name)
+    out.write_text(render(sheet), encoding="utf-8")
     log.info("sheet.written", request_id=request_id, actor=actor, candidates=sheet.candidates, path=str(out))
     return sheet

@@ -27,6 +27,7 @@ TOP_LEVEL = {
     "enroll",
     "gallery",
     "search",
+    "sheet",
     "demo",
     "db",
     "registry",
