@@ -24,6 +24,9 @@ def environment() -> Environment:
     return env
 
 
-def render(sheet: Sheet, **extra: Any) -> str:
-    """The self-contained HTML of a candidate sheet (images inline, no script, no outside reference)."""
-    return environment().get_template("sheet.html.j2").render(sheet=sheet, **extra)
+def render(sheet: Sheet, review: dict[str, Any] | None = None) -> str:
+    """The self-contained HTML of a candidate sheet (images inline, no script, no outside reference).
+
+    ``review`` (``quorum review`` only): the signed-in user, the session's form token, the dispositions
+    recorded per candidate and the decisions offered; adds the decision forms to each candidate."""
+    return environment().get_template("sheet.html.j2").render(sheet=sheet, review=review)

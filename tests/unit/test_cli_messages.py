@@ -28,6 +28,7 @@ TOP_LEVEL = {
     "gallery",
     "search",
     "sheet",
+    "review",
     "demo",
     "db",
     "registry",
