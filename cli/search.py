@@ -129,6 +129,10 @@ def search(
         user_id="--user",
         image="IMAGE",
     )
+    if sheet_out is not None:
+        from cli.sheet import check_out
+
+        check_out(sheet_out, "--sheet")
     if secret is None:
         from accountability import db, registry
 
@@ -158,6 +162,8 @@ def search(
 
         # Status lines go to stderr under --json, so standard output stays the one JSON document.
         write(rid, sheet_out, actor=user, agency=agency, via="search", err=as_json)
+    elif sheet_out is not None:
+        click.echo(f"no sheet written to {sheet_out}: the search has no candidate list", err=True)
     sys.exit(0 if result.type == "candidate_list" else 2)
 
 

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import click
 
-from cli.common import actor_option, operator_name
+from cli.common import CliError, actor_option, operator_name
 from core.config import settings
+
+
+def check_out(out: Path, option: str = "--out") -> None:
+    """Fail before any work (and any audit record) when the sheet could not be written there."""
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise CliError(f"{option}: folder {folder} does not exist")
+    if out.is_dir():
+        raise CliError(f"{option}: {out} is a folder; name the HTML file to write")
 
 
 def write(
@@ -21,7 +30,11 @@ def write(
     """Write the sheet and say where, with what it holds."""
     from review.sheet import write_sheet
 
-    sheet = write_sheet(settings(), request_id, out, actor=actor, agency=agency, via=via)
+    check_out(out)
+    try:
+        sheet = write_sheet(settings(), request_id, out, actor=actor, agency=agency, via=via)
+    except OSError as exc:
+        raise CliError(f"could not write {out}: {exc.strerror or exc}") from exc
     removed = f", {sheet.removed} removed from the gallery" if sheet.removed else ""
     click.echo(
         f"wrote {out} (candidate sheet of request {request_id}: {sheet.candidates} candidates{removed})", err=err

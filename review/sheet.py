@@ -24,6 +24,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -373,11 +374,19 @@ def removed_subjects(redis: Any, eng: Any, subjects: Sequence[str], since: str) 
     return gone, {n: rec for n, rec in records.items() if n not in gone}
 
 
+@cache
+def _detector() -> Any:
+    """YuNet, loaded once per process (``quorum review`` renders many sheets); it locks around each call."""
+    from workers.detect import Detector
+
+    return Detector()
+
+
 def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[int, int] | None, list, str]:
     """The probe as a data URI, its size, every face box (largest first) and a note when it is missing."""
     from core.errors import Code, QuorumError
     from review.images import probe_uri
-    from workers.detect import Detector, decode_image
+    from workers.detect import decode_image
 
     try:
         data = store.get(image_key, max_bytes=s.max_image_bytes)
@@ -386,7 +395,7 @@ def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[i
             return None, None, [], "the probe image is no longer stored (purged under the retention policy)"
         raise
     image = decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-    faces = Detector().detect(image)
+    faces = _detector().detect(image)
     h, w = image.shape[:2]
     return probe_uri(image), (w, h), [f.box for f in faces], ""
 
