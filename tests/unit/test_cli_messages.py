@@ -202,6 +202,6 @@ def test_a_sheet_to_a_folder_that_does_not_exist_is_refused_before_any_work(tmp_
     assert res.exit_code == 2 and "--out: folder" in res.output and "does not exist" in res.output
     probe = tmp_path / "probe.jpg"
     probe.write_bytes(b"\xff\xd8\xff")
-    res = run("search", str(probe), "--case", "C-1", "--offence", "PC211", "--purpose", "p", "--sheet", str(tmp_path))
-    assert_clean_failure(res)
-    assert "--sheet:" in res.output and "is a folder" in res.output
+    res = run("search", str(probe), "--case", "C-1", "--offence", "PC211", "--purpose", "p", "--sheet", str(missing))
+    assert_clean_failure(res)  # before the search is sent: no stack is running here
+    assert "--sheet: folder" in res.output and "does not exist" in res.output
