@@ -197,7 +197,7 @@ def create_app(s: Settings) -> Starlette:
 
     async def decide(request: Request, rv: signin.Reviewer) -> Response:
         from core.errors import InputError
-        from review.sheet import gather
+        from review.sheet import find_submission, load_result, removed_subjects
 
         rid = request.path_params["request_id"]
         form = await request.form()
@@ -206,8 +206,12 @@ def create_app(s: Settings) -> Starlette:
         def work() -> int:
             if decision not in DECISIONS:
                 raise InputError(Code.DISPOSITION_REFUSED, f"decision must be one of {', '.join(DECISIONS)}")
-            sheet = gather(s, rid, agency=rv.agency_id)
-            shown = {c.subject_id: c.rank for sec in sheet.sections for c in sec.candidates if not c.removed}
+            # What the sheet shows (this agency's search, its list still kept, removed subjects left out),
+            # without decoding the probe and the thumbnails again.
+            sub = find_submission(eng, rid, rv.agency_id)
+            result = load_result(s, r, eng, sub)
+            gone, _ = removed_subjects(r, eng, [c.subject_id for c in result.candidates], sub.ts)
+            shown = {c.subject_id: c.rank for c in result.candidates if c.subject_id not in gone}
             if subject not in shown:
                 raise InputError(Code.DISPOSITION_REFUSED, "that candidate is not on this search's sheet")
             outcome = DECISIONS[decision][0]
