@@ -126,6 +126,23 @@ def user_certify(user_id: str, cert_id: str, expires, actor: str | None) -> None
     click.echo(f"user {user_id}: certificate {cert_id} valid through {expires.date()}")
 
 
+@user_group.command("review-token")
+@click.argument("user_id")
+@click.option("--ttl-hours", default=24.0, show_default=True, type=click.FloatRange(0.01, 24 * 7))
+@actor_option
+def user_review_token(user_id: str, ttl_hours: float, actor: str | None) -> None:
+    """Issue a one-time sign-in token for quorum review (printed once; the user must be certified)."""
+    import redis as redis_lib
+
+    from core.config import settings
+    from review import signin
+
+    r = redis_lib.Redis.from_url(settings().redis_url)
+    token = signin.issue_token(r, db_engine(), user_id, actor=operator_name(actor), ttl_s=round(ttl_hours * 3600))
+    click.echo(token)
+    click.echo(f"one-time sign-in token for {user_id}, valid {ttl_hours:g} h: it is not shown again", err=True)
+
+
 @user_group.command("deactivate")
 @click.argument("user_id")
 @actor_option
