@@ -374,6 +374,14 @@ def removed_subjects(redis: Any, eng: Any, subjects: Sequence[str], since: str) 
     return gone, {n: rec for n, rec in records.items() if n not in gone}
 
 
+def newest_booking_first(record: dict) -> list[str]:
+    """A subject's image keys, the newest booking photo first (booking dates from the booking system's
+    manifest at enrolment); images without a date after those with one, in key order."""
+    dates = record.get("booking_dates", {})
+    dated = sorted((k for k in record.get("images", []) if k in dates), key=lambda k: (dates[k], k), reverse=True)
+    return dated + sorted(k for k in record.get("images", []) if k not in dates)
+
+
 @cache
 def _detector() -> Any:
     """YuNet, loaded once per process (``quorum review`` renders many sheets); it locks around each call."""
@@ -420,7 +428,7 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
     thumbs: dict[str, str | None] = {}
     images: dict[str, int] = {}
     for subject, rec in records.items():
-        keys_ = sorted(rec.get("images", []))
+        keys_ = newest_booking_first(rec)
         images[subject] = len(keys_)
         thumbs[subject] = None
         for key in keys_:  # the first image that is still there and decodes

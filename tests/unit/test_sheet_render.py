@@ -237,3 +237,14 @@ def test_agreement_rules():
     assert agreement({"a": (1, 0.9), "b": (11, 0.8)}, ["a", "b"], 250) == ("ranks far apart: a #1, b #11",)
     assert agreement({"a": (120, 0.9), "b": (135, 0.8)}, ["a", "b"], 250) == ()
     assert agreement({"a": (1, 0.9)}, ["a", "b", "c"], 250) == ("not in b, c's top 250",)
+
+
+def test_the_newest_booking_photo_comes_first():
+    from review.sheet import newest_booking_first
+
+    rec = {
+        "images": ["gallery/a", "gallery/b", "gallery/c", "gallery/d"],
+        "booking_dates": {"gallery/b": "2019-05-01", "gallery/d": "2024-02-11"},
+    }
+    assert newest_booking_first(rec) == ["gallery/d", "gallery/b", "gallery/a", "gallery/c"]
+    assert newest_booking_first({"images": ["gallery/z", "gallery/y"]}) == ["gallery/y", "gallery/z"]
