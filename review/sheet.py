@@ -62,6 +62,7 @@ class CandidateView:
     cues: tuple[str, ...] = ()  # where the engines disagree, in words
     thumb: str | None = None  # data: URI
     images: int = 0  # images enrolled for the subject
+    booking: str = ""  # the shown photo's booking date and number, when the booking system gave them
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def _candidate(
     images: int,
     bands: Bands | None,
     method: str,
+    booking: str = "",
 ) -> CandidateView:
     if removed:
         return CandidateView(rank=c.rank, removed=True)
@@ -158,6 +160,7 @@ def _candidate(
         cues=cues,
         thumb=thumb,
         images=images,
+        booking=booking,
     )
 
 
@@ -176,6 +179,7 @@ def build(
     removed: frozenset[str] = frozenset(),
     thumbs: Mapping[str, str | None] | None = None,
     images: Mapping[str, int] | None = None,
+    bookings: Mapping[str, str] | None = None,
     bands: Bands | None = None,
     bands_note: str = "",
     list_length: int = MAX_CANDIDATES,
@@ -193,6 +197,7 @@ def build(
             removed=c.subject_id in removed,
             thumb=thumbs.get(c.subject_id),
             images=images.get(c.subject_id, 0),
+            booking=(bookings or {}).get(c.subject_id, ""),
             bands=bands,
             method=result.fusion_method,
         )
@@ -374,6 +379,14 @@ def removed_subjects(redis: Any, eng: Any, subjects: Sequence[str], since: str) 
     return gone, {n: rec for n, rec in records.items() if n not in gone}
 
 
+def booking_label(record: dict, key: str) -> str:
+    """``booked 2024-02-11 · no. B-1234`` for the photo ``key`` (empty when the booking system gave neither)."""
+    date = record.get("booking_dates", {}).get(key)
+    number = record.get("booking_numbers", {}).get(key)
+    parts = ([f"booked {date}"] if date else []) + ([f"no. {number}"] if number else [])
+    return " · ".join(parts)
+
+
 def newest_booking_first(record: dict) -> list[str]:
     """A subject's image keys, the newest booking photo first (booking dates from the booking system's
     manifest at enrolment); images without a date after those with one, in key order."""
@@ -427,6 +440,7 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
     gone, records = removed_subjects(r, eng, [c.subject_id for c in result.candidates], sub.ts)
     thumbs: dict[str, str | None] = {}
     images: dict[str, int] = {}
+    bookings: dict[str, str] = {}
     for subject, rec in records.items():
         keys_ = newest_booking_first(rec)
         images[subject] = len(keys_)
@@ -438,6 +452,7 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
                 log.warning("sheet.thumbnail_unavailable", subject=subject, key=key, error=repr(exc))
                 continue
             if thumbs[subject]:
+                bookings[subject] = booking_label(rec, key)
                 break
     bands: Bands | None = bands_mod.load()
     bands_note = ""
@@ -463,6 +478,7 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
         removed=gone,
         thumbs=thumbs,
         images=images,
+        bookings=bookings,
         bands=bands,
         bands_note=bands_note,
         list_length=MAX_CANDIDATES,  # engines return full lists (workers.stages.engine_list_length)

@@ -57,6 +57,7 @@ class EnrolItem:
     path: Path | None = None
     key: str | None = None  # an object key in the store (a booking system that uploads its own photos)
     booking_date: str | None = None  # YYYY-MM-DD, kept with the subject's record (the sheet shows newest first)
+    booking_number: str | None = None  # the booking system's number for this photo, shown on the sheet
 
     @property
     def source(self) -> str:
@@ -77,7 +78,8 @@ MANIFEST_COLUMNS = ("subject_id", "image")
 
 
 def manifest_items(path: Path) -> list[EnrolItem]:
-    """A booking system's manifest: CSV with a header ``subject_id,image[,booking_date]``. ``image`` is a
+    """A booking system's manifest: CSV with a header ``subject_id,image[,booking_date][,booking_number]``
+    (never demographic labels: they would not be read). ``image`` is a
     file path (relative to the manifest's folder) or ``key:<object key>`` for an image already in the
     store. Raises ``INVALID_MESSAGE`` naming the line of the first malformed row."""
     import csv
@@ -95,6 +97,11 @@ def manifest_items(path: Path) -> list[EnrolItem]:
             subject = (row.get("subject_id") or "").strip()
             image = (row.get("image") or "").strip()
             booking = (row.get("booking_date") or "").strip() or None
+            number = (row.get("booking_number") or "").strip() or None
+            if number is not None and (len(number) > 64 or not number.isprintable()):
+                raise InputError(
+                    Code.INVALID_MESSAGE, f"{path}:{line}: booking_number must be 1-64 printable characters"
+                )
             if not subject or not image:
                 raise InputError(Code.INVALID_MESSAGE, f"{path}:{line}: subject_id and image are both needed")
             if booking is not None:
@@ -105,10 +112,10 @@ def manifest_items(path: Path) -> list[EnrolItem]:
                         Code.INVALID_MESSAGE, f"{path}:{line}: booking_date {booking!r} is not YYYY-MM-DD"
                     ) from exc
             if image.startswith("key:"):
-                items.append(EnrolItem(subject, key=image[4:], booking_date=booking))
+                items.append(EnrolItem(subject, key=image[4:], booking_date=booking, booking_number=number))
             else:
                 file = Path(image) if Path(image).is_absolute() else path.parent / image
-                items.append(EnrolItem(subject, path=file, booking_date=booking))
+                items.append(EnrolItem(subject, path=file, booking_date=booking, booking_number=number))
     return items
 
 
@@ -277,11 +284,14 @@ def _store_batch(
     refuse_probes(s, store, [(it.subject_id, data) for _, it, data in files], actor=actor)
     records: list[dict] = []
     dates: dict[str, str] = {}
+    numbers: dict[str, str] = {}
     for _, it, data in files:
         key = put_content(store, "gallery", data)
         records.append({"subject_id": it.subject_id, "image_key": key})
         if it.booking_date:
             dates[key] = it.booking_date
+        if it.booking_number:
+            numbers[key] = it.booking_number
     for _, it in chunk:
         if it.key is None:
             continue
@@ -293,12 +303,16 @@ def _store_batch(
         records.append({"subject_id": it.subject_id, "image_key": it.key})
         if it.booking_date:
             dates[it.key] = it.booking_date
-    _record_subjects(r, records, dates)
+        if it.booking_number:
+            numbers[it.key] = it.booking_number
+    _record_subjects(r, records, dates, numbers)
     return records, [pos for pos, _ in chunk]
 
 
-def _record_subjects(r, records: list[dict], dates: dict[str, str]) -> None:
-    """Each subject's record: its images and, where the booking system gave one, each image's booking date."""
+def _record_subjects(r, records: list[dict], dates: dict[str, str], numbers: dict[str, str] | None = None) -> None:
+    """Each subject's record: its images and, where the booking system gave them, each image's booking
+    date and number."""
+    numbers = numbers or {}
     subjects: dict[str, list[str]] = {}
     for rec in records:
         subjects.setdefault(rec["subject_id"], []).append(rec["image_key"])
@@ -311,10 +325,11 @@ def _record_subjects(r, records: list[dict], dates: dict[str, str]) -> None:
     for subject, old in zip(names, olds, strict=True):
         prev = json.loads(old) if old else {}
         imgs = subjects[subject]
-        booked = {**prev.get("booking_dates", {}), **{k: dates[k] for k in imgs if k in dates}}
         doc = {"images": sorted(set(prev.get("images", [])) | set(imgs)), "enrolled_at": now}
-        if booked:
-            doc["booking_dates"] = booked
+        for field_name, given in (("booking_dates", dates), ("booking_numbers", numbers)):
+            merged = {**prev.get(field_name, {}), **{k: given[k] for k in imgs if k in given}}
+            if merged:
+                doc[field_name] = merged
         pipe.hset(keys.GALLERY_SUBJECTS, subject, json.dumps(doc))
     pipe.execute()
 

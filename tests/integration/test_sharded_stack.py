@@ -176,14 +176,14 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
     store = open_store(s)
     r = redis_lib.Redis.from_url(s.redis_url)
     rows = [x for x in read_split(data_dir / "ci") if x.role == "distractor_gallery"][60:100]
-    lines = ["subject_id,image,booking_date"]
+    lines = ["subject_id,image,booking_date,booking_number"]
     for i, row in enumerate(rows):
         if i % 4 == 0:  # the booking system stored this one itself
             key = put_content(store, "booking", row.path.read_bytes())
-            lines.append(f"{row.identity},key:{key},2024-0{1 + i % 9}-1{i % 10}")
+            lines.append(f"{row.identity},key:{key},2024-0{1 + i % 9}-1{i % 10},BK-{i:05d}")
         else:
-            lines.append(f"{row.identity},{row.path},")
-    lines.append("bk-missing,key:booking/0000-not-there,2024-01-01")
+            lines.append(f"{row.identity},{row.path},,")
+    lines.append("bk-missing,key:booking/0000-not-there,2024-01-01,")
     manifest = tmp_path / "bookings.csv"
     manifest.write_text("\n".join(lines) + "\n")
     items = manifest_items(manifest)
@@ -227,6 +227,7 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
 
     rec = json.loads(r.hget(keys.GALLERY_SUBJECTS, rows[0].identity))
     assert list(rec["booking_dates"].values()) == ["2024-01-10"]
+    assert list(rec["booking_numbers"].values()) == ["BK-00000"]
 
 
 def test_a_shard_without_a_worker_leaves_a_partial_list_that_says_so(sharded):

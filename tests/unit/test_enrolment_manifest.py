@@ -19,11 +19,12 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_a_manifest_names_files_relative_to_itself_and_objects_by_key(tmp_path):
     m = _write(
         tmp_path,
-        "subject_id,image,booking_date\nbk-1,photos/a.jpg,2024-03-01\nbk-2,key:booking/abc,\nbk-3,/abs/b.png,\n",
+        "subject_id,image,booking_date,booking_number\n"
+        "bk-1,photos/a.jpg,2024-03-01,B-77\nbk-2,key:booking/abc,,\nbk-3,/abs/b.png,,\n",
     )
     items = manifest_items(m)
     assert items == [
-        EnrolItem("bk-1", path=tmp_path / "photos" / "a.jpg", booking_date="2024-03-01"),
+        EnrolItem("bk-1", path=tmp_path / "photos" / "a.jpg", booking_date="2024-03-01", booking_number="B-77"),
         EnrolItem("bk-2", key="booking/abc"),
         EnrolItem("bk-3", path=Path("/abs/b.png")),
     ]
@@ -36,6 +37,7 @@ def test_a_manifest_names_files_relative_to_itself_and_objects_by_key(tmp_path):
         ("subject_id,image\n,a.jpg\n", "m.csv:2"),
         ("subject_id,image\nbk-1,a.jpg\nbk-2,\n", "m.csv:3"),
         ("subject_id,image,booking_date\nbk-1,a.jpg,01/03/2024\n", "not YYYY-MM-DD"),
+        ("subject_id,image,booking_number\nbk-1,a.jpg," + "9" * 65 + "\n", "booking_number"),
     ],
 )
 def test_a_malformed_manifest_is_refused_naming_the_line(tmp_path, text, where):

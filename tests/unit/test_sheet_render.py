@@ -248,3 +248,19 @@ def test_the_newest_booking_photo_comes_first():
     }
     assert newest_booking_first(rec) == ["gallery/d", "gallery/b", "gallery/a", "gallery/c"]
     assert newest_booking_first({"images": ["gallery/z", "gallery/y"]}) == ["gallery/y", "gallery/z"]
+
+
+def test_a_candidates_booking_date_and_number_show_under_the_photo():
+    from review.sheet import booking_label
+
+    rec = {
+        "images": ["gallery/a", "gallery/b"],
+        "booking_dates": {"gallery/a": "2024-02-11"},
+        "booking_numbers": {"gallery/a": "B-1234", "gallery/b": "B-99"},
+    }
+    assert booking_label(rec, "gallery/a") == "booked 2024-02-11 · no. B-1234"
+    assert booking_label(rec, "gallery/b") == "no. B-99"
+    assert booking_label({"images": ["gallery/c"]}, "gallery/c") == ""
+    dom = parse(render(_sheet(_three(), bookings={"Alice_A": "booked 2024-02-11 · no. B-1234"})))
+    labels = [n.text() for n in dom.find_all(cls="booking")]
+    assert labels == ["booked 2024-02-11 · no. B-1234"]  # only where the booking system gave one
