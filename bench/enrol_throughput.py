@@ -126,7 +126,7 @@ def main() -> None:
     print(f"raw (decode + detect + embed_batch, one process): {raw_rate:.1f} images/s")
     rates = {}
     for w in args.workers:
-        rate, extra = pipeline(args.engine, items, w, args.port)
+        rate, extra = pipeline(args.engine, items, w, args.port + w)  # a fresh redis-server each
         rates[w] = rate
         print(
             f"pipeline, {w} intake + {w} {args.engine} worker(s): {rate:.1f} images/s "
