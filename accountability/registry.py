@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -311,17 +312,63 @@ def secrets_by_agency(eng: Engine) -> dict[str, str]:
 # ---- Redis ACL ----------------------------------------------------------------------------------------
 
 
-def render_redis_acl(eng: Engine, *, service_user: str = "", service_password_sha256: str = "") -> str:
+# Celery's own keys on the Redis broker and result backend (kombu): the queues (named as in broker.app,
+# kombu's priority variants append to the name), the bindings, the unacked bookkeeping, task results
+# and the remote-control (pidbox) reply queues.
+_CELERY_KEYS = (
+    "~intake* ~engine.* ~shard.* ~fusion* ~gallery* ~_kombu.* ~unacked* "
+    "~celery-task-meta-* ~celery-taskset-meta-* ~*.celery.pidbox* &*"
+)
+# The rights of each service user (``quorum deploy init`` makes one password each). ``gateway`` reads the
+# agencies' intake streams and keeps nonces, quotas and the rejection stream; the workers never touch
+# those; neither may run administrative commands (ACL, CONFIG, FLUSHALL, KEYS, DEBUG, SHUTDOWN...).
+# ``admin`` is the operator's (ACL LOAD after an agency change, backups); ``exporter`` is redis_exporter's
+# (its documented minimum); ``healthcheck`` may only PING (the compose health check; no password).
+SERVICE_ACL: dict[str, str] = {
+    "gateway": f"~quorum:* {_CELERY_KEYS} +@all -@admin -@dangerous",
+    "worker": (
+        "~quorum:job:* ~quorum:results:* ~quorum:result:* ~quorum:request:* ~quorum:gallery:* ~quorum:alive:* "
+        f"~{keys.DEADLINES} ~{keys.GATEWAY_ALIVE_PREFIX}* {_CELERY_KEYS} +@all -@admin -@dangerous"
+    ),
+    "admin": "~* &* +@all",
+    "exporter": (
+        "-@all +client +ping +info +config|get +cluster|info +slowlog +latency +memory +select +get +scan "
+        "+xinfo +type +pfcount +strlen +llen +scard +zcard +hlen +xlen +eval %R~*"
+    ),
+}
+
+
+def render_service_acl(services: Mapping[str, str]) -> str:
+    """The services' ACL lines (``{user: sha256 of its password}``; rights from :data:`SERVICE_ACL`), a
+    ``healthcheck`` user that may only PING, and ``default`` off."""
+    unknown = set(services) - set(SERVICE_ACL)
+    if unknown:
+        raise ValueError(f"no Redis rights defined for service user(s) {sorted(unknown)}; known: {sorted(SERVICE_ACL)}")
+    lines = [f"user {u} on #{digest} resetkeys resetchannels {SERVICE_ACL[u]}" for u, digest in services.items()]
+    lines.append("user healthcheck on nopass resetkeys resetchannels -@all +ping")
+    lines.append("user default off resetkeys resetchannels -@all")
+    return "\n".join(lines) + "\n"
+
+
+def render_redis_acl(
+    eng: Engine,
+    *,
+    service_user: str = "",
+    service_password_sha256: str = "",
+    services: Mapping[str, str] | None = None,
+) -> str:
     """An ACL file (``redis-server --aclfile``): one user per agency, confined to its own keys.
 
     Each agency user may ``XADD`` to ``quorum:intake:<agency>`` (and ``XRANGE`` it, through a
     selector: is my entry still waiting?) and read ``quorum:results:<agency>`` (``XREAD``),
     ``quorum:result:<agency>:*`` and ``quorum:request:<agency>:*`` (``GET``/``MGET``: its results, and
     whether the gateway has claimed a request id), nothing else; a suspended agency's user is ``off``.
-    With ``service_user`` the file also defines the Quorum services' user (all keys and commands) and
-    turns the ``default`` user off; without it the ``default`` user is left with every right (loopback
-    deployments, tests). Regenerate it after every agency change and ``ACL LOAD`` it; it holds password
-    hashes only, never passwords.
+    With ``services`` (``{user: sha256}``: ``quorum deploy init``'s ``redis-services.sha256``) the file
+    also defines one least-privilege user per service (:func:`render_service_acl`) and turns ``default``
+    off; with ``service_user`` instead, one user for every service (all keys and commands) and ``default``
+    off; with neither, the ``default`` user is left with every right (loopback deployments, tests).
+    Regenerate it after every agency change and ``ACL LOAD`` it; it holds password hashes only, never
+    passwords.
     """
     lines: list[str] = []  # (Redis ACL files allow no comments)
     with eng.connect() as conn:
@@ -337,6 +384,8 @@ def render_redis_acl(eng: Engine, *, service_user: str = "", service_password_sh
             # a selector: XRANGE, and only XRANGE, may read its own intake stream (is my entry still there?)
             f"(%R~{keys.intake_stream(a.id)} +xrange)"
         )
+    if services:
+        return "\n".join(lines) + "\n" + render_service_acl(services)
     if service_user:
         lines.append(f"user {service_user} on #{service_password_sha256} ~* &* +@all")
         lines.append("user default off")

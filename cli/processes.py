@@ -1,4 +1,5 @@
-"""``quorum gateway`` and ``quorum worker ROLE``: the long-running processes ``quorum up`` starts."""
+"""``quorum gateway`` and ``quorum worker ROLE``: the long-running processes ``quorum up`` starts;
+``quorum health``: whether such a process is ready (the container health check)."""
 
 from __future__ import annotations
 
@@ -48,4 +49,29 @@ def worker(role: str, shard: tuple[int, int] | None) -> None:
     run_worker(role)
 
 
-COMMANDS = (gateway, worker)
+@click.command("health")
+@click.option("--port", type=int, default=None, help="default: QUORUM_METRICS_PORT")
+@click.option("--timeout", type=float, default=4.0, show_default=True)
+def health(port: int | None, timeout: float) -> None:
+    """Exit 0 if the process serving on this host's metrics port is ready to take work (its model and
+    gallery loaded, consuming its queue), else 1: the container health check."""
+    import urllib.error
+    import urllib.request
+
+    from core.config import settings
+
+    port = port or settings().metrics_port
+    if not port:
+        raise click.UsageError("no port: set QUORUM_METRICS_PORT or give --port")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=timeout) as r:
+            click.echo(r.read().decode().strip())
+    except urllib.error.HTTPError as err:
+        click.echo(f"not ready (HTTP {err.code})", err=True)
+        raise SystemExit(1) from None
+    except OSError as err:
+        click.echo(f"not serving on port {port}: {err}", err=True)
+        raise SystemExit(1) from None
+
+
+COMMANDS = (gateway, worker, health)

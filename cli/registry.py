@@ -209,9 +209,19 @@ def registry_list() -> None:
     help="load the agency users into the running Redis (QUORUM_REDIS_URL) with ACL SETUSER instead: "
     "for a Redis started without an ACL file, such as the local stack's",
 )
-def redis_acl(out: Path | None, service_user: str, service_password_sha256: str, apply_live: bool) -> None:
-    """Render the Redis ACL file (one user per agency) from the registry, or apply it live."""
+@click.option(
+    "--services",
+    "services_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="`USER SHA256` lines (quorum deploy init's redis-services.sha256): one least-privilege user per service",
+)
+def redis_acl(
+    out: Path | None, service_user: str, service_password_sha256: str, apply_live: bool, services_file: Path | None
+) -> None:
+    """Render the Redis ACL file (one user per agency) from the registry, or apply the agency users live."""
     from accountability import registry
+    from cli.deploy import read_service_hashes
 
     if apply_live:
         import redis as redis_lib
@@ -223,8 +233,13 @@ def redis_acl(out: Path | None, service_user: str, service_password_sha256: str,
         users = registry.apply_redis_acl(db_engine(), redis_lib.Redis.from_url(url))
         click.echo(f"applied {len(users)} agency users to the running Redis: {' '.join(users) or '(none)'}")
         return
+    if services_file and service_user:
+        raise click.UsageError("give --services or --service-user, not both")
     text = registry.render_redis_acl(
-        db_engine(), service_user=service_user, service_password_sha256=service_password_sha256
+        db_engine(),
+        service_user=service_user,
+        service_password_sha256=service_password_sha256,
+        services=read_service_hashes(services_file) if services_file else None,
     )
     emit(text, out)
 

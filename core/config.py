@@ -1,6 +1,7 @@
 """Settings, read once from the environment and an optional TOML file.
 
-Precedence: environment variable ``QUORUM_<NAME>`` > the file named by ``QUORUM_SETTINGS`` (TOML,
+Precedence: environment variable ``QUORUM_<NAME>`` (or ``QUORUM_<NAME>_FILE``, naming a file that holds
+the value: compose secrets) > the file named by ``QUORUM_SETTINGS`` (TOML,
 top-level keys are the lower-case field names) > the embedded defaults below, which run everything
 on this machine alone (a local redis-server started by ``quorum up``, the object store on disk).
 Values passed to :func:`load_settings` (or to ``Settings(...)``) override all three.
@@ -13,7 +14,7 @@ or among the overrides, is refused rather than silently ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
@@ -48,11 +49,45 @@ def _default_home() -> str:
     return str(Path(os.environ.get("QUORUM_HOME", Path.cwd() / ".quorum")).resolve())
 
 
+FILE_SUFFIX = "_FILE"
+
+
+def _read_secret_file(var: str, path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{var} names {path!r}, which cannot be read: {exc.strerror or exc}") from exc
+    return text.rstrip("\r\n")
+
+
+def _with_secret_files(environ: Mapping[str, str], fields: Iterable[str]) -> dict[str, str]:
+    """``QUORUM_<NAME>_FILE=/run/secrets/x`` sets ``<name>`` to that file's content (one trailing newline
+    dropped), for every setting ``<name>`` that is not itself a ``*_file`` setting: the docker/compose
+    secrets convention, so that credentials (``QUORUM_REDIS_URL``, ``QUORUM_S3_SECRET_KEY``,
+    ``QUORUM_DATABASE_URL``, ...) never sit in a container's environment. Giving both the variable and
+    its ``_FILE`` form is refused (which one was meant?)."""
+    names = {f.lower() for f in fields}
+    env = {k.lower(): v for k, v in environ.items()}
+    prefix, suffix = ENV_PREFIX.lower(), FILE_SUFFIX.lower()
+    for key, path in list(env.items()):
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        name = key[len(prefix) : -len(suffix)]
+        if name not in names or f"{name}{suffix}" in names:  # secrets_key_file, calibration_file: plain settings
+            continue
+        var = f"{ENV_PREFIX}{name.upper()}"
+        if f"{prefix}{name}" in env:
+            raise ValueError(f"both {var} and {var}{FILE_SUFFIX} are set: give one")
+        env[f"{prefix}{name}"] = _read_secret_file(f"{var}{FILE_SUFFIX}", path)
+    return env
+
+
 class _MappingEnvSource(EnvSettingsSource):
-    """``QUORUM_*`` variables from the mapping of the current load (os.environ by default)."""
+    """``QUORUM_*`` variables from the mapping of the current load (os.environ by default), with
+    ``QUORUM_<NAME>_FILE`` read from the file it names."""
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {k.lower(): v for k, v in _environ().items()}
+        return _with_secret_files(_environ(), self.settings_cls.model_fields)
 
 
 class Settings(BaseSettings):

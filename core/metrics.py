@@ -3,11 +3,21 @@
 Naming follows Prometheus conventions: one ``quorum_`` prefix, base units in the name, ``_total`` on
 counters, and labels only from small bounded sets (agency, engine, stage, outcome, error code, queue),
 never request or subject ids. Deployment rules and dashboards in ``deploy/`` use these names.
+
+The same HTTP server answers ``/ready``: 503 until the process calls :func:`set_ready` (a worker once
+its model and gallery are loaded and Celery consumes its queue; the gateway once it reads the intake
+streams), then 200. Container health checks (``quorum health``) ask ``/ready``, Prometheus ``/metrics``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 PROBES_RECEIVED = Counter("quorum_probes_received_total", "Probe requests read from intake streams", ["agency"])
 PROBES_REJECTED = Counter(
@@ -46,12 +56,42 @@ AUDIT_ANCHOR_AGE = Gauge(
 )
 TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
 
+READY = Gauge("quorum_ready", "1 once this process has loaded what it needs and takes work (GET /ready)")
+
 _started = False
+_ready = threading.Event()
+
+
+def set_ready() -> None:
+    """This process takes work from now on: ``/ready`` answers 200."""
+    _ready.set()
+    READY.set(1)
+
+
+def is_ready() -> bool:
+    return _ready.is_set()
+
+
+def _with_ready(metrics_app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/ready":
+            ok = _ready.is_set()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ready\n" if ok else b"not ready\n"]
+        return metrics_app(environ, start_response)
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Health checks every 15 s would fill the log."""
 
 
 def start_metrics_server(port: int) -> None:
-    """Serve /metrics on ``port`` (0 = do not serve). Safe to call more than once."""
+    """Serve /metrics and /ready on ``port`` (0 = do not serve). Safe to call more than once."""
     global _started
     if port and not _started:
-        start_http_server(port, addr="0.0.0.0")
+        httpd = make_server("0.0.0.0", port, _with_ready(make_wsgi_app()), ThreadingWSGIServer, _QuietHandler)
+        threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
         _started = True

@@ -19,6 +19,7 @@ command -v npm >/dev/null || need+=(npm)
 # headless Chromium renders the candidate sheet in tests (tests/integration/test_sheet.py); a font for its text
 command -v chromium >/dev/null || need+=(chromium)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+command -v amtool >/dev/null || need+=(prometheus-alertmanager)  # amtool: checks deploy/alertmanager
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -194,6 +194,7 @@ class Gateway:
                     self.discover(force=True)
                     self.recover()
                     last_recover = time.monotonic()
+                    metrics.set_ready()  # Redis answered and the intake streams are read: healthy
                 self.heartbeat()
                 self.poll(block_ms=block_ms)
                 self.anchor_audit()

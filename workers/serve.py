@@ -71,6 +71,11 @@ def run_worker(role: str, concurrency: int = 1) -> None:
         _ = runtime.detector
     if role == "fusion":
         _start_timer_sweeper(runtime.redis)
+    # Ready (GET /ready: the container health check) once the model and gallery above are loaded and
+    # Celery consumes the queue: a worker still loading, or not reaching the broker, is not healthy.
+    from celery.signals import worker_ready
+
+    worker_ready.connect(lambda **_: metrics.set_ready(), weak=False)
     # solo pool: tasks run in this process, next to the model and index loaded above. Scale out by
     # running more worker processes (each a full replica), not by forking.
     app.worker_main(
@@ -143,6 +148,7 @@ def run_gateway() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    Gateway(
+    gateway = Gateway(
         runtime.redis, runtime.store, s, consumer=s.gateway_consumer or None, claim_idle_ms=s.gateway_claim_idle_ms
-    ).run(stop)
+    )
+    gateway.run(stop)  # ready (GET /ready) once it has found and recovered the intake streams

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 TOP_LEVEL = {
     "gateway",
     "worker",
+    "health",
+    "deploy",
     "up",
     "down",
     "status",

@@ -96,3 +96,28 @@ def test_child_processes_see_the_same_settings():
     env = {k: v for k, v in settings_env(s).items() if k.startswith("QUORUM_")}
     assert load_settings(env=env) == s
     assert isinstance(s, Settings)
+
+
+def test_secret_files_set_settings(tmp_path):
+    """QUORUM_<NAME>_FILE: compose secrets, so credentials stay out of the container's environment."""
+    url = tmp_path / "redis-url"
+    url.write_text("rediss://gateway:s3cret@redis:6379/0?ssl_cert_reqs=required\n")
+    key = tmp_path / "s3-secret"
+    key.write_text("abc def")
+    s = load_settings(env={"QUORUM_REDIS_URL_FILE": str(url), "QUORUM_S3_SECRET_KEY_FILE": str(key)})
+    assert s.redis_url == "rediss://gateway:s3cret@redis:6379/0?ssl_cert_reqs=required"  # trailing newline dropped
+    assert s.s3_secret_key == "abc def"
+    # Settings whose own name ends in _file stay plain paths.
+    s = load_settings(env={"QUORUM_SECRETS_KEY_FILE": str(key)})
+    assert s.secrets_key_file == str(key)
+    # Not a setting: ignored, like any other foreign variable (QUORUM_ENV_FILE is compose's).
+    assert load_settings(env={"QUORUM_ENV_FILE": ".env"}).redis_url.startswith("redis://127.0.0.1")
+
+
+def test_secret_file_conflicts_and_missing_files_refused(tmp_path):
+    f = tmp_path / "u"
+    f.write_text("redis://x:1/0")
+    with pytest.raises(ValueError, match="both QUORUM_REDIS_URL and QUORUM_REDIS_URL_FILE"):
+        load_settings(env={"QUORUM_REDIS_URL": "redis://y:2/0", "QUORUM_REDIS_URL_FILE": str(f)})
+    with pytest.raises(ValueError, match=r"QUORUM_DATABASE_URL_FILE names .* cannot be read"):
+        load_settings(env={"QUORUM_DATABASE_URL_FILE": str(tmp_path / "absent")})
