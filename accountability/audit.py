@@ -61,6 +61,7 @@ _FIELD_MAX = 256  # values taken from refused (possibly hostile) messages are cu
 # Actions (the ``action`` column).
 SEARCH_SUBMITTED = "search.submitted"  # outcome accepted | refused (code: why)
 SEARCH_RESULT = "search.result"  # outcome ok | degraded | error (code)
+SEARCH_VIEWED = "search.viewed"  # a candidate sheet written or shown: outcome ok | refused (code); details.via
 DISPOSITION_RECORDED = "disposition.recorded"
 DISPOSITION_CONFIRMED = "disposition.confirmed"
 GALLERY_ENROL = "gallery.enrol"

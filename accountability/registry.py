@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
@@ -391,6 +392,37 @@ def render_redis_acl(
     else:
         lines.append("user default on nopass ~* &* +@all")
     return "\n".join(lines) + "\n"
+
+
+def acl_rules(line: str) -> list[str]:
+    """An ACL file line's words, as ``ACL SETUSER`` takes them: a selector ``( ... )`` is one word."""
+    out: list[str] = []
+    depth, cur = 0, ""
+    for ch in line.strip():
+        if ch == " " and depth == 0:
+            if cur:
+                out.append(cur)
+            cur = ""
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        cur += ch
+    if cur:
+        out.append(cur)
+    return out
+
+
+def apply_redis_acl(eng: Engine, redis_client: Any) -> list[str]:
+    """Load every agency's Redis user into a running Redis with ``ACL SETUSER <user> reset <rules>``:
+    for a server started without an ACL file (the local stack, where ``ACL LOAD`` cannot work). Only
+    the agency users are touched (never ``default``). Returns the user names applied."""
+    done = []
+    for line in render_redis_acl(eng).splitlines():
+        words = acl_rules(line)
+        if len(words) > 2 and words[0] == "user" and words[1].startswith("agency-"):
+            redis_client.execute_command("ACL", "SETUSER", words[1], "reset", *words[2:])
+            done.append(words[1])
+    return done
 
 
 # ---- convenience for the demo and tests ------------------------------------------------------------------

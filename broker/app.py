@@ -23,10 +23,12 @@ TASK_PREPARE = "quorum.intake.prepare"
 TASK_SEARCH = "quorum.engine.search"
 TASK_SHARD_SEARCH = "quorum.shard.search"
 TASK_ENROLL = "quorum.engine.enroll"
+TASK_ENROL_DETECT = "quorum.enrol.detect"
 TASK_FUSE = "quorum.fusion.fuse"
 TASK_SNAPSHOT = "quorum.gallery.snapshot"
 
 INTAKE_QUEUE = "intake"
+ENROL_QUEUE = "enrol"  # bulk enrolment's face detection: intake workers take it beside probes, in turn
 FUSION_QUEUE = "fusion"
 GALLERY_QUEUE = "gallery"
 
@@ -40,11 +42,11 @@ def shard_queue(engine: str, shard: int, shards: int) -> str:
     return f"shard.{engine}.{shard}of{shards}"
 
 
-ALL_QUEUES = (INTAKE_QUEUE, *(engine_queue(e) for e in ENGINE_NAMES), FUSION_QUEUE, GALLERY_QUEUE)
+ALL_QUEUES = (INTAKE_QUEUE, ENROL_QUEUE, *(engine_queue(e) for e in ENGINE_NAMES), FUSION_QUEUE, GALLERY_QUEUE)
 
 # Which queue each worker role consumes.
 ROLE_QUEUES = {
-    "intake": INTAKE_QUEUE,
+    "intake": f"{INTAKE_QUEUE},{ENROL_QUEUE}",  # kombu polls the two in turn: enrolment never starves probes
     **{e: engine_queue(e) for e in ENGINE_NAMES},
     "fusion": FUSION_QUEUE,
     "gallery": GALLERY_QUEUE,
@@ -83,6 +85,7 @@ def make_app(redis_url: str | None = None) -> Celery:
         task_default_queue=INTAKE_QUEUE,
         task_routes={
             "quorum.intake.*": {"queue": INTAKE_QUEUE},
+            "quorum.enrol.*": {"queue": ENROL_QUEUE},
             "quorum.fusion.*": {"queue": FUSION_QUEUE},
             "quorum.gallery.*": {"queue": GALLERY_QUEUE},
             # quorum.engine.* tasks are sent with an explicit engine queue (see workers.tasks).

@@ -99,6 +99,12 @@ def gallery_enrolled(engine: str) -> str:
     return f"quorum:gallery:enrolled:{engine}"
 
 
+def enrol_job_done(job_id: str) -> str:
+    """Bitmap of a bulk enrolment's items (by position in its manifest) enrolled in every engine, so a
+    restarted enrolment skips them. 1 bit an item: 9 million items take about 1 MB."""
+    return f"quorum:enrol:{job_id}:done"
+
+
 def nonce_key(agency: str, nonce: str) -> str:
     """A signed entry's nonce, kept for twice the signature window (replay refusal)."""
     return f"quorum:nonce:{agency}:{nonce}"
@@ -119,3 +125,13 @@ def gateway_alive(consumer: str) -> str:
 
 GALLERY_SUBJECTS = "quorum:gallery:subjects"  # hash subject id -> JSON {images: [...], enrolled_at}
 REJECTED_STREAM = "quorum:rejected"  # every refused message, for the operators
+
+
+def review_token(token_sha256: str) -> str:
+    """A one-time sign-in token for ``quorum review`` (its SHA-256, never the token): the user id, with a TTL."""
+    return f"quorum:review:token:{token_sha256}"
+
+
+def review_session(session_sha256: str) -> str:
+    """A signed-in ``quorum review`` session (SHA-256 of the cookie value): user id and form token, with a TTL."""
+    return f"quorum:review:session:{session_sha256}"

@@ -10,10 +10,15 @@ How to compute ``signature`` (any language):
 1. Parse ``payload`` as a JSON object. If ``image`` is an object with ``data_b64``, replace ``image``
    by ``{"sha256": <lower-case hex SHA-256 of the *decoded* image bytes>}`` (the bytes themselves are
    not hashed into the MAC twice: keeps signing cheap for large images). ``{"key": ...}`` stays as is.
-2. Serialise that object canonically: keys sorted at every level, no whitespace
-   (``","`` and ``":"`` separators), non-ASCII characters as UTF-8 (not ``\\u`` escapes), integers
-   as integers; encode as UTF-8. (Python: ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
-   ensure_ascii=False).encode()``.)
+2. Serialise that object in the JSON Canonicalization Scheme, RFC 8785 (JCS), which libraries in most
+   languages implement: no whitespace; object keys sorted by their UTF-16 code units (an astral
+   character such as an emoji sorts by its surrogate pair, before U+E000-U+FFFF); strings as UTF-8 with
+   only ``"``, ``\\`` and the control characters escaped (``\\n``, ``\\u001f``..., never ``\\u``
+   for other characters); numbers as ECMAScript prints a double (``0.1``, ``1e+21``, ``5e-7``, ``-0``
+   as ``0``, ``1.0`` as ``1``). Integers beyond +-(2**53 - 1), NaN and infinities have no canonical
+   form: such a payload is refused (``INVALID_MESSAGE``). For a payload of strings and integers only
+   (every ProbeRequest today), this is the same text as sorted keys with ``","``/``":"`` separators and
+   non-ASCII characters unescaped. (Python: ``rfc8785.dumps(obj)``; Node: ``canonicalize(obj)``.)
 3. The string to sign is ``b"quorum-v1\\n" + timestamp + b"\\n" + nonce + b"\\n" + canonical``, where
    ``timestamp`` is the decimal Unix time in seconds (ASCII) and ``nonce`` 16-64 characters of
    ``A-Z a-z 0-9 _ -``, fresh for every submission.
@@ -36,6 +41,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import rfc8785
+
 from core.errors import Code, InputError
 
 PREFIX = b"quorum-v1\n"
@@ -52,7 +59,8 @@ def new_nonce() -> str:
 
 
 def canonical_payload(doc: dict) -> bytes:
-    """Step 1-2 above. Raises ``INVALID_MESSAGE`` when ``image.data_b64`` is not valid base64."""
+    """Step 1-2 above. Raises ``INVALID_MESSAGE`` when ``image.data_b64`` is not valid base64 or the
+    payload has no RFC 8785 form (an integer beyond 2**53 - 1, NaN or an infinity, a lone surrogate)."""
     obj = dict(doc)
     image = obj.get("image")
     if isinstance(image, dict) and isinstance(image.get("data_b64"), str):
@@ -62,7 +70,12 @@ def canonical_payload(doc: dict) -> bytes:
             raise InputError(Code.INVALID_MESSAGE, "image.data_b64 is not valid base64") from exc
         rest = {k: v for k, v in image.items() if k != "data_b64"}
         obj["image"] = {**rest, "sha256": hashlib.sha256(data).hexdigest()}
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:
+        raise InputError(Code.INVALID_MESSAGE, f"the payload has no canonical form (RFC 8785): {exc}") from exc
+    except RecursionError:  # parsed, but too deep for the (recursive) canonical serialiser
+        raise InputError(Code.INVALID_MESSAGE, "payload is nested too deeply") from None
 
 
 def string_to_sign(canonical: bytes, timestamp: str, nonce: str) -> bytes:

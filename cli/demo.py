@@ -66,7 +66,7 @@ def enrol_and_search(s, rows: list[SplitRow], *, echo=print, bar_factory=None) -
     bar_factory = bar_factory or (lambda label, total: None)
     gallery_rows = [r for r in rows if r.role in {"gallery", "distractor_gallery"}]
     echo(f"[2/4] enrolling {len(gallery_rows)} gallery images into {len(s.engines)} engines ...")
-    bar = bar_factory("enrolling (image x engine)", len(gallery_rows) * len(s.engines))
+    bar = bar_factory("enrolling (images)", len(gallery_rows))
     report = enrol(
         s,
         open_store(s),

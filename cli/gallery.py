@@ -12,20 +12,53 @@ from core.config import settings
 
 
 @click.command("enroll")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--batch", default=16, show_default=True)
-def enroll(folder: Path, batch: int) -> None:
-    """Enrol FOLDER/<subject>/<image> into every engine's gallery."""
-    from core.objectstore import open_store
-    from workers.enrolment import enrol, folder_items
+@click.argument("folder", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV with a header subject_id,image[,booking_date]; image is a file path or key:<object key>",
+)
+@click.option("--batch", default=16, show_default=True, help="images per task")
+@click.option(
+    "--snapshot-every",
+    default=100_000,
+    show_default=True,
+    help="snapshot the galleries (trimming their logs) after this many images, and at the end; 0: never",
+)
+def enroll(folder: Path | None, manifest: Path | None, batch: int, snapshot_every: int) -> None:
+    """Enrol FOLDER/<subject>/<image>, or a booking system's --manifest, into every engine's gallery.
 
+    Run it again with the same input to resume: what was enrolled is skipped."""
+    from core.errors import QuorumError
+    from core.objectstore import open_store
+    from workers.enrolment import enrol, folder_items, manifest_items
+
+    if (folder is None) == (manifest is None):
+        raise click.UsageError("give a FOLDER or --manifest FILE (one of them)")
     s = settings()
-    items = folder_items(folder)
-    bar = tqdm_bar("enrolling (image x engine)", len(items) * len(s.engines))
-    report = enrol(s, open_store(s), items, batch=batch, progress=lambda done, total: bar(done))
+    require_redis(s.redis_url)
+    try:
+        items = manifest_items(manifest) if manifest is not None else folder_items(folder)  # type: ignore[arg-type]
+    except QuorumError as err:
+        raise click.ClickException(f"{err.code.value}: {err.message}") from None
+    bar = tqdm_bar("enrolling (images)", len(items))
+    try:
+        report = enrol(
+            s,
+            open_store(s),
+            items,
+            batch=batch,
+            progress=lambda done, total: bar(done),
+            snapshot_every=snapshot_every,
+        )
+    except QuorumError as err:
+        raise click.ClickException(f"{err.code.value}: {err.message}") from None
+    rate = (report.images - report.skipped) / max(report.seconds, 1e-9)
     click.echo(
-        f"{report.images} images; templates added: {report.enrolled}; "
-        f"failed to enrol: { {e: len(f) for e, f in report.failed.items()} } in {report.seconds:.1f}s"
+        f"{report.images} images ({report.skipped} already enrolled by an earlier run, skipped); "
+        f"templates added: {report.enrolled}; "
+        f"failed to enrol: { {e: len(f) for e, f in report.failed.items()} } in {report.seconds:.1f}s "
+        f"({rate:.1f} images/s)"
     )
 
 
@@ -35,14 +68,24 @@ def gallery() -> None:
 
 
 @gallery.command("snapshot")
-def gallery_snapshot() -> None:
-    """Write every engine's index to the object store (workers load it at start)."""
+@click.option("--timeout", default=1800.0, show_default=True, help="seconds to wait for every snapshot")
+def gallery_snapshot(timeout: float) -> None:
+    """Write every engine's index (every shard of a sharded engine) to the object store, trimming the
+    gallery logs; workers load the newest at start."""
+    from celery.result import AsyncResult
+
     from broker.app import GALLERY_QUEUE, TASK_SNAPSHOT, make_app
 
-    require_redis(settings().redis_url)
-    res = make_app(settings().redis_url).send_task(TASK_SNAPSHOT, queue=GALLERY_QUEUE)
-    for p in res.get(timeout=600):
-        click.echo(f"{p['engine']}: {p['templates']} templates, {p['subjects']} subjects -> {p['index_key']}")
+    s = settings()
+    require_redis(s.redis_url)
+    app = make_app(s.redis_url)
+    out = app.send_task(TASK_SNAPSHOT, queue=GALLERY_QUEUE).get(timeout=timeout)
+    pointers = list(out["snapshots"])
+    for task_id in out["sent"]:  # one per shard, written by a worker of that shard
+        pointers += AsyncResult(task_id, app=app).get(timeout=timeout)["snapshots"]
+    for p in pointers:
+        name = p["engine"] if p.get("shards", 1) == 1 else f"{p['engine']} shard {p['shard']}/{p['shards']}"
+        click.echo(f"{name}: {p['templates']} templates, {p['subjects']} subjects -> {p['index_key']}")
 
 
 @gallery.command("expunge")

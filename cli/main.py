@@ -1,16 +1,30 @@
 """The ``quorum`` command: the root group, and every command group registered on it.
 
 Each group lives in its own module: ``processes`` (gateway, worker), ``local`` (up, down, status),
-``gallery`` (enroll, gallery), ``search``, ``demo``, ``db``, ``deploy``, ``registry``, ``audit`` (audit, report),
-``dispositions``, ``retention`` (case, probes) and ``evaluate`` (eval, calibrate). Errors a user can
-act on are turned into messages by :class:`cli.common.QuorumGroup`.
+``gallery`` (enroll, gallery), ``search``, ``sheet``, ``review``, ``demo``, ``db``, ``deploy``, ``registry``,
+``audit`` (audit, report), ``dispositions``, ``retention`` (case, probes) and ``evaluate`` (eval,
+calibrate). Errors a user can act on are turned into messages by :class:`cli.common.QuorumGroup`.
 """
 
 from __future__ import annotations
 
 import click
 
-from cli import audit, db, demo, deploy, dispositions, gallery, local, processes, registry, retention, search
+from cli import (
+    audit,
+    db,
+    demo,
+    deploy,
+    dispositions,
+    gallery,
+    local,
+    processes,
+    registry,
+    retention,
+    review,
+    search,
+    sheet,
+)
 from cli.common import QuorumGroup, load_settings_or_fail
 from cli.evaluate import calibrate_command, eval_command
 from core.logs import configure_logging
@@ -23,7 +37,21 @@ def main() -> None:
     configure_logging(s.log_level, s.log_json)
 
 
-for _module in (processes, local, gallery, search, demo, db, deploy, registry, audit, dispositions, retention):
+for _module in (
+    processes,
+    local,
+    gallery,
+    search,
+    sheet,
+    review,
+    demo,
+    db,
+    deploy,
+    registry,
+    audit,
+    dispositions,
+    retention,
+):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 main.add_command(eval_command)

@@ -36,7 +36,10 @@ def agency_add(agency_id: str, name: str, daily_quota: int, actor: str | None) -
     click.echo(f"agency {agency_id} registered. Give these to the agency now; they are not shown again.")
     click.echo(f"signing secret (HMAC-SHA256): {c.secret}")
     click.echo(f"redis user: {c.redis_user}  password: {c.redis_password}")
-    click.echo("then re-render the Redis ACL: quorum registry redis-acl --out <aclfile> && redis-cli ACL LOAD")
+    click.echo(
+        "then re-render the Redis ACL: quorum registry redis-acl --out <aclfile> && redis-cli ACL LOAD "
+        "(a Redis without an ACL file, such as the local stack: quorum registry redis-acl --apply)"
+    )
 
 
 @agency_group.command("suspend")
@@ -123,6 +126,23 @@ def user_certify(user_id: str, cert_id: str, expires, actor: str | None) -> None
     click.echo(f"user {user_id}: certificate {cert_id} valid through {expires.date()}")
 
 
+@user_group.command("review-token")
+@click.argument("user_id")
+@click.option("--ttl-hours", default=24.0, show_default=True, type=click.FloatRange(0.01, 24 * 7))
+@actor_option
+def user_review_token(user_id: str, ttl_hours: float, actor: str | None) -> None:
+    """Issue a one-time sign-in token for quorum review (printed once; the user must be certified)."""
+    import redis as redis_lib
+
+    from core.config import settings
+    from review import signin
+
+    r = redis_lib.Redis.from_url(settings().redis_url)
+    token = signin.issue_token(r, db_engine(), user_id, actor=operator_name(actor), ttl_s=round(ttl_hours * 3600))
+    click.echo(token)
+    click.echo(f"one-time sign-in token for {user_id}, valid {ttl_hours:g} h: it is not shown again", err=True)
+
+
 @user_group.command("deactivate")
 @click.argument("user_id")
 @actor_option
@@ -183,17 +203,36 @@ def registry_list() -> None:
 @click.option("--service-user", default="", help="also define the services' user and turn 'default' off")
 @click.option("--service-password-sha256", default="")
 @click.option(
+    "--apply",
+    "apply_live",
+    is_flag=True,
+    help="load the agency users into the running Redis (QUORUM_REDIS_URL) with ACL SETUSER instead: "
+    "for a Redis started without an ACL file, such as the local stack's",
+)
+@click.option(
     "--services",
     "services_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="`USER SHA256` lines (quorum deploy init's redis-services.sha256): one least-privilege user per service",
 )
-def redis_acl(out: Path | None, service_user: str, service_password_sha256: str, services_file: Path | None) -> None:
-    """Render the Redis ACL file (one user per agency) from the registry."""
+def redis_acl(
+    out: Path | None, service_user: str, service_password_sha256: str, apply_live: bool, services_file: Path | None
+) -> None:
+    """Render the Redis ACL file (one user per agency) from the registry, or apply the agency users live."""
     from accountability import registry
     from cli.deploy import read_service_hashes
 
+    if apply_live:
+        import redis as redis_lib
+
+        from cli.common import load_settings_or_fail, require_redis
+
+        url = load_settings_or_fail().redis_url
+        require_redis(url)
+        users = registry.apply_redis_acl(db_engine(), redis_lib.Redis.from_url(url))
+        click.echo(f"applied {len(users)} agency users to the running Redis: {' '.join(users) or '(none)'}")
+        return
     if services_file and service_user:
         raise click.UsageError("give --services or --service-user, not both")
     text = registry.render_redis_acl(

@@ -94,6 +94,13 @@ def print_list(result: Any, **context: str) -> None:
 )
 @click.option("--timeout", default=120.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result exactly as the schema defines it")
+@click.option(
+    "--sheet",
+    "sheet_out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="also write the candidate sheet (self-contained HTML) to this file",
+)
 def search(
     image: Path,
     case_number: str,
@@ -106,6 +113,7 @@ def search(
     secret: str | None,
     timeout: float,
     as_json: bool,
+    sheet_out: Path | None,
 ) -> None:
     """Search IMAGE through the queue and print the fused candidate list."""
     from broker.client import QuorumClient
@@ -121,6 +129,10 @@ def search(
         user_id="--user",
         image="IMAGE",
     )
+    if sheet_out is not None:
+        from cli.sheet import check_out
+
+        check_out(sheet_out, "--sheet")
     if secret is None:
         from accountability import db, registry
 
@@ -145,6 +157,13 @@ def search(
         click.echo(result.model_dump_json(indent=2))
     else:
         print_list(result, agency=agency, user=user, offence=offence_code, purpose=purpose)
+    if sheet_out is not None and result.type == "candidate_list":
+        from cli.sheet import write
+
+        # Status lines go to stderr under --json, so standard output stays the one JSON document.
+        write(rid, sheet_out, actor=user, agency=agency, via="search", err=as_json)
+    elif sheet_out is not None:
+        click.echo(f"no sheet written to {sheet_out}: the search has no candidate list", err=True)
     sys.exit(0 if result.type == "candidate_list" else 2)
 
 

@@ -309,7 +309,7 @@ class Stack:
 
     def status(self) -> dict[str, str]:
         out = {"redis": "up" if self._redis_reachable() else "down"}
-        for role in (*ROLES, *shard_roles(self.s), SUPERVISOR):
+        for role in (*stack_roles(self.s), SUPERVISOR):  # what this stack runs (configured engines, shards)
             out[role] = "running" if self._alive(self._pidfile(role)) else "stopped"
         return out
 

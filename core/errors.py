@@ -45,6 +45,10 @@ class Code(StrEnum):
     QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # the agency's daily search quota is used up
     PROBE_ENROL_REFUSED = "PROBE_ENROL_REFUSED"  # a probe image may never be enrolled in the gallery
     DISPOSITION_REFUSED = "DISPOSITION_REFUSED"  # a disposition that breaks the rules (see accountability.audit)
+    # Reading a finished search back (the candidate sheet, review/).
+    REQUEST_UNKNOWN = "REQUEST_UNKNOWN"  # no accepted search with this request id in the audit trail
+    NO_CANDIDATE_LIST = "NO_CANDIDATE_LIST"  # refused, answered with an error, or not answered yet
+    RESULT_EXPIRED = "RESULT_EXPIRED"  # answered, but the result is past result_ttl_s and gone from Redis
     # The system could not answer in time or a part is down: retrying may help.
     ENGINE_FAILED = "ENGINE_FAILED"
     ENGINE_TIMEOUT = "ENGINE_TIMEOUT"

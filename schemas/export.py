@@ -20,6 +20,9 @@ def generated() -> dict[str, dict]:
         "engine-result.schema.json": EngineResult.model_json_schema(),
         "job.schema.json": Job.model_json_schema(),  # internal: the search in flight between stages
     }
+    # "discriminator" is OpenAPI's keyword, not JSON Schema's: validators in strict mode (ajv) refuse it,
+    # and "oneOf" over branches whose "type" is a "const" already tells a candidate list from an error.
+    out["result.schema.json"].pop("discriminator", None)
     for name, schema in out.items():
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = base + name

@@ -43,6 +43,7 @@ class Job(_Model):
     received_at: float = Field(description="epoch seconds, at the gateway")
     stream_entry_id: str = Field(description="the intake stream entry that carried the request")
     face: SearchedFace | None = Field(default=None, description="set by intake")
+    intake_ms: float | None = Field(default=None, description="intake's time to fetch, decode and detect")
 
     def with_face(self, face: SearchedFace) -> Job:
         return self.model_copy(update={"face": face})

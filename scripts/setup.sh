@@ -11,6 +11,14 @@ command -v ceph-mon >/dev/null || need+=(ceph-mon)
 command -v ceph-osd >/dev/null || need+=(ceph-osd)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+# the agency clients (clients/): jq and openssl for the shell client, Node.js and npm for the Node client
+command -v jq >/dev/null || need+=(jq)
+command -v openssl >/dev/null || need+=(openssl)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
+# headless Chromium renders the candidate sheet in tests (tests/integration/test_sheet.py); a font for its text
+command -v chromium >/dev/null || need+=(chromium)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 command -v amtool >/dev/null || need+=(prometheus-alertmanager)  # amtool: checks deploy/alertmanager
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -34,4 +42,9 @@ if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m p
 fi
 rm -f "$log"
 .venv/bin/quorum --help >/dev/null
+# The Node client's dependencies, exactly as package-lock.json pins them (ajv-cli for the shell client too).
+if ! (cd clients/node && npm ci --no-audit --no-fund) >"$log" 2>&1; then
+  cat "$log"; echo "setup: npm ci in clients/node failed" >&2; exit 1
+fi
+rm -f "$log"
 echo "setup: ready (.venv)"

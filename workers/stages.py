@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +39,12 @@ from broker import deadlines, keys
 from broker.app import (
     FUSION_QUEUE,
     INTAKE_QUEUE,
+    TASK_ENROLL,
     TASK_FUSE,
     TASK_PREPARE,
     TASK_SEARCH,
     TASK_SHARD_SEARCH,
+    TASK_SNAPSHOT,
     engine_queue,
     shard_queue,
 )
@@ -189,6 +192,7 @@ def prepare(ctx: StageContext, *, request_id: str, last_attempt: bool = True) ->
         log.warning("intake.job_missing", request_id=request_id)
         return StageResult("intake", "missing")
     failure: QuorumError | None = None
+    t0 = time.perf_counter()
     try:
         image = ctx.load_image(job.image_key)
         faces = ctx.detect(image)
@@ -219,7 +223,7 @@ def prepare(ctx: StageContext, *, request_id: str, last_attempt: bool = True) ->
             landmarks=face.landmarks,
             chosen_by="request" if job.face_index is not None else "largest",
         )
-    )
+    ).model_copy(update={"intake_ms": round((time.perf_counter() - t0) * 1000, 2)})
     save_job(ctx.redis, job, ttl_s=s.result_ttl_s)
     send = [search_message(request_id, e) for e in job.engines]
     # The backstop: answers even if no engine ever does (every engine worker down).
@@ -659,29 +663,72 @@ def assemble(ctx: StageContext, job: Job, ok: dict[str, EngineResult], failed: d
 # ---- enrolment and gallery maintenance --------------------------------------------------------------------
 
 
-def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict]) -> StageResult:
+def face_to_dict(face: Face) -> dict[str, Any]:
+    return {"box": list(face.box), "landmarks": [list(p) for p in face.landmarks], "score": face.score}
+
+
+def face_from_dict(d: dict[str, Any]) -> Face:
+    return Face(
+        box=tuple(float(v) for v in d["box"]),  # type: ignore[arg-type]
+        landmarks=tuple((float(x), float(y)) for x, y in d["landmarks"]),
+        score=float(d["score"]),
+    )
+
+
+def enrol_detect(
+    ctx: StageContext, *, items: Sequence[dict], engines: Sequence[str], task_ids: dict[str, str]
+) -> StageResult:
+    """Find the face in each gallery image once, for every engine, and hand the faces to each engine's
+    enrolment (task ids chosen by the sender, who waits on them). An image without a usable face is
+    reported to every engine with its code; nothing raises on input."""
+    s = ctx.settings
+    faced: list[dict] = []
+    failed: list[dict] = []
+    for item in items:
+        try:
+            _, face = choose_face(
+                ctx.detect(ctx.load_image(item["image_key"])), None, min_face_pixels=s.min_face_pixels
+            )
+            faced.append({**item, "face": face_to_dict(face)})
+        except QuorumError as err:
+            failed.append({"subject_id": item["subject_id"], "image_key": item["image_key"], "code": err.code.value})
+    send = tuple(
+        Send(TASK_ENROLL, {"engine": e, "items": faced, "failed": failed}, engine_queue(e), task_ids[e])
+        for e in engines
+    )
+    return StageResult("enrolment", "detected", send=send, detail={"faces": len(faced), "failed": len(failed)})
+
+
+def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Sequence[dict] = ()) -> StageResult:
     """Embed gallery images and append them to the engine's gallery log.
 
-    ``items``: ``[{"subject_id": ..., "image_key": ...}]``. ``detail`` holds the counts and, per image
-    that could not be enrolled, its stable error code (failure to enrol is data, not an exception).
+    ``items``: ``[{"subject_id": ..., "image_key": ..., "face": {...}}]``; an item with its ``face``
+    (found once for every engine by :func:`enrol_detect`) is not detected again here. ``failed``: the
+    items detection refused, reported with this engine's counts. ``detail`` holds the counts and, per
+    image that could not be enrolled, its stable error code (failure to enrol is data, not an exception).
     """
     from workers.gallery import log_add_entries
 
     r, s = ctx.redis, ctx.settings
     eng = ctx.engine(engine)
     done_key = keys.gallery_enrolled(engine)
-    failed: list[dict] = []
+    failures: list[dict] = list(failed)
     todo: list[tuple[str, str, np.ndarray, Face]] = []
+    detected_here = 0
     for item in items:
         subject, key = item["subject_id"], item["image_key"]
         if r.sismember(done_key, f"{subject}|{key}|{eng.version}"):
             continue
         try:
             image = ctx.load_image(key)
-            _, face = choose_face(ctx.detect(image), None, min_face_pixels=s.min_face_pixels)
+            if item.get("face"):
+                face = face_from_dict(item["face"])
+            else:
+                _, face = choose_face(ctx.detect(image), None, min_face_pixels=s.min_face_pixels)
+                detected_here += 1
             todo.append((subject, key, image, face))
         except QuorumError as err:
-            failed.append({"subject_id": subject, "image_key": key, "code": err.code.value})
+            failures.append({"subject_id": subject, "image_key": key, "code": err.code.value})
     vectors = eng.embed_batch([(img, face) for _, _, img, face in todo]) if todo else np.empty((0, eng.dim))
     subjects = [t[0] for t in todo]
     images = [t[1] for t in todo]
@@ -691,14 +738,34 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict]) -> StageRes
     counts = {
         "engine": engine,
         "enrolled": len(todo),
-        "skipped": len(items) - len(todo) - len(failed),
-        "failed": failed,
+        "skipped": len(items) - len(todo) - (len(failures) - len(failed)),
+        "failed": failures,
+        "detected_here": detected_here,
     }
     return StageResult("enrolment", "done", detail=counts)
 
 
-def snapshot(ctx: StageContext, *, engines: Sequence[str] | None = None) -> StageResult:
-    """Snapshot each engine's gallery (every shard of a sharded engine) and trim its log."""
-    names = list(engines or ctx.settings.engines)
-    pointers = [ctx.replica(e, i).save_snapshot() for e in names for i in range(ctx.settings.shards_of(e))]
-    return StageResult("gallery", "done", detail={"snapshots": pointers})
+def snapshot(ctx: StageContext, *, engines: Sequence[str] | None = None, shard: int | None = None) -> StageResult:
+    """Snapshot galleries and trim their logs. On the gallery queue (``shard=None``): each unsharded
+    engine's gallery here, and for a sharded engine one snapshot message to each of its shards' queues
+    (``detail["sent"]``: their task ids), so each is written by a worker that holds that shard and the
+    gallery worker never loads a sharded gallery. On a shard's queue: that shard."""
+    s = ctx.settings
+    names = list(engines or s.engines)
+    if shard is not None:
+        (engine,) = names
+        return StageResult("gallery", "done", detail={"snapshots": [ctx.replica(engine, shard).save_snapshot()]})
+    pointers = [ctx.replica(e).save_snapshot() for e in names if s.shards_of(e) == 1]
+    send = tuple(
+        Send(
+            TASK_SNAPSHOT,
+            {"engines": [e], "shard": i},
+            shard_queue(e, i, s.shards_of(e)),
+            f"snapshot.{e}.{i}of{s.shards_of(e)}.{uuid.uuid4().hex[:12]}",
+        )
+        for e in names
+        if s.shards_of(e) > 1
+        for i in range(s.shards_of(e))
+    )
+    detail = {"snapshots": pointers, "sent": [m.task_id for m in send]}
+    return StageResult("gallery", "done", send=send, detail=detail)

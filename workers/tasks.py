@@ -14,7 +14,16 @@ import time
 from celery import Task
 
 from broker import deadlines
-from broker.app import TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH, TASK_SNAPSHOT, app
+from broker.app import (
+    TASK_ENROL_DETECT,
+    TASK_ENROLL,
+    TASK_FUSE,
+    TASK_PREPARE,
+    TASK_SEARCH,
+    TASK_SHARD_SEARCH,
+    TASK_SNAPSHOT,
+    app,
+)
 from core.errors import ServiceError
 from workers import hooks, stages
 from workers.runtime import runtime
@@ -63,12 +72,19 @@ def fuse(*, request_id: str, final: bool = False, watchdog: bool = False) -> str
     return _finish(stages.fuse(runtime.context(), request_id=request_id, final=final, watchdog=watchdog)).status
 
 
+@app.task(name=TASK_ENROL_DETECT)
+def enrol_detect(*, items: list[dict], engines: list[str], task_ids: dict[str, str]) -> dict:
+    """Detect each gallery image's face once and send it to every engine's enrolment."""
+    return _finish(stages.enrol_detect(runtime.context(), items=items, engines=engines, task_ids=task_ids)).detail
+
+
 @app.task(name=TASK_ENROLL)
-def enroll(*, engine: str, items: list[dict]) -> dict:
+def enroll(*, engine: str, items: list[dict], failed: list[dict] | None = None) -> dict:
     """Enrol gallery images into one engine; returns counts and per-image error codes."""
-    return _finish(stages.enroll(runtime.context(), engine=engine, items=items)).detail
+    return _finish(stages.enroll(runtime.context(), engine=engine, items=items, failed=failed or ())).detail
 
 
 @app.task(name=TASK_SNAPSHOT)
-def snapshot(*, engines: list[str] | None = None) -> list[dict]:
-    return _finish(stages.snapshot(runtime.context(), engines=engines)).detail["snapshots"]
+def snapshot(*, engines: list[str] | None = None, shard: int | None = None) -> dict:
+    """Snapshots written here, and the task ids of those sent to the shards' queues (``sent``)."""
+    return _finish(stages.snapshot(runtime.context(), engines=engines, shard=shard)).detail

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cli.stack import ROLES, Stack
+from cli.stack import ROLES, Stack, stack_roles
 from core.config import load_settings
 from tests.integration.servers import RedisServer, S3Server, free_port
 
@@ -50,7 +50,8 @@ def s3_stack(tmp_path_factory, s3_server):
 def _disk(tmp_path_factory):
     base = free_port(span=len(ROLES))
     s, stack, redis_server = _stack(tmp_path_factory, "stack-disk", metrics_base=base, fusion_deadline_s=8.0)
-    yield s, {role: base + i for i, role in enumerate(ROLES)}
+    # The processes this stack runs (the configured engines, not every engine there is) and their ports.
+    yield s, {role: base + ROLES.index(role) for role in stack_roles(s)}
     stack.down()
     redis_server.stop()
 

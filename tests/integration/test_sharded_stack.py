@@ -126,9 +126,15 @@ def test_the_merged_sface_list_is_one_index_over_the_whole_gallery(sharded):
 
 def test_a_new_shard_replica_catches_up_from_snapshot_and_log(sharded):
     s, stack, client, probes, later, _ = sharded
+    from celery.result import AsyncResult
+
     from broker.app import TASK_SNAPSHOT, make_app
 
-    make_app(s.redis_url).send_task(TASK_SNAPSHOT, kwargs={"engines": ["sface"]}, queue="gallery").get(timeout=300)
+    app = make_app(s.redis_url)
+    out = app.send_task(TASK_SNAPSHOT, kwargs={"engines": ["sface"]}, queue="gallery").get(timeout=300)
+    assert out["snapshots"] == [] and len(out["sent"]) == SHARDS  # each shard snapshots itself
+    shards = [AsyncResult(t, app=app).get(timeout=300)["snapshots"][0] for t in out["sent"]]
+    assert sorted((p["shard"], p["shards"]) for p in shards) == [(i, SHARDS) for i in range(SHARDS)]
     enrol(s, open_store(s), [(r.identity, r.path) for r in later])  # after the snapshot: only in the log
     stack.start_process("sface.1of3", 1)  # a second replica of shard 1
     r = redis_lib.Redis.from_url(s.redis_url)
@@ -157,6 +163,71 @@ def test_a_new_shard_replica_catches_up_from_snapshot_and_log(sharded):
     log_text = log_file.read_text(errors="replace")
     assert "gallery.snapshot_loaded" in log_text
     assert sum(1 for sj in one.subject_labels if shard_of(sj, SHARDS) == 1 and sj in later_subjects) > 0
+
+
+def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded, data_dir, tmp_path):
+    """A booking system's manifest (files, objects it stored itself, one missing object, booking dates),
+    interrupted after two batches and run again: nothing enrolled twice, each face found once for both
+    engines, the missing object reported with its code."""
+    s, *_ = sharded
+    from core.objectstore import put_content
+    from workers.enrolment import enrol_job_id, manifest_items
+
+    store = open_store(s)
+    r = redis_lib.Redis.from_url(s.redis_url)
+    rows = [x for x in read_split(data_dir / "ci") if x.role == "distractor_gallery"][60:100]
+    lines = ["subject_id,image,booking_date,booking_number"]
+    for i, row in enumerate(rows):
+        if i % 4 == 0:  # the booking system stored this one itself
+            key = put_content(store, "booking", row.path.read_bytes())
+            lines.append(f"{row.identity},key:{key},2024-0{1 + i % 9}-1{i % 10},BK-{i:05d}")
+        else:
+            lines.append(f"{row.identity},{row.path},,")
+    lines.append("bk-missing,key:booking/0000-not-there,2024-01-01,")
+    manifest = tmp_path / "bookings.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    items = manifest_items(manifest)
+    assert len(items) == 41
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_two_batches(done: int, total: int) -> None:
+        if done >= 16:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        enrol(s, store, items, batch=8, window=1, progress=stop_after_two_batches)
+    job = enrol_job_id(items, s.engines)
+    assert r.bitcount(keys.enrol_job_done(job)) == 16
+
+    report = enrol(s, store, items, batch=8, window=2)
+    assert report.job_id == job and report.skipped == 16
+    assert report.detected_in_engine == 0  # every face was found once, by the enrolment's detection step
+    for engine in ("sface", "dlib"):
+        codes = {f["image_key"]: f["code"] for f in report.failed.get(engine, [])}
+        assert codes.get("booking/0000-not-there") == "IMAGE_MISSING"
+    # No template twice: one log entry per (subject, image) of the manifest, over all of sface's shards.
+    wanted = {x.subject_id for x in items}
+    for engine, logs in (
+        ("sface", [keys.gallery_log("sface", i, SHARDS) for i in range(SHARDS)]),
+        ("dlib", [keys.gallery_log("dlib")]),
+    ):
+        pairs = [
+            (keys.as_str(f[b"subject"]), keys.as_str(f[b"image"]))
+            for lk in logs
+            for _, f in r.xrange(lk)
+            if keys.as_str(f[b"op"]) == "add" and keys.as_str(f[b"subject"]) in wanted
+        ]
+        assert len(pairs) == len(set(pairs)) >= 36, engine
+    # A rerun of a finished job skips everything.
+    again = enrol(s, store, items, batch=8)
+    assert again.skipped == 41 and sum(again.enrolled.values()) == 0
+    import json
+
+    rec = json.loads(r.hget(keys.GALLERY_SUBJECTS, rows[0].identity))
+    assert list(rec["booking_dates"].values()) == ["2024-01-10"]
+    assert list(rec["booking_numbers"].values()) == ["BK-00000"]
 
 
 def test_a_shard_without_a_worker_leaves_a_partial_list_that_says_so(sharded):

@@ -29,6 +29,8 @@ TOP_LEVEL = {
     "enroll",
     "gallery",
     "search",
+    "sheet",
+    "review",
     "demo",
     "db",
     "registry",
@@ -193,3 +195,15 @@ def test_refusal_codes_name_the_next_step() -> None:
     for code, text in NEXT_STEP.items():  # every hint is filled in without a missing placeholder
         assert "{" not in next_step(code, agency="a", user="u", offence="o", purpose="p"), code
         assert code.isupper() and text
+
+
+def test_a_sheet_to_a_folder_that_does_not_exist_is_refused_before_any_work(tmp_path):
+    missing = tmp_path / "no-such-folder" / "sheet.html"
+    res = run("sheet", "any-request", "--out", str(missing))
+    assert_clean_failure(res)
+    assert res.exit_code == 2 and "--out: folder" in res.output and "does not exist" in res.output
+    probe = tmp_path / "probe.jpg"
+    probe.write_bytes(b"\xff\xd8\xff")
+    res = run("search", str(probe), "--case", "C-1", "--offence", "PC211", "--purpose", "p", "--sheet", str(missing))
+    assert_clean_failure(res)  # before the search is sent: no stack is running here
+    assert "--sheet: folder" in res.output and "does not exist" in res.output

@@ -88,6 +88,23 @@ def test_redis_acl_confines_each_agency(eng):  # noqa: F811
     assert next(x for x in acl.splitlines() if x.startswith("user agency-b ")).split()[2] == "off"
 
 
+def test_redis_acl_applied_live_as_setuser_commands(eng):  # noqa: F811
+    """`quorum registry redis-acl --apply`: each agency line becomes ACL SETUSER <user> reset <rules>, the
+    selector kept as one argument; the default user is never touched."""
+    registry.add_agency(eng, "a", "A")
+    sent: list[tuple] = []
+
+    class Recorder:  # records the commands a Redis client would send
+        def execute_command(self, *args):
+            sent.append(args)
+
+    assert registry.apply_redis_acl(eng, Recorder()) == ["agency-a"]
+    (cmd,) = sent
+    assert cmd[:4] == ("ACL", "SETUSER", "agency-a", "reset")
+    assert cmd[-1] == "(%R~quorum:intake:a +xrange)" and "-@all" in cmd and "+xadd" in cmd
+    assert registry.acl_rules("user x on ( %R~k +get ) +ping") == ["user", "x", "on", "( %R~k +get )", "+ping"]
+
+
 def _search(eng, rid, agency="a", case="C-1", outcome="ok", sha="ab" * 32, ts=None):  # noqa: F811
     audit.append(
         eng,

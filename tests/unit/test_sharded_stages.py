@@ -231,7 +231,7 @@ def test_a_shard_holding_another_engine_version_answers_with_an_error_not_a_wron
     assert res.engine_result is not None and res.engine_result.shards_answered == [1, 2]
 
 
-def test_snapshot_saves_every_shard(w):
+def test_snapshot_sends_each_shard_its_own_snapshot_and_a_shard_worker_writes_it(w):
     saved: list[tuple[str, int]] = []
 
     class Snap:
@@ -244,5 +244,12 @@ def test_snapshot_saves_every_shard(w):
 
     ctx = w.ctx()
     ctx = StageContext(**{**ctx.__dict__, "replica": lambda name, shard=0: Snap(name, shard)})
-    stages.snapshot(ctx, engines=["sface"])
-    assert saved == [("sface", 0), ("sface", 1), ("sface", 2)]
+    res = stages.snapshot(ctx, engines=["sface", "dlib"])
+    assert saved == [("dlib", 0)]  # the gallery worker never loads a sharded gallery
+    assert [(m.kwargs, m.queue) for m in res.send] == [
+        ({"engines": ["sface"], "shard": i}, shard_queue("sface", i, SHARDS)) for i in range(SHARDS)
+    ]
+    assert res.detail["sent"] == [m.task_id for m in res.send]
+    for m in res.send:
+        stages.snapshot(ctx, **m.kwargs)
+    assert saved[1:] == [("sface", 0), ("sface", 1), ("sface", 2)]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from broker import keys
-from broker.app import FUSION_QUEUE, INTAKE_QUEUE, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, engine_queue
+from broker.app import FUSION_QUEUE, INTAKE_QUEUE, TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, engine_queue
 from broker.jobs import load_job, save_job
 from broker.results import fetch
 from core import metrics
@@ -362,13 +362,50 @@ def test_enrolment_logs_templates_once_and_reports_failures_by_code(w, monkeypat
     )
     items = [{"subject_id": "p1", "image_key": "g/1.jpg"}, {"subject_id": "p2", "image_key": "g/2.jpg"}]
     res = stages.enroll(w.ctx(), engine="e1", items=items)
-    assert res.detail == {"engine": "e1", "enrolled": 2, "skipped": 0, "failed": []}
+    assert res.detail == {"engine": "e1", "enrolled": 2, "skipped": 0, "failed": [], "detected_here": 2}
     assert logged == [(["p1", "p2"], ["g/1.jpg", "g/2.jpg"])]
     again = stages.enroll(w.ctx(), engine="e1", items=items)
     assert again.detail["enrolled"] == 0 and again.detail["skipped"] == 2
     w.faces = []
     bad = stages.enroll(w.ctx(), engine="e1", items=[{"subject_id": "p3", "image_key": "g/3.jpg"}])
     assert bad.detail["failed"] == [{"subject_id": "p3", "image_key": "g/3.jpg", "code": Code.NO_FACE.value}]
+
+
+def test_bulk_enrolment_detects_each_face_once_for_every_engine(w, monkeypatch):
+    logged: list[tuple] = []
+    monkeypatch.setattr(
+        "workers.gallery.log_add_entries",
+        lambda r, eng, ver, subjects, vectors, images, **kw: logged.append((eng, subjects, images)),
+    )
+    detections: list[int] = []
+    w_detect = w.ctx().detect
+    ctx = StageContext(**{**w.ctx().__dict__, "detect": lambda image: detections.append(1) or w_detect(image)})
+    items = [{"subject_id": "p1", "image_key": "g/1.jpg"}, {"subject_id": "p2", "image_key": "g/2.jpg"}]
+    ids = {e: f"task-{e}" for e in ENGINES}
+    found = stages.enrol_detect(ctx, items=items, engines=list(ENGINES), task_ids=ids)
+    assert len(detections) == 2 and found.detail == {"faces": 2, "failed": 0}
+    assert [(m.task, m.queue, m.task_id) for m in found.send] == [
+        (TASK_ENROLL, engine_queue(e), f"task-{e}") for e in ENGINES
+    ]
+    for m in found.send:
+        out = stages.enroll(ctx, **m.kwargs)
+        assert out.detail["enrolled"] == 2 and out.detail["detected_here"] == 0
+    assert len(detections) == 2  # the engines used the faces found once
+    assert [e for e, *_ in logged] == list(ENGINES)
+    # An image without a face is reported by every engine with its code, and embedded by none.
+    w.faces = []
+    none = stages.enrol_detect(ctx, items=[{"subject_id": "p3", "image_key": "g/3.jpg"}], engines=["e1"], task_ids=ids)
+    (m,) = none.send
+    out = stages.enroll(ctx, **m.kwargs)
+    assert out.detail["enrolled"] == 0
+    assert out.detail["failed"] == [{"subject_id": "p3", "image_key": "g/3.jpg", "code": Code.NO_FACE.value}]
+
+
+def test_a_face_survives_the_trip_through_json():
+    import json
+
+    face = stages.face_from_dict(json.loads(json.dumps(stages.face_to_dict(FACE))))
+    assert face == Face(box=FACE.box, landmarks=tuple(tuple(map(float, p)) for p in FACE.landmarks), score=FACE.score)
 
 
 # ---- hooks ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,544 @@
+"""The candidate sheet of one finished search: what it shows (pure) and where it comes from (the stack).
+
+:func:`build` turns a candidate list and what is known around it into a :class:`Sheet` (pure: unit
+tests call it with plain values). :func:`gather` finds those values for a request id:
+
+* who searched, for which case, offence and purpose, and when: the audit trail's accepted
+  ``search.submitted`` record (it outlives the Redis result), which also names the probe's object key;
+* the candidate list: the request's result key in Redis, kept ``result_ttl_s`` (``RESULT_EXPIRED``
+  once it is gone; ``NO_CANDIDATE_LIST`` for a refusal, an error answer or a search still running);
+* the probe: from the object store (probe images never stay in Redis), decoded as intake decoded it,
+  and every face YuNet finds in it, numbered as ``--face-index`` counts them (0 = largest). A probe
+  purged under retention leaves the sheet without a picture, and says so;
+* each candidate's thumbnail: the subject's first enrolled image in the object store. A subject no
+  longer in the gallery, or expunged at any time since the search, is shown as *removed*: no id, no
+  picture, no scores.
+
+:func:`write_sheet` audits the view (``search.viewed``: who, which request, how) before it renders and
+writes the file: no sheet leaves without its audit record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from review.bands import Band, Bands
+from schemas import CandidateList, FusedCandidate
+from schemas.messages import MAX_CANDIDATES
+
+log = structlog.get_logger()
+
+NOTICE_SHORT = "Investigative lead only — not an identification"
+SECTION_SIZE = 25  # candidates per section of the sheet
+# Ranks "far apart": the highest rank at least RANK_GAP places below the lowest, and at least twice it
+# (1 and 11 are far apart; 120 and 135 are not).
+RANK_GAP = 10
+
+
+@dataclass(frozen=True)
+class EngineCell:
+    engine: str
+    rank: int | None  # None: not in this engine's list
+    score: float | None
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    rank: int
+    removed: bool
+    subject_id: str | None = None
+    fused_score: float | None = None
+    band: Band | None = None
+    cells: tuple[EngineCell, ...] = ()
+    agree: bool = True
+    cues: tuple[str, ...] = ()  # where the engines disagree, in words
+    thumb: str | None = None  # data: URI
+    images: int = 0  # images enrolled for the subject
+    booking: str = ""  # the shown photo's booking date and number, when the booking system gave them
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    index: int
+    box: tuple[float, float, float, float]
+    searched: bool
+    too_small: bool
+
+
+@dataclass(frozen=True)
+class Section:
+    first: int
+    last: int
+    candidates: tuple[CandidateView, ...]
+
+    @property
+    def anchor(self) -> str:
+        return f"ranks-{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class Sheet:
+    request_id: str
+    agency: str
+    user: str
+    case_number: str
+    offence_code: str
+    purpose: str
+    submitted_at: str
+    answered_at: str
+    fusion_method: str
+    engines: tuple[str, ...]
+    engines_failed: Mapping[str, str]
+    degraded: bool
+    notice: str
+    probe_uri: str | None
+    probe_size: tuple[int, int] | None  # width, height of the decoded probe
+    probe_note: str
+    faces: tuple[FaceBox, ...]
+    faces_found: int
+    face_index: int
+    chosen_by: str
+    sections: tuple[Section, ...]
+    candidates: int
+    removed: int
+    bands: Bands | None
+    bands_note: str
+    generated_at: str
+    generated_by: str
+    probe_sha256: str = ""
+    notice_short: str = NOTICE_SHORT
+
+
+def agreement(hits: Mapping[str, tuple[int, float]], engines: Sequence[str], list_length: int) -> tuple[str, ...]:
+    """Where the engines that answered disagree about one candidate, in words (empty: they agree)."""
+    cues = []
+    missing = [e for e in engines if e not in hits]
+    if missing:
+        cues.append(f"not in {', '.join(missing)}'s top {list_length}")
+    if len(hits) >= 2:
+        (lo_e, (lo, _)), (hi_e, (hi, _)) = (
+            min(hits.items(), key=lambda kv: kv[1][0]),
+            max(hits.items(), key=lambda kv: kv[1][0]),
+        )
+        if hi - lo >= RANK_GAP and hi >= 2 * lo:
+            cues.append(f"ranks far apart: {lo_e} #{lo}, {hi_e} #{hi}")
+    return tuple(cues)
+
+
+def _candidate(
+    c: FusedCandidate,
+    engines: Sequence[str],
+    list_length: int,
+    *,
+    removed: bool,
+    thumb: str | None,
+    images: int,
+    bands: Bands | None,
+    method: str,
+    booking: str = "",
+) -> CandidateView:
+    if removed:
+        return CandidateView(rank=c.rank, removed=True)
+    hits = {e: (h.rank, h.score) for e, h in c.engines.items()}
+    cues = agreement(hits, engines, list_length)
+    return CandidateView(
+        rank=c.rank,
+        removed=False,
+        subject_id=c.subject_id,
+        fused_score=c.fused_score,
+        band=bands.band_for(c.fused_score, method) if bands else None,
+        cells=tuple(EngineCell(e, *hits.get(e, (None, None))) for e in engines),
+        agree=not cues,
+        cues=cues,
+        thumb=thumb,
+        images=images,
+        booking=booking,
+    )
+
+
+def build(
+    result: CandidateList,
+    *,
+    user: str,
+    offence_code: str,
+    purpose: str,
+    submitted_at: str,
+    probe_uri: str | None,
+    probe_size: tuple[int, int] | None,
+    probe_note: str = "",
+    faces: Sequence[tuple[float, float, float, float]] = (),
+    min_face_pixels: int = 0,
+    removed: frozenset[str] = frozenset(),
+    thumbs: Mapping[str, str | None] | None = None,
+    images: Mapping[str, int] | None = None,
+    bookings: Mapping[str, str] | None = None,
+    bands: Bands | None = None,
+    bands_note: str = "",
+    list_length: int = MAX_CANDIDATES,
+    generated_by: str = "",
+    now: datetime | None = None,
+) -> Sheet:
+    """The sheet of ``result`` (pure). ``faces``: every box found in the probe, largest first."""
+    thumbs, images = thumbs or {}, images or {}
+    engines = tuple(result.engines_contributed)
+    views = [
+        _candidate(
+            c,
+            engines,
+            list_length,
+            removed=c.subject_id in removed,
+            thumb=thumbs.get(c.subject_id),
+            images=images.get(c.subject_id, 0),
+            booking=(bookings or {}).get(c.subject_id, ""),
+            bands=bands,
+            method=result.fusion_method,
+        )
+        for c in sorted(result.candidates, key=lambda c: c.rank)
+    ]
+    sections = tuple(
+        Section(chunk[0].rank, chunk[-1].rank, tuple(chunk))
+        for chunk in (views[i : i + SECTION_SIZE] for i in range(0, len(views), SECTION_SIZE))
+    )
+    boxes = list(faces) or [result.face.box]
+    face_boxes = tuple(
+        FaceBox(
+            index=i,
+            box=tuple(float(v) for v in b),  # type: ignore[arg-type]
+            searched=i == result.face.index,
+            too_small=min(b[2], b[3]) < min_face_pixels,
+        )
+        for i, b in enumerate(boxes)
+    )
+    if faces and result.face.index < len(face_boxes):
+        # The box intake searched is the authority for the searched face (same detector, same pixels).
+        fb = face_boxes[result.face.index]
+        face_boxes = (
+            *face_boxes[: fb.index],
+            FaceBox(fb.index, tuple(result.face.box), True, False),  # type: ignore[arg-type]
+            *face_boxes[fb.index + 1 :],
+        )
+    if bands is None:
+        note = bands_note or "no strength bands: none are measured"
+    elif result.fusion_method != bands.method:
+        note = (
+            f"no strength bands: this list was fused with {result.fusion_method!r}; "
+            f"bands are measured for {bands.method!r} only"
+        )
+    else:
+        note = bands_note
+    now = now or datetime.now(UTC)
+    return Sheet(
+        request_id=result.request_id,
+        agency=result.agency_id,
+        user=user,
+        case_number=result.case_number,
+        offence_code=offence_code,
+        purpose=purpose,
+        submitted_at=submitted_at,
+        answered_at=result.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        fusion_method=result.fusion_method,
+        engines=engines,
+        engines_failed=dict(result.engines_failed),
+        degraded=result.degraded,
+        notice=result.notice,
+        probe_uri=probe_uri,
+        probe_size=probe_size,
+        probe_note=probe_note,
+        faces=face_boxes,
+        faces_found=result.face.faces_found,
+        face_index=result.face.index,
+        chosen_by=result.face.chosen_by,
+        sections=sections,
+        candidates=len(views),
+        removed=sum(v.removed for v in views),
+        bands=bands if bands is not None and result.fusion_method == bands.method else None,
+        bands_note=note,
+        generated_at=now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        generated_by=generated_by,
+        probe_sha256=result.probe_sha256,
+    )
+
+
+# ---- from the stack ---------------------------------------------------------------------------------
+
+
+def _ts_text(iso: str) -> str:
+    """An audit timestamp (``2026-11-29T23:41:07.123456Z``) as a person reads it."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return iso
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The accepted ``search.submitted`` audit record of a request."""
+
+    request_id: str
+    agency: str
+    user: str
+    case_number: str
+    offence_code: str
+    purpose: str
+    probe_sha256: str
+    image_key: str
+    ts: str
+
+
+def find_submission(eng: Any, request_id: str, agency: str | None = None) -> Submission:
+    """The accepted submission of ``request_id`` (of ``agency`` when given), or a coded refusal."""
+    from accountability import audit
+    from core.errors import Code, InputError
+
+    recs = [
+        r
+        for r in audit.query(eng, request_id=request_id, action=audit.SEARCH_SUBMITTED)
+        if agency is None or r["agency"] == agency
+    ]
+    accepted = [r for r in recs if r["outcome"] == "accepted"]
+    if not accepted:
+        if recs:
+            r = recs[-1]
+            raise InputError(
+                Code.NO_CANDIDATE_LIST,
+                f"request {request_id} was refused at submission ({r['code']}): there is no candidate list",
+            )
+        where = f" of agency {agency!r}" if agency else ""
+        raise InputError(Code.REQUEST_UNKNOWN, f"no search {request_id!r}{where} in the audit trail")
+    agencies = sorted({r["agency"] for r in accepted})
+    if len(agencies) > 1:
+        raise InputError(
+            Code.REQUEST_UNKNOWN,
+            f"request id {request_id!r} was used by agencies {', '.join(agencies)}: pass --agency",
+        )
+    r = accepted[0]
+    details = json.loads(r["details"] or "{}")
+    return Submission(
+        request_id=request_id,
+        agency=r["agency"],
+        user=r["actor"],
+        case_number=r["case_number"],
+        offence_code=r["offence_code"],
+        purpose=r["purpose"],
+        probe_sha256=r["probe_sha256"],
+        image_key=details.get("image_key") or f"probes/{r['probe_sha256']}",
+        ts=r["ts"],
+    )
+
+
+def load_result(s: Any, redis: Any, eng: Any, sub: Submission) -> CandidateList:
+    """The request's candidate list from Redis, or why there is none (a coded error)."""
+    from accountability import audit
+    from broker.results import fetch
+    from core.errors import Code, InputError
+
+    result = fetch(redis, sub.agency, sub.request_id)
+    if result is None:
+        answered = audit.query(eng, request_id=sub.request_id, action=audit.SEARCH_RESULT)
+        if answered:
+            days = s.result_ttl_s / 86400
+            raise InputError(
+                Code.RESULT_EXPIRED,
+                f"the result of request {sub.request_id} is no longer kept (results are kept {days:g} days, "
+                f"QUORUM_RESULT_TTL_S); search again for a new list",
+            )
+        raise InputError(Code.NO_CANDIDATE_LIST, f"request {sub.request_id} has not been answered yet")
+    if not isinstance(result, CandidateList):
+        raise InputError(
+            Code.NO_CANDIDATE_LIST,
+            f"request {sub.request_id} was answered with an error, not a candidate list: "
+            f"{result.code}: {result.message}",
+        )
+    return result
+
+
+def removed_subjects(redis: Any, eng: Any, subjects: Sequence[str], since: str) -> tuple[frozenset[str], dict]:
+    """Subjects not to show (not in the gallery now, or expunged since ``since``), and the gallery
+    records of the others (subject -> {images: [...], ...})."""
+    from accountability import audit
+    from broker import keys
+
+    names = list(dict.fromkeys(subjects))
+    raw = redis.hmget(keys.GALLERY_SUBJECTS, names) if names else []
+    records = {n: json.loads(v) for n, v in zip(names, raw, strict=True) if v}
+    expunged = set()
+    for r in audit.query(eng, action=audit.GALLERY_EXPUNGE, since=since):
+        try:
+            expunged.add(json.loads(r["details"] or "{}").get("subject_id"))
+        except ValueError:
+            continue
+    gone = frozenset(n for n in names if n not in records or n in expunged)
+    return gone, {n: rec for n, rec in records.items() if n not in gone}
+
+
+def booking_label(record: dict, key: str) -> str:
+    """``booked 2024-02-11 · no. B-1234`` for the photo ``key`` (empty when the booking system gave neither)."""
+    date = record.get("booking_dates", {}).get(key)
+    number = record.get("booking_numbers", {}).get(key)
+    parts = ([f"booked {date}"] if date else []) + ([f"no. {number}"] if number else [])
+    return " · ".join(parts)
+
+
+def newest_booking_first(record: dict) -> list[str]:
+    """A subject's image keys, the newest booking photo first (booking dates from the booking system's
+    manifest at enrolment); images without a date after those with one, in key order."""
+    dates = record.get("booking_dates", {})
+    dated = sorted((k for k in record.get("images", []) if k in dates), key=lambda k: (dates[k], k), reverse=True)
+    return dated + sorted(k for k in record.get("images", []) if k not in dates)
+
+
+@cache
+def _detector() -> Any:
+    """YuNet, loaded once per process (``quorum review`` renders many sheets); it locks around each call."""
+    from workers.detect import Detector
+
+    return Detector()
+
+
+def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[int, int] | None, list, str]:
+    """The probe as a data URI, its size, every face box (largest first) and a note when it is missing."""
+    from core.errors import Code, QuorumError
+    from review.images import probe_uri
+    from workers.detect import decode_image
+
+    try:
+        data = store.get(image_key, max_bytes=s.max_image_bytes)
+    except QuorumError as err:
+        if err.code == Code.IMAGE_MISSING:
+            return None, None, [], "the probe image is no longer stored (purged under the retention policy)"
+        raise
+    image = decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+    faces = _detector().detect(image)
+    h, w = image.shape[:2]
+    return probe_uri(image), (w, h), [f.box for f in faces], ""
+
+
+def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: str = "") -> Sheet:
+    """Everything a sheet shows for ``request_id``, read from the audit trail, Redis and the object store."""
+    import redis as redis_lib
+
+    from accountability import db
+    from core.objectstore import open_store
+    from review import bands as bands_mod
+    from review.images import thumbnail_uri
+    from workers.fusion import load_calibration
+
+    eng = db.get_engine(s)
+    r = redis_lib.Redis.from_url(s.redis_url)
+    sub = find_submission(eng, request_id, agency)
+    result = load_result(s, r, eng, sub)
+    store = open_store(s)
+    uri, size, boxes, note = probe_faces(s, store, sub.image_key)
+    gone, records = removed_subjects(r, eng, [c.subject_id for c in result.candidates], sub.ts)
+    thumbs: dict[str, str | None] = {}
+    images: dict[str, int] = {}
+    bookings: dict[str, str] = {}
+    for subject, rec in records.items():
+        keys_ = newest_booking_first(rec)
+        images[subject] = len(keys_)
+        thumbs[subject] = None
+        for key in keys_:  # the first image that is still there and decodes
+            try:
+                thumbs[subject] = thumbnail_uri(store.get(key, max_bytes=s.max_image_bytes))
+            except Exception as exc:  # a missing or unreadable thumbnail leaves a blank, not a failed sheet
+                log.warning("sheet.thumbnail_unavailable", subject=subject, key=key, error=repr(exc))
+                continue
+            if thumbs[subject]:
+                bookings[subject] = booking_label(rec, key)
+                break
+    bands: Bands | None = bands_mod.load()
+    bands_note = ""
+    cal = load_calibration(s.calibration_file)
+    fitted = (cal.meta.get("fitted") if cal else None) or ""
+    if bands is not None and fitted != bands.calibration_fitted:
+        bands_note = (
+            f"no strength bands: the calibration in use (fitted {fitted or 'none'}) is not the one the bands "
+            f"were measured with ({bands.calibration_fitted})"
+        )
+        bands = None
+    return build(
+        result,
+        user=sub.user,
+        offence_code=sub.offence_code,
+        purpose=sub.purpose,
+        submitted_at=_ts_text(sub.ts),
+        probe_uri=uri,
+        probe_size=size,
+        probe_note=note,
+        faces=boxes,
+        min_face_pixels=s.min_face_pixels,
+        removed=gone,
+        thumbs=thumbs,
+        images=images,
+        bookings=bookings,
+        bands=bands,
+        bands_note=bands_note,
+        list_length=MAX_CANDIDATES,  # engines return full lists (workers.stages.engine_list_length)
+        generated_by=generated_by,
+    )
+
+
+def view_sheet(
+    s: Any, request_id: str, *, actor: str, agency: str | None = None, via: str = "cli", **details: Any
+) -> Sheet:
+    """Gather the sheet of ``request_id`` and audit the view (``search.viewed``: who, which request, how).
+
+    A view that cannot be given (unknown request, no list, result expired) is audited as refused,
+    with its code, and raised. ``agency``: only a search of this agency (a reviewer's own)."""
+    from accountability import audit, db
+    from core.errors import QuorumError
+
+    eng = db.get_engine(s)
+    try:
+        sheet = gather(s, request_id, agency=agency, generated_by=actor)
+    except QuorumError as err:
+        if err.code.value in {"REQUEST_UNKNOWN", "NO_CANDIDATE_LIST", "RESULT_EXPIRED"}:
+            audit.append(
+                eng,
+                audit.AuditEvent(
+                    action=audit.SEARCH_VIEWED,
+                    outcome="refused",
+                    code=err.code.value,
+                    actor=actor,
+                    agency=agency or "",
+                    request_id=request_id,
+                    details={"via": via, **details},
+                ),
+            )
+        raise
+    audit.append(
+        eng,
+        audit.AuditEvent(
+            action=audit.SEARCH_VIEWED,
+            outcome="ok",
+            actor=actor,
+            agency=sheet.agency,
+            request_id=request_id,
+            case_number=sheet.case_number,
+            offence_code=sheet.offence_code,
+            purpose=sheet.purpose,
+            probe_sha256=sheet.probe_sha256,
+            details={"via": via, "candidates": sheet.candidates, "removed": sheet.removed, **details},
+        ),
+    )
+    return sheet
+
+
+def write_sheet(
+    s: Any, request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli"
+) -> Sheet:
+    """Gather, audit, render and write the sheet of ``request_id`` to ``out`` (audited before it is written)."""
+    from review.render import render
+
+    sheet = view_sheet(s, request_id, actor=actor, agency=agency, via=via, file=out.name)
+    out.write_text(render(sheet), encoding="utf-8")
+    log.info("sheet.written", request_id=request_id, actor=actor, candidates=sheet.candidates, path=str(out))
+    return sheet
