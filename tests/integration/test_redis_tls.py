@@ -284,7 +284,7 @@ def test_compose_healthcheck_command_and_acl_load(tls_redis):
         [sys.executable, "-m", "cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
     )
     assert loaded.returncode == 0, loaded.stderr
-    assert "ACL reloaded" in loaded.stdout and "agency-a" in loaded.stdout
+    assert "users now" in loaded.stdout and "agency-a" in loaded.stdout
     env["QUORUM_REDIS_URL"] = tls_redis["urls"]["gateway"]
     refused = subprocess.run(
         [sys.executable, "-m", "cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
