@@ -323,12 +323,19 @@ _CELERY_KEYS = (
 # agencies' intake streams and keeps nonces, quotas and the rejection stream; the workers never touch
 # those; neither may run administrative commands (ACL, CONFIG, FLUSHALL, KEYS, DEBUG, SHUTDOWN...).
 # ``admin`` is the operator's (ACL LOAD after an agency change, backups); ``exporter`` is redis_exporter's
-# (its documented minimum); ``healthcheck`` may only PING (the compose health check; no password).
+# (its documented minimum); ``review`` is the reviewers' web app's; ``healthcheck`` may only PING (the
+# compose health check; no password).
 SERVICE_ACL: dict[str, str] = {
     "gateway": f"~quorum:* {_CELERY_KEYS} +@all -@admin -@dangerous",
     "worker": (
         "~quorum:job:* ~quorum:results:* ~quorum:result:* ~quorum:request:* ~quorum:gallery:* ~quorum:alive:* "
         f"~{keys.DEADLINES} ~{keys.GATEWAY_ALIVE_PREFIX}* {_CELERY_KEYS} +@all -@admin -@dangerous"
+    ),
+    # `quorum review` (the reviewers' web app): reads results and the gallery's subject records, keeps its
+    # sign-in tokens and sessions; nothing else.
+    "review": (
+        f"%R~{keys.result_key('*', '*')} %R~{keys.GALLERY_SUBJECTS} ~quorum:review:* "
+        "-@all +get +mget +hmget +set +getdel +del +ping +hello +client|setname"
     ),
     "admin": "~* &* +@all",
     "exporter": (

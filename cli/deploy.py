@@ -8,7 +8,7 @@ renews the certificates alone. Files that exist are kept (``--force`` replaces t
 
 ``redis/``: mounted into the redis container: ``ca.crt``, ``redis.crt``, ``redis.key``, ``users.acl``;
 ``ca.key``: the CA's private key (keep it offline; needed only to issue a new server certificate);
-``redis-{gateway,worker,admin}.url``: each service's ``rediss://`` URL with its own ACL user;
+``redis-{gateway,worker,review,admin}.url``: each service's ``rediss://`` URL with its own ACL user;
 ``redis-services.sha256``: the service users' password hashes, read by ``quorum registry redis-acl``;
 ``redis-exporter.json``: redis_exporter's password file; ``database-url``: the services' PostgreSQL URL
 (role ``quorum``); ``secrets-key``: the key sealing agency secrets; the rest one value a file (SECRET_FILES).
@@ -28,7 +28,7 @@ from urllib.parse import quote
 import click
 
 # Redis ACL users of the services (accountability.registry.SERVICE_ACL has their rights).
-REDIS_SERVICE_USERS = ("gateway", "worker", "admin", "exporter")
+REDIS_SERVICE_USERS = ("gateway", "worker", "review", "admin", "exporter")
 # Names under which a Redis client inside compose finds the CA (the compose secret `redis-ca`).
 CONTAINER_CA = "/run/secrets/redis-ca"
 # docker-compose (v1, and v2 without swarm) mounts a secret file as it is, with its owner and mode, and
@@ -227,7 +227,7 @@ def init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> Non
         if _write(pw_file, secrets.token_urlsafe(32), mode=SECRET_MODE, force=force):
             written.append(pw_file.name)
         passwords[user] = pw_file.read_text().strip()
-    for user in ("gateway", "worker", "admin"):
+    for user in ("gateway", "worker", "review", "admin"):
         url = redis_url(user, passwords[user])
         if _write(directory / f"redis-{user}.url", url, mode=SECRET_MODE, force=force):
             written.append(f"redis-{user}.url")

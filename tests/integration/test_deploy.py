@@ -56,6 +56,7 @@ NON_APP_SERVICES = {
     "postgres-exporter",
 }
 OPERATOR_SERVICES = {"admin"}  # `docker-compose run --rm admin quorum ...`; never started by `up`
+WEB_SERVICES = {"review"}  # `quorum review`: a web app, health = its sign-in page answers
 # Grafana-only template variables, replaced by values Prometheus accepts.
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$agency": ".*"}
 
@@ -96,7 +97,11 @@ def test_compose_matches_compose_spec_schema() -> None:
 
 def test_every_app_service_runs_a_quorum_entry_point_and_roles_cover_every_queue() -> None:
     services = compose()["services"]
-    app = {name: svc for name, svc in services.items() if name not in NON_APP_SERVICES | OPERATOR_SERVICES}
+    app = {
+        name: svc for name, svc in services.items() if name not in NON_APP_SERVICES | OPERATOR_SERVICES | WEB_SERVICES
+    }
+    review = services["review"]
+    assert review["command"][:2] == ["quorum", "review"] and "/signin" in review["healthcheck"]["test"][-1]
     assert app, "no application services in docker-compose.yml"
     default_roles: set[str] = set()
     for name, svc in app.items():
@@ -532,7 +537,9 @@ def test_credentials_are_secrets_never_environment(deploy_dir: Path) -> None:
         if n not in NON_APP_SERVICES
     }
     assert targets["gateway"] == {"redis-gateway-url"} and targets["admin"] == {"redis-admin-url"}
-    assert all(t == {"redis-worker-url"} for n, t in targets.items() if n not in {"gateway", "admin"}), targets
+    assert targets["review"] == {"redis-review-url"}
+    others = {"gateway", "admin", "review"}
+    assert all(t == {"redis-worker-url"} for n, t in targets.items() if n not in others), targets
 
 
 def test_redis_is_tls_only_with_the_acl_file_and_default_user_off(deploy_dir: Path) -> None:
@@ -544,7 +551,7 @@ def test_redis_is_tls_only_with_the_acl_file_and_default_user_off(deploy_dir: Pa
     assert "--user healthcheck" in redis_svc["healthcheck"]["test"][1]
     acl = (deploy_dir / "secrets" / "redis" / "users.acl").read_text()
     assert "user default off" in acl and "user gateway on #" in acl and "user worker on #" in acl
-    for user in ("gateway", "worker", "admin"):
+    for user in ("gateway", "worker", "review", "admin"):
         url = (deploy_dir / "secrets" / f"redis-{user}.url").read_text().strip()
         assert url.startswith(f"rediss://{user}:") and "@redis:6379/0?ssl_cert_reqs=required" in url
 

@@ -100,7 +100,7 @@ def tls_redis(tmp_path_factory):
     )
     urls = {
         u: _local((secrets / f"redis-{u}.url").read_text().strip(), port, rdir / "ca.crt")
-        for u in ("gateway", "worker", "admin")
+        for u in ("gateway", "worker", "review", "admin")
     }
     admin = redis.Redis.from_url(urls["admin"])
     deadline = time.monotonic() + 10
@@ -168,6 +168,20 @@ def test_service_users_have_what_they_need_and_no_more(tls_redis):
         lambda: worker.xrange(keys.intake_stream("a")),
         lambda: worker.get(keys.nonce_key("a", "n1")),
         lambda: worker.xadd(keys.REJECTED_STREAM, {"x": "1"}),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    # The reviewers' web app: results and subject records to read, its own sessions; nothing else.
+    review = redis.Redis.from_url(tls_redis["urls"]["review"], retry=Retry(NoBackoff(), 0))
+    assert review.get(keys.result_key("a", "r1")) == b"{}"
+    assert review.hmget(keys.GALLERY_SUBJECTS, ["s1"]) == [None]
+    review.set(keys.review_session("abc"), "{}", ex=60)
+    assert review.getdel(keys.review_session("abc")) == b"{}"
+    for attempt in (
+        lambda: review.set(keys.result_key("a", "r1"), "forged"),
+        lambda: review.get(keys.job_key("r1")),
+        lambda: review.xadd(keys.intake_stream("a"), {"payload": "{}"}),
+        lambda: review.hset(keys.GALLERY_SUBJECTS, "s1", "{}"),
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()

@@ -38,7 +38,7 @@ def test_init_writes_every_secret_once_and_keeps_them(tmp_path: Path) -> None:
     # URLs: each service its own user, TLS verified against the mounted CA; passwords match the hashes.
     hashes = read_service_hashes(d / "redis-services.sha256")
     assert set(hashes) == set(REDIS_SERVICE_USERS)
-    for user in ("gateway", "worker", "admin"):
+    for user in ("gateway", "worker", "review", "admin"):
         url = (d / f"redis-{user}.url").read_text().strip()
         pool = redis.ConnectionPool.from_url(url)
         kw = pool.connection_kwargs
