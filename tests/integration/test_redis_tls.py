@@ -305,3 +305,60 @@ def test_compose_healthcheck_command_and_acl_load(tls_redis):
     )
     assert refused.returncode == 1 and "may not reload the ACL" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_review_app_signs_in_over_tls_as_its_own_user(tls_redis, tmp_path):
+    """`quorum review` as compose runs it (Redis user `review`, rediss://): a token issued by the operator
+    (admin user) signs a reviewer in, and the list page opens with the session kept in Redis."""
+    import http.client
+    import urllib.parse
+    from datetime import date, timedelta
+
+    from review import signin
+
+    home = tls_redis["home"]
+    url = f"sqlite:///{home / 'quorum.db'}"
+    db.dispose_all()
+    eng = db.get_engine(url)
+    registry.add_user(eng, "rev-1", "a", "investigator", cert_id="C-1", cert_expires=date.today() + timedelta(days=30))
+    token = signin.issue_token(tls_redis["admin"], eng, "rev-1", actor="test")
+    db.dispose_all()
+    port = free_port()
+    env = {**os.environ, "QUORUM_REDIS_URL": tls_redis["urls"]["review"], "QUORUM_DATABASE_URL": url}
+    env["QUORUM_HOME"] = str(tmp_path / "home")
+    env.pop("QUORUM_SETTINGS", None)
+    log = (tmp_path / "review.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "review", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+    def request(method: str, path: str, body: str | None = None, cookie: str = "") -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+        if cookie:
+            headers["Cookie"] = cookie
+        conn.request(method, path, body=body, headers=headers)
+        return conn.getresponse()
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if request("GET", "/signin").status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "review.log").read_text()[-2000:]
+            time.sleep(0.3)
+        resp = request("POST", "/signin", urllib.parse.urlencode({"token": token}))
+        assert resp.status == 303, resp.read()[:500]
+        cookie = resp.getheader("Set-Cookie", "").split(";", 1)[0]
+        assert cookie
+        page = request("GET", "/", cookie=cookie)
+        assert page.status == 200 and b"rev-1" in page.read()
+        again = request("POST", "/signin", urllib.parse.urlencode({"token": token}))  # one-time: GETDEL
+        assert again.status == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
