@@ -312,11 +312,11 @@ def secrets_by_agency(eng: Engine) -> dict[str, str]:
 # ---- Redis ACL ----------------------------------------------------------------------------------------
 
 
-# Celery's own keys on the Redis broker and result backend (kombu): the queues (named as in broker.app,
-# kombu's priority variants append to the name), the bindings, the unacked bookkeeping, task results
+# Celery's own keys on the Redis broker and result backend (kombu): the queues (broker.app.ALL_QUEUES and
+# the shard queues; kombu's priority variants append to the name: tests/unit/test_deploy_cli.py checks), the bindings, the unacked bookkeeping, task results
 # and the remote-control (pidbox) reply queues.
 _CELERY_KEYS = (
-    "~intake* ~engine.* ~shard.* ~fusion* ~gallery* ~_kombu.* ~unacked* "
+    "~intake* ~enrol* ~engine.* ~shard.* ~fusion* ~gallery* ~_kombu.* ~unacked* "
     "~celery-task-meta-* ~celery-taskset-meta-* ~*.celery.pidbox* &*"
 )
 # The rights of each service user (``quorum deploy init`` makes one password each). ``gateway`` reads the

@@ -244,7 +244,7 @@ def test_celery_round_trip_over_tls_as_the_service_users(tls_redis, tmp_path):
             "tests.integration.tls_celery_app",
             "worker",
             "-Q",
-            "intake",
+            "intake,enrol",  # as `quorum worker intake` consumes (broker.app.ROLE_QUEUES)
             "--pool",
             "solo",
             "--without-gossip",

@@ -88,3 +88,18 @@ def test_service_acl_rights_are_defined_for_every_service_user() -> None:
         render_service_acl({"nobody": "0" * 64})
     worker = SERVICE_ACL["worker"]
     assert "~quorum:intake:" not in worker and "~quorum:* " not in worker and "-@admin" in worker
+
+
+def test_service_users_reach_every_celery_queue() -> None:
+    """A queue added to broker.app must be in the gateway's and the workers' key patterns, or the workers
+    that consume it are refused by Redis in the compose deployment (BRPOP on all their queues at once)."""
+    from fnmatch import fnmatchcase
+
+    from broker.app import ALL_QUEUES, shard_queue
+
+    queues = [*ALL_QUEUES, shard_queue("sface", 0, 4)]
+    for user in ("gateway", "worker"):
+        patterns = [w[1:] for w in SERVICE_ACL[user].split() if w.startswith("~")]
+        for q in queues:
+            for key in (q, f"{q}\x06\x163", "_kombu.binding." + q):  # kombu's priority queue, binding set
+                assert any(fnmatchcase(key, p) for p in patterns), f"{user} may not use {key!r}"
