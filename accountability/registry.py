@@ -313,8 +313,8 @@ def secrets_by_agency(eng: Engine) -> dict[str, str]:
 
 
 # Celery's own keys on the Redis broker and result backend (kombu): the queues (broker.app.ALL_QUEUES and
-# the shard queues; kombu's priority variants append to the name: tests/unit/test_deploy_cli.py checks), the bindings, the unacked bookkeeping, task results
-# and the remote-control (pidbox) reply queues.
+# the shard queues; kombu's priority variants append to the name: tests/unit/test_deploy_cli.py checks),
+# the bindings, the unacked bookkeeping, task results and the remote-control (pidbox) queues.
 _CELERY_KEYS = (
     "~intake* ~enrol* ~engine.* ~shard.* ~fusion* ~gallery* ~_kombu.* ~unacked* "
     "~celery-task-meta-* ~celery-taskset-meta-* ~*.celery.pidbox* &*"
