@@ -361,7 +361,7 @@ def test_documented_compose_commands_name_real_services_and_quorum_commands() ->
         for svc in services.values()
     }
     text = (ROOT / "deploy" / "README.md").read_text().replace("\\\n", " ")
-    docker_runs = re.findall(r"docker run --rm -v \S+ (\S+)\s+(quorum [^\n`]*)", text)
+    docker_runs = re.findall(r'docker run --rm (?:--user "[^"]*" )?-v \S+ (\S+)\s+(quorum [^\n`]*)', text)
     assert docker_runs, "deploy/README.md: no `docker run ... quorum deploy init`"
     for image, command in docker_runs:
         assert image in images, f"deploy/README.md: `docker run {image}`: compose builds {sorted(images)}"
