@@ -29,30 +29,19 @@ def enroll(folder: Path | None, manifest: Path | None, batch: int, snapshot_ever
     """Enrol FOLDER/<subject>/<image>, or a booking system's --manifest, into every engine's gallery.
 
     Run it again with the same input to resume: what was enrolled is skipped."""
-    from core.errors import QuorumError
     from core.objectstore import open_store
     from workers.enrolment import enrol, folder_items, manifest_items
 
     if (folder is None) == (manifest is None):
         raise click.UsageError("give a FOLDER or --manifest FILE (one of them)")
+    # A bad manifest (or, below, a probe image among the gallery's) is a QuorumError: QuorumGroup prints it.
+    items = manifest_items(manifest) if manifest is not None else folder_items(folder)  # type: ignore[arg-type]
     s = settings()
     require_redis(s.redis_url)
-    try:
-        items = manifest_items(manifest) if manifest is not None else folder_items(folder)  # type: ignore[arg-type]
-    except QuorumError as err:
-        raise click.ClickException(f"{err.code.value}: {err.message}") from None
     bar = tqdm_bar("enrolling (images)", len(items))
-    try:
-        report = enrol(
-            s,
-            open_store(s),
-            items,
-            batch=batch,
-            progress=lambda done, total: bar(done),
-            snapshot_every=snapshot_every,
-        )
-    except QuorumError as err:
-        raise click.ClickException(f"{err.code.value}: {err.message}") from None
+    report = enrol(
+        s, open_store(s), items, batch=batch, progress=lambda done, total: bar(done), snapshot_every=snapshot_every
+    )
     rate = (report.images - report.skipped) / max(report.seconds, 1e-9)
     click.echo(
         f"{report.images} images ({report.skipped} already enrolled by an earlier run, skipped); "

@@ -280,7 +280,20 @@ def _store_batch(
     """Upload a batch's files (refusing probe images first), check its object keys, record its subjects.
     Returns the records to enrol and the manifest positions the batch covers (failures included: an
     image that is missing is reported, not retried forever)."""
-    files = [(pos, it, it.path.read_bytes()) for pos, it in chunk if it.path is not None]
+
+    def missing(it: EnrolItem, image: str) -> None:
+        miss = {"subject_id": it.subject_id, "image_key": image, "code": Code.IMAGE_MISSING.value}
+        for engine in s.engines:
+            report.failed.setdefault(engine, []).append(miss)
+
+    files: list[tuple[int, EnrolItem, bytes]] = []
+    for pos, it in chunk:
+        if it.path is None:
+            continue
+        try:
+            files.append((pos, it, it.path.read_bytes()))
+        except OSError:  # a manifest naming a file that is not there (or not readable): reported, not fatal
+            missing(it, str(it.path))
     refuse_probes(s, store, [(it.subject_id, data) for _, it, data in files], actor=actor)
     records: list[dict] = []
     dates: dict[str, str] = {}
@@ -296,9 +309,7 @@ def _store_batch(
         if it.key is None:
             continue
         if store.size(it.key) is None:
-            miss = {"subject_id": it.subject_id, "image_key": it.key, "code": Code.IMAGE_MISSING.value}
-            for engine in s.engines:
-                report.failed.setdefault(engine, []).append(miss)
+            missing(it, it.key)
             continue
         records.append({"subject_id": it.subject_id, "image_key": it.key})
         if it.booking_date:

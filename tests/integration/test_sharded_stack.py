@@ -184,10 +184,11 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
         else:
             lines.append(f"{row.identity},{row.path},,")
     lines.append("bk-missing,key:booking/0000-not-there,2024-01-01,")
+    lines.append(f"bk-nofile,{tmp_path / 'not-there.jpg'},,")
     manifest = tmp_path / "bookings.csv"
     manifest.write_text("\n".join(lines) + "\n")
     items = manifest_items(manifest)
-    assert len(items) == 41
+    assert len(items) == 42
 
     class Interrupted(Exception):
         pass
@@ -207,6 +208,7 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
     for engine in ("sface", "dlib"):
         codes = {f["image_key"]: f["code"] for f in report.failed.get(engine, [])}
         assert codes.get("booking/0000-not-there") == "IMAGE_MISSING"
+        assert codes.get(str(tmp_path / "not-there.jpg")) == "IMAGE_MISSING"
     # No template twice: one log entry per (subject, image) of the manifest, over all of sface's shards.
     wanted = {x.subject_id for x in items}
     for engine, logs in (
@@ -222,7 +224,7 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
         assert len(pairs) == len(set(pairs)) >= 36, engine
     # A rerun of a finished job skips everything.
     again = enrol(s, store, items, batch=8)
-    assert again.skipped == 41 and sum(again.enrolled.values()) == 0
+    assert again.skipped == 42 and sum(again.enrolled.values()) == 0
     import json
 
     rec = json.loads(r.hget(keys.GALLERY_SUBJECTS, rows[0].identity))

@@ -207,3 +207,13 @@ def test_a_sheet_to_a_folder_that_does_not_exist_is_refused_before_any_work(tmp_
     res = run("search", str(probe), "--case", "C-1", "--offence", "PC211", "--purpose", "p", "--sheet", str(missing))
     assert_clean_failure(res)  # before the search is sent: no stack is running here
     assert "--sheet: folder" in res.output and "does not exist" in res.output
+
+
+def test_enroll_needs_a_folder_or_a_manifest_and_names_a_bad_manifests_line(tmp_path):
+    res = run("enroll")
+    assert res.exit_code == 2 and "give a FOLDER or --manifest FILE" in res.stderr and "Traceback" not in res.output
+    bad = tmp_path / "bookings.csv"
+    bad.write_text("subject_id,image,booking_date\nbk-1,a.jpg,31/12/2024\n")
+    res = run("enroll", "--manifest", str(bad))
+    assert_clean_failure(res)
+    assert "INVALID_MESSAGE" in res.stderr and "bookings.csv:2" in res.stderr and "YYYY-MM-DD" in res.stderr
