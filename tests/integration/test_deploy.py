@@ -363,6 +363,8 @@ def test_documented_compose_commands_name_real_services_and_quorum_commands() ->
     text = (ROOT / "deploy" / "README.md").read_text().replace("\\\n", " ")
     docker_runs = re.findall(r'docker run --rm (?:--user "[^"]*" )?-v \S+ (\S+)\s+(quorum [^\n`]*)', text)
     assert docker_runs, "deploy/README.md: no `docker run ... quorum deploy init`"
+    for snippet in re.findall(r"command: (\[[^\]]*\])", text):  # compose snippets for operators to copy
+        assert json.loads(snippet)[0] == "quorum", f"deploy/README.md: `command: {snippet}` must start with quorum"
     for image, command in docker_runs:
         assert image in images, f"deploy/README.md: `docker run {image}`: compose builds {sorted(images)}"
         found.append(("deploy/README.md", "admin", shlex_split(command)))
