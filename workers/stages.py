@@ -240,13 +240,18 @@ def engine_list_length(job: Job) -> int:
     return max(job.candidates, MAX_CANDIDATES)
 
 
+def _coded(err: Exception, event: str, **context: Any) -> tuple[str, str]:
+    """(code, message) of an engine-side failure: a QuorumError's own, ENGINE_FAILED (logged as
+    ``event``) for anything else."""
+    if isinstance(err, QuorumError):
+        return err.code.value, err.message
+    log.error(event, error=repr(err), **context)
+    return Code.ENGINE_FAILED.value, type(err).__name__
+
+
 def _engine_error(job: Job, engine: str, version: str, err: Exception, **extra: Any) -> EngineResult:
     """An engine's error result: a stable code for a QuorumError, ENGINE_FAILED for anything else."""
-    if isinstance(err, QuorumError):
-        code, message = err.code.value, err.message
-    else:
-        log.error("engine.unexpected", engine=engine, request_id=job.request_id, error=repr(err))
-        code, message = Code.ENGINE_FAILED.value, type(err).__name__
+    code, message = _coded(err, "engine.unexpected", engine=engine, request_id=job.request_id)
     return EngineResult(
         request_id=job.request_id,
         engine=engine,
@@ -379,7 +384,7 @@ def scatter(ctx: StageContext, job: Job, engine: str) -> StageResult:
                 "engine", "done", job, send=tuple(_record(ctx, job, engine, result)), engine_result=result
             )
         pipe = r.pipeline(transaction=True)
-        pipe.hset(vkey, mapping={"vec": vec.tobytes(), "dim": vec.shape[0], "version": version, "embed_ms": embed_ms})
+        pipe.hset(vkey, mapping={"vec": vec.tobytes(), "version": version, "embed_ms": embed_ms})
         pipe.expire(vkey, s.result_ttl_s)
         pipe.execute()
     answered = {int(k) for k in r.hkeys(keys.job_shards_key(job.request_id, engine))}
@@ -410,10 +415,8 @@ def _run_shard(ctx: StageContext, job: Job, engine: str, shard: int, shards: int
         hits = replica.index.search(vec, engine_list_length(job))
         search_ms = round((time.perf_counter() - t0) * 1000, 2)
     except Exception as err:
-        code = err.code.value if isinstance(err, QuorumError) else Code.ENGINE_FAILED.value
-        if not isinstance(err, QuorumError):
-            log.error("shard.unexpected", engine=engine, shard=shard, request_id=job.request_id, error=repr(err))
-        return {"status": "error", "code": code, "message": str(getattr(err, "message", type(err).__name__))}
+        code, message = _coded(err, "shard.unexpected", engine=engine, shard=shard, request_id=job.request_id)
+        return {"status": "error", "code": code, "message": message}
     return {
         "status": "ok",
         "hits": [[h.subject_id, h.score] for h in hits],
@@ -491,12 +494,9 @@ def shard_search(ctx: StageContext, *, request_id: str, engine: str, shard: int,
 # ---- fusion -------------------------------------------------------------------------------------------
 
 
-def _engine_alive(r: Any, engine: str) -> bool:
-    return any(True for _ in r.scan_iter(keys.engine_alive_pattern(engine), count=100))
-
-
-def _shard_alive(r: Any, engine: str, shard: int, shards: int) -> bool:
-    return any(True for _ in r.scan_iter(keys.shard_alive_pattern(engine, shard, shards), count=100))
+def _alive(r: Any, pattern: str) -> bool:
+    """Whether any heartbeat key matching ``pattern`` is set (a live engine or shard worker)."""
+    return any(True for _ in r.scan_iter(pattern, count=100))
 
 
 def _still_coming(ctx: StageContext, job: Job, missing: Sequence[str]) -> tuple[list[str], list[Send]]:
@@ -511,12 +511,12 @@ def _still_coming(ctx: StageContext, job: Job, missing: Sequence[str]) -> tuple[
         if shards > 1 and r.exists(keys.job_vector_key(job.request_id, e)):
             answered = {int(keys.as_str(k)) for k in r.hkeys(keys.job_shards_key(job.request_id, e))}
             for i in range(shards):
-                if i in answered or not _shard_alive(r, e, i, shards):
+                if i in answered or not _alive(r, keys.shard_alive_pattern(e, i, shards)):
                     continue
                 waiting.append(f"{e}[{i}/{shards}]")
                 if r.llen(shard_queue(e, i, shards)) == 0:
                     redrive.append(shard_search_message(job.request_id, e, i, shards))
-        elif _engine_alive(r, e):
+        elif _alive(r, keys.engine_alive_pattern(e)):
             waiting.append(e)
             if r.llen(engine_queue(e)) == 0:
                 redrive.append(search_message(job.request_id, e))
@@ -663,16 +663,9 @@ def assemble(ctx: StageContext, job: Job, ok: dict[str, EngineResult], failed: d
 # ---- enrolment and gallery maintenance --------------------------------------------------------------------
 
 
-def face_to_dict(face: Face) -> dict[str, Any]:
-    return {"box": list(face.box), "landmarks": [list(p) for p in face.landmarks], "score": face.score}
-
-
-def face_from_dict(d: dict[str, Any]) -> Face:
-    return Face(
-        box=tuple(float(v) for v in d["box"]),  # type: ignore[arg-type]
-        landmarks=tuple((float(x), float(y)) for x, y in d["landmarks"]),
-        score=float(d["score"]),
-    )
+def _gallery_face(ctx: StageContext, image: np.ndarray) -> Face:
+    """The face a gallery image is enrolled with: the largest, big enough (raises its code if none)."""
+    return choose_face(ctx.detect(image), None, min_face_pixels=ctx.settings.min_face_pixels)[1]
 
 
 def enrol_detect(
@@ -681,15 +674,11 @@ def enrol_detect(
     """Find the face in each gallery image once, for every engine, and hand the faces to each engine's
     enrolment (task ids chosen by the sender, who waits on them). An image without a usable face is
     reported to every engine with its code; nothing raises on input."""
-    s = ctx.settings
     faced: list[dict] = []
     failed: list[dict] = []
     for item in items:
         try:
-            _, face = choose_face(
-                ctx.detect(ctx.load_image(item["image_key"])), None, min_face_pixels=s.min_face_pixels
-            )
-            faced.append({**item, "face": face_to_dict(face)})
+            faced.append({**item, "face": _gallery_face(ctx, ctx.load_image(item["image_key"])).to_dict()})
         except QuorumError as err:
             failed.append({"subject_id": item["subject_id"], "image_key": item["image_key"], "code": err.code.value})
     send = tuple(
@@ -714,17 +703,18 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     done_key = keys.gallery_enrolled(engine)
     failures: list[dict] = list(failed)
     todo: list[tuple[str, str, np.ndarray, Face]] = []
-    detected_here = 0
+    detected_here = skipped = 0
     for item in items:
         subject, key = item["subject_id"], item["image_key"]
         if r.sismember(done_key, f"{subject}|{key}|{eng.version}"):
+            skipped += 1
             continue
         try:
             image = ctx.load_image(key)
             if item.get("face"):
-                face = face_from_dict(item["face"])
+                face = Face.from_dict(item["face"])
             else:
-                _, face = choose_face(ctx.detect(image), None, min_face_pixels=s.min_face_pixels)
+                face = _gallery_face(ctx, image)
                 detected_here += 1
             todo.append((subject, key, image, face))
         except QuorumError as err:
@@ -738,7 +728,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     counts = {
         "engine": engine,
         "enrolled": len(todo),
-        "skipped": len(items) - len(todo) - (len(failures) - len(failed)),
+        "skipped": skipped,
         "failed": failures,
         "detected_here": detected_here,
     }

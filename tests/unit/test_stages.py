@@ -401,13 +401,6 @@ def test_bulk_enrolment_detects_each_face_once_for_every_engine(w, monkeypatch):
     assert out.detail["failed"] == [{"subject_id": "p3", "image_key": "g/3.jpg", "code": Code.NO_FACE.value}]
 
 
-def test_a_face_survives_the_trip_through_json():
-    import json
-
-    face = stages.face_from_dict(json.loads(json.dumps(stages.face_to_dict(FACE))))
-    assert face == Face(box=FACE.box, landmarks=tuple(tuple(map(float, p)) for p in FACE.landmarks), score=FACE.score)
-
-
 # ---- hooks ----------------------------------------------------------------------------------------------------
 
 
