@@ -26,23 +26,6 @@ QUOTA_AGENCIES = 8  # the first 8 have a daily quota of 3
 QUOTA = 3
 
 
-def _acl_args(line: str) -> list[str]:
-    """An ACL file line's rules as ACL SETUSER arguments (a selector "( ... )" is one argument)."""
-    out, depth, cur = [], 0, ""
-    for ch in line:
-        if ch == " " and depth == 0:
-            if cur:
-                out.append(cur)
-            cur = ""
-            continue
-        depth += ch == "("
-        depth -= ch == ")"
-        cur += ch
-    if cur:
-        out.append(cur)
-    return out
-
-
 @pytest.fixture(scope="module")
 def agencies(disk_stack, data_dir):
     from accountability import db, registry
@@ -66,10 +49,8 @@ def agencies(disk_stack, data_dir):
         )
         clients[agency] = (creds, f"{agency}-inv")
     # The agencies' Redis users, exactly as `quorum registry redis-acl` renders them, loaded live.
-    for line in registry.render_redis_acl(eng).splitlines():
-        args = _acl_args(line)
-        if args[0] == "user" and args[1].startswith("agency-load-"):
-            admin.execute_command("ACL", "SETUSER", *args[1:])
+    applied = registry.apply_redis_acl(eng, admin)
+    assert {f"agency-load-{i:02d}" for i in range(AGENCIES)} <= set(applied)
     port = s.redis_url.rsplit(":", 1)[1].split("/")[0]
     out = {
         agency: QuorumClient(
