@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     # Changing an engine's count moves subjects between shards: re-enrol that engine after changing it.
     shards: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()  # (engine, count) pairs; hashable
     device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the ONNX engine
+    # Micro-batching (workers.batching): an engine worker runs this many search tasks at once and
+    # embeds their faces in shared model calls of at most this many faces; a face waits for others
+    # only while another of the worker's tasks is still preparing one, and at most embed_batch_wait_ms.
+    # 1: one task at a time, one face per call (Celery's solo pool). BENCHMARKS.md "Micro-batching".
+    embed_batch: int = Field(default=8, ge=1, le=256)
+    embed_batch_wait_ms: float = Field(default=10.0, ge=0, le=1000)
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     min_face_pixels: int = 20  # smaller boxes are refused as FACE_TOO_SMALL

@@ -38,6 +38,18 @@ ENGINE_DURATION = Histogram(
     ["engine", "stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+EMBED_BATCH_FACES = Histogram(
+    "quorum_embed_batch_faces",
+    "Faces per model call of an engine worker (micro-batching: workers.batching)",
+    ["engine"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+EMBED_BATCH_WAIT = Histogram(
+    "quorum_embed_batch_wait_seconds",
+    "How long the first face of a model call waited for the others",
+    ["engine"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
 ENGINE_FAILURES = Counter("quorum_engine_failures_total", "Engine results with an error", ["engine", "code"])
 GALLERY_TEMPLATES = Gauge("quorum_gallery_templates", "Live templates in this worker's index", ["engine"])
 QUEUE_LENGTH = Gauge("quorum_queue_length", "Messages waiting in a Celery queue", ["queue"])

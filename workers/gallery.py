@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -46,34 +47,39 @@ class GalleryIndex:
         self.ef_search = ef_search
         self._index = hnswlib.Index(space="cosine", dim=dim)
         self._index.init_index(max_elements=max(capacity, 16), M=m, ef_construction=ef_construction)
+        # One change or query at a time: an engine worker runs several tasks in threads
+        # (workers.batching), and a query sets ef on the shared index.
+        self._lock = threading.RLock()
         self.label_subject: dict[int, str] = {}
         self.subject_labels: dict[str, set[int]] = {}
 
     # ---- changes -------------------------------------------------------------------------
     def add(self, labels: Sequence[int], subjects: Sequence[str], vectors: np.ndarray) -> int:
         """Add templates; a label already present is skipped (adds are idempotent). Returns how many."""
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
-        keep = [i for i, lab in enumerate(labels) if int(lab) not in self.label_subject]
-        if not keep:
-            return 0
-        need = self._index.get_current_count() + len(keep)
-        if need > self._index.get_max_elements():
-            self._index.resize_index(max(need, int(self._index.get_max_elements() * 1.5)))
-        labs = np.asarray([int(labels[i]) for i in keep], dtype=np.int64)
-        self._index.add_items(vectors[keep], labs)
-        for i in keep:
-            lab, subj = int(labels[i]), subjects[i]
-            self.label_subject[lab] = subj
-            self.subject_labels.setdefault(subj, set()).add(lab)
-        return len(keep)
+        with self._lock:
+            vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+            keep = [i for i, lab in enumerate(labels) if int(lab) not in self.label_subject]
+            if not keep:
+                return 0
+            need = self._index.get_current_count() + len(keep)
+            if need > self._index.get_max_elements():
+                self._index.resize_index(max(need, int(self._index.get_max_elements() * 1.5)))
+            labs = np.asarray([int(labels[i]) for i in keep], dtype=np.int64)
+            self._index.add_items(vectors[keep], labs)
+            for i in keep:
+                lab, subj = int(labels[i]), subjects[i]
+                self.label_subject[lab] = subj
+                self.subject_labels.setdefault(subj, set()).add(lab)
+            return len(keep)
 
     def remove_subject(self, subject_id: str) -> int:
         """Expunge every template of a subject. Returns how many were removed (0 if unknown)."""
-        labels = self.subject_labels.pop(subject_id, set())
-        for lab in labels:
-            self._index.mark_deleted(lab)
-            del self.label_subject[lab]
-        return len(labels)
+        with self._lock:
+            labels = self.subject_labels.pop(subject_id, set())
+            for lab in labels:
+                self._index.mark_deleted(lab)
+                del self.label_subject[lab]
+            return len(labels)
 
     # ---- queries -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -88,28 +94,29 @@ class GalleryIndex:
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """The ``k`` most similar subjects (best template per subject), most similar first."""
-        live = len(self.label_subject)
-        if live == 0 or k <= 0:
-            return []
-        vector = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
-        # Ask for more templates than subjects when subjects have several templates.
-        per_subject = max(1, -(-live // max(1, len(self.subject_labels))))
-        want = min(live, k * per_subject)
-        while True:
-            labels, dists = self._query(vector, want)
-            best: dict[str, float] = {}
-            for lab, dist in zip(labels, dists, strict=True):
-                subj = self.label_subject.get(int(lab))
-                if subj is None:
-                    continue
-                score = 1.0 - float(dist)
-                if score > best.get(subj, -np.inf):
-                    best[subj] = score
-            if len(best) >= min(k, len(self.subject_labels)) or want >= live:
-                break
-            want = min(live, want * 2)
-        hits = sorted((Hit(s, v) for s, v in best.items()), key=lambda h: (-h.score, h.subject_id))
-        return hits[:k]
+        with self._lock:
+            live = len(self.label_subject)
+            if live == 0 or k <= 0:
+                return []
+            vector = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
+            # Ask for more templates than subjects when subjects have several templates.
+            per_subject = max(1, -(-live // max(1, len(self.subject_labels))))
+            want = min(live, k * per_subject)
+            while True:
+                labels, dists = self._query(vector, want)
+                best: dict[str, float] = {}
+                for lab, dist in zip(labels, dists, strict=True):
+                    subj = self.label_subject.get(int(lab))
+                    if subj is None:
+                        continue
+                    score = 1.0 - float(dist)
+                    if score > best.get(subj, -np.inf):
+                        best[subj] = score
+                if len(best) >= min(k, len(self.subject_labels)) or want >= live:
+                    break
+                want = min(live, want * 2)
+            hits = sorted((Hit(s, v) for s, v in best.items()), key=lambda h: (-h.score, h.subject_id))
+            return hits[:k]
 
     def _query(self, vector: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
         # ef must never be below the number of results asked for, or recall collapses (and hnswlib
@@ -135,22 +142,23 @@ class GalleryIndex:
     # ---- persistence ---------------------------------------------------------------------
     def to_bytes(self) -> tuple[bytes, dict]:
         """Serialise to (index bytes, metadata JSON-able dict)."""
-        fd, path = tempfile.mkstemp(suffix=".hnsw")
-        os.close(fd)
-        try:
-            self._index.save_index(path)
-            with open(path, "rb") as fh:
-                data = fh.read()
-        finally:
-            os.unlink(path)
-        meta = {
-            "dim": self.dim,
-            "m": self.m,
-            "ef_construction": self.ef_construction,
-            "ef_search": self.ef_search,
-            "labels": {str(k): v for k, v in self.label_subject.items()},
-        }
-        return data, meta
+        with self._lock:
+            fd, path = tempfile.mkstemp(suffix=".hnsw")
+            os.close(fd)
+            try:
+                self._index.save_index(path)
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            finally:
+                os.unlink(path)
+            meta = {
+                "dim": self.dim,
+                "m": self.m,
+                "ef_construction": self.ef_construction,
+                "ef_search": self.ef_search,
+                "labels": {str(k): v for k, v in self.label_subject.items()},
+            }
+            return data, meta
 
     @classmethod
     def from_bytes(cls, data: bytes, meta: dict) -> GalleryIndex:
@@ -160,6 +168,7 @@ class GalleryIndex:
         self.ef_construction = int(meta["ef_construction"])
         self.ef_search = int(meta["ef_search"])
         self._index = hnswlib.Index(space="cosine", dim=self.dim)
+        self._lock = threading.RLock()
         fd, path = tempfile.mkstemp(suffix=".hnsw")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -221,6 +230,7 @@ class GalleryReplica:
         self.index = GalleryIndex(dim, m=m, ef_construction=ef_construction, ef_search=ef_search, capacity=capacity)
         self.applied_id = "0-0"
         self.skipped_other_version = 0
+        self._lock = threading.RLock()  # one catch-up (or snapshot) at a time among a worker's threads
 
     # Snapshots live under gallery/<engine>/ (a shard's under gallery/<engine>/shard-<i>of<S>/) with a
     # pointer object naming the newest one.
@@ -262,6 +272,10 @@ class GalleryReplica:
         return True
 
     def save_snapshot(self) -> dict:
+        with self._lock:
+            return self._save_snapshot()
+
+    def _save_snapshot(self) -> dict:
         self.sync()
         data, meta = self.index.to_bytes()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -312,6 +326,10 @@ class GalleryReplica:
 
     def sync(self, batch: int = 5000) -> int:
         """Apply every log entry after the last one applied. Returns how many entries were read."""
+        with self._lock:
+            return self._sync(batch)
+
+    def _sync(self, batch: int) -> int:
         total = 0
         if self._missed_entries():
             log.warning("gallery.replica_behind_trimmed_log", engine=self.name, applied=self.applied_id)

@@ -6,6 +6,8 @@ and a worker pays for model loading and gallery catch-up at start, not per probe
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from functools import cached_property
 
 import redis as redis_lib
@@ -22,6 +24,9 @@ class Runtime:
         self.role: str | None = None
         self._engines: dict = {}
         self._replicas: dict = {}
+        self._batchers: dict = {}
+        self._batchers_lock = threading.Lock()
+        self.batching = False  # set by an engine worker that runs tasks in threads (workers.serve)
 
     @cached_property
     def redis(self) -> redis_lib.Redis:
@@ -68,7 +73,37 @@ class Runtime:
             replica=self.replica,
             calibration=lambda: self.calibration,
             record_result=lambda job, result, engines: audit.record_result(self.settings, job, result, engines=engines),
+            embed=self.embed if self.batching else None,
         )
+
+    def batcher(self, name: str):
+        """The engine's micro-batcher (workers.batching): the one thread that calls its model."""
+        with self._batchers_lock:
+            if name not in self._batchers:
+                from core import metrics
+                from workers.batching import MicroBatcher
+
+                engine = self.engine(name)
+
+                def observe(b) -> None:
+                    metrics.EMBED_BATCH_FACES.labels(name).observe(b.faces)
+                    metrics.EMBED_BATCH_WAIT.labels(name).observe(b.waited_s)
+
+                self._batchers[name] = MicroBatcher(
+                    engine.embed_batch,
+                    max_batch=self.settings.embed_batch,
+                    max_wait_s=self.settings.embed_batch_wait_ms / 1000,
+                    name=name,
+                    on_batch=observe,
+                )
+            return self._batchers[name]
+
+    def embed(self, name: str, items):
+        return self.batcher(name).submit(items)
+
+    def embedding_slot(self, name: str):
+        """Held by a search task while it runs, so a batch waits for its face (workers.batching)."""
+        return self.batcher(name).slot() if self.batching else nullcontext()
 
     def engine(self, name: str):
         if name not in self._engines:

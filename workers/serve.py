@@ -76,8 +76,15 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     from celery.signals import worker_ready
 
     worker_ready.connect(lambda **_: metrics.set_ready(), weak=False)
-    # solo pool: tasks run in this process, next to the model and index loaded above. Scale out by
-    # running more worker processes (each a full replica), not by forking.
+    # Tasks run in this process, next to the model and index loaded above (scale out by running more
+    # worker processes, each a full replica, not by forking): one at a time (solo pool), except in an
+    # engine's embed workers, which run embed_batch tasks at once in threads and embed their faces in
+    # shared model calls (workers.batching; the model itself is called from one thread only).
+    pool = ["--pool", "solo"]
+    if role in s.engines and s.embed_batch > 1:
+        runtime.batching = True
+        runtime.batcher(role)
+        pool = ["--pool", "threads", "--concurrency", str(s.embed_batch)]
     app.worker_main(
         [
             "worker",
@@ -85,8 +92,7 @@ def run_worker(role: str, concurrency: int = 1) -> None:
             queue,
             "-n",
             node,
-            "--pool",
-            "solo",
+            *pool,
             "--loglevel",
             s.log_level,
             "--without-gossip",

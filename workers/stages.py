@@ -79,6 +79,9 @@ class StageContext:
     # ServiceError(AUDIT_UNAVAILABLE) if it cannot): accountability.audit.record_result in production.
     record_result: Callable[[Job, Any, dict | None], bool]
     calibration: Callable[[], Any] = lambda: None  # fusion calibration (None: uncalibrated methods only)
+    # (engine name, [(image, face), ...]) -> (n, dim) templates. In an engine worker the call is shared
+    # with the other tasks it runs at once (workers.batching); None: the engine's embed_batch directly.
+    embed: Callable[[str, Sequence[tuple[np.ndarray, Face]]], np.ndarray] | None = None
     now: Callable[[], float] = time.time
 
 
@@ -263,13 +266,22 @@ def _engine_error(job: Job, engine: str, version: str, err: Exception, **extra: 
     )
 
 
-def _embed(ctx: StageContext, job: Job, engine: Any) -> np.ndarray:
+def embed_faces(ctx: StageContext, engine: str, items: Sequence[tuple[np.ndarray, Face]]) -> np.ndarray:
+    """Templates of ``items`` by one engine: through the worker's micro-batcher when it has one."""
+    if not items:
+        return np.empty((0, ctx.engine(engine).dim), dtype=np.float32)
+    if ctx.embed is not None:
+        return ctx.embed(engine, items)
+    return ctx.engine(engine).embed_batch(items)
+
+
+def _embed(ctx: StageContext, job: Job, engine: str) -> np.ndarray:
     """The probe's chosen face embedded by one engine."""
     image = ctx.load_image(job.image_key)
     if job.face is None:
         raise QuorumError(Code.INTERNAL, "the job has no face (intake did not run)")
     f = job.face
-    return engine.embed(image, Face(box=f.box, landmarks=f.landmarks, score=f.detector_score))
+    return embed_faces(ctx, engine, [(image, Face(box=f.box, landmarks=f.landmarks, score=f.detector_score))])[0]
 
 
 def run_engine(ctx: StageContext, job: Job, engine_name: str) -> tuple[EngineResult, int | None]:
@@ -285,7 +297,7 @@ def run_engine(ctx: StageContext, job: Job, engine_name: str) -> tuple[EngineRes
         version = engine.version
         replica = ctx.replica(engine_name)
         t0 = time.perf_counter()
-        vec = _embed(ctx, job, engine)
+        vec = _embed(ctx, job, engine_name)
         t1 = time.perf_counter()
         replica.sync()
         templates = len(replica.index)
@@ -376,7 +388,7 @@ def scatter(ctx: StageContext, job: Job, engine: str) -> StageResult:
             eng = ctx.engine(engine)
             version = eng.version
             t0 = time.perf_counter()
-            vec = np.asarray(_embed(ctx, job, eng), dtype="<f4")
+            vec = np.asarray(_embed(ctx, job, engine), dtype="<f4")
             embed_ms = round((time.perf_counter() - t0) * 1000, 2)
         except Exception as err:
             result = _engine_error(job, engine, version, err, shards=shards)
@@ -719,7 +731,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
             todo.append((subject, key, image, face))
         except QuorumError as err:
             failures.append({"subject_id": subject, "image_key": key, "code": err.code.value})
-    vectors = eng.embed_batch([(img, face) for _, _, img, face in todo]) if todo else np.empty((0, eng.dim))
+    vectors = embed_faces(ctx, engine, [(img, face) for _, _, img, face in todo])
     subjects = [t[0] for t in todo]
     images = [t[1] for t in todo]
     log_add_entries(r, engine, eng.version, subjects, vectors, images, shards=s.shards_of(engine))

@@ -58,7 +58,9 @@ def prepare(self: Task, *, request_id: str) -> str:
 
 @app.task(name=TASK_SEARCH)
 def search(*, request_id: str, engine: str) -> str:
-    return _finish(stages.search(runtime.context(), request_id=request_id, engine=engine)).status
+    with runtime.embedding_slot(engine):  # this task's face joins a shared model call (workers.batching)
+        result = stages.search(runtime.context(), request_id=request_id, engine=engine)
+    return _finish(result).status
 
 
 @app.task(name=TASK_SHARD_SEARCH)
