@@ -76,22 +76,15 @@ def gallery_label_counter(engine: str) -> str:
     return f"quorum:gallery:next_label:{engine}"
 
 
-def engine_alive(engine: str, node: str) -> str:
-    """Set with a short expiry by a live engine worker's heartbeat thread."""
-    return f"quorum:alive:engine:{engine}:{node}"
+def engine_alive(engine: str) -> str:
+    """Sorted set of an engine's live workers: member the worker's node name, score the Redis server
+    time (seconds) until which its heartbeat holds (workers.serve). Live = a score in the future."""
+    return f"quorum:alive:engine:{engine}"
 
 
-def engine_alive_pattern(engine: str) -> str:
-    return f"quorum:alive:engine:{engine}:*"
-
-
-def shard_alive(engine: str, shard: int, shards: int, node: str) -> str:
-    """Set with a short expiry by a live shard worker's heartbeat thread."""
-    return f"quorum:alive:shard:{engine}:{shard}of{shards}:{node}"
-
-
-def shard_alive_pattern(engine: str, shard: int, shards: int) -> str:
-    return f"quorum:alive:shard:{engine}:{shard}of{shards}:*"
+def shard_alive(engine: str, shard: int, shards: int) -> str:
+    """Sorted set of one shard's live workers, as :func:`engine_alive`."""
+    return f"quorum:alive:shard:{engine}:{shard}of{shards}"
 
 
 def gallery_enrolled(engine: str) -> str:

@@ -55,13 +55,13 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     node = f"{role}@{socket.gethostname()}-{os.getpid()}"
     if shard:
         engine, i, n = shard
-        _start_heartbeat(runtime.redis, keys.shard_alive(engine, i, n, node))
+        _start_heartbeat(runtime.redis, keys.shard_alive(engine, i, n), node)
         rep = runtime.replica(engine, i)  # loads only this shard's snapshot and log
         metrics.GALLERY_TEMPLATES.labels(rep.name).set(len(rep.index))
     elif role in s.engines:
         # Beat from the start: a worker that is (re)starting will answer, so fusion waits for it
         # (bounded by the search timeout) rather than degrading the list while it loads.
-        _start_heartbeat(runtime.redis, keys.engine_alive(role, node))
+        _start_heartbeat(runtime.redis, keys.engine_alive(role), node)
         if s.shards_of(role) == 1:
             runtime.replica(role)  # loads the model and catches up with the gallery before taking work
             metrics.GALLERY_TEMPLATES.labels(role).set(len(runtime.replica(role).index))
@@ -101,17 +101,33 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     )
 
 
-def _start_heartbeat(redis, key: str, every_s: float = 3.0) -> None:
-    """Tell fusion this engine (or shard) is alive (busy, perhaps, but not down) while the process lives."""
+def _start_heartbeat(redis, key: str, node: str, every_s: float = 3.0) -> None:
+    """Tell fusion this engine (or shard) is alive (busy, perhaps, but not down) while the process lives:
+    the node's score in the sorted set ``key`` is the Redis server time until which it holds; entries
+    that ran out are dropped on each beat (``heartbeat`` in broker.keys)."""
+
+    from broker import liveness
+
+    stopped = threading.Event()
 
     def beat() -> None:
-        while True:
+        while not stopped.is_set():
             try:
-                redis.set(key, "1", ex=int(every_s * 4))
+                liveness.heartbeat(redis, key, node, ttl_s=every_s * 4)
             except Exception as exc:  # Redis briefly away: keep beating
                 log.warning("heartbeat.failed", error=str(exc))
-            threading.Event().wait(every_s)
+            stopped.wait(every_s)
 
+    def leave(**_: object) -> None:  # stopped on purpose: fusion stops waiting for this worker at once
+        stopped.set()
+        try:
+            liveness.leave(redis, key, node)
+        except Exception as exc:
+            log.warning("heartbeat.leave_failed", error=str(exc))
+
+    from celery.signals import worker_shutdown
+
+    worker_shutdown.connect(leave, weak=False)
     threading.Thread(target=beat, name="engine-heartbeat", daemon=True).start()
 
 

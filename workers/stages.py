@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from broker import deadlines, keys
+from broker import deadlines, keys, liveness
 from broker.app import (
     FUSION_QUEUE,
     INTAKE_QUEUE,
@@ -506,9 +506,9 @@ def shard_search(ctx: StageContext, *, request_id: str, engine: str, shard: int,
 # ---- fusion -------------------------------------------------------------------------------------------
 
 
-def _alive(r: Any, pattern: str) -> bool:
-    """Whether any heartbeat key matching ``pattern`` is set (a live engine or shard worker)."""
-    return any(True for _ in r.scan_iter(pattern, count=100))
+def _alive(r: Any, key: str) -> bool:
+    """Whether a worker's heartbeat in ``key`` still holds (a live engine or shard worker)."""
+    return liveness.live(r, key) > 0
 
 
 def _still_coming(ctx: StageContext, job: Job, missing: Sequence[str]) -> tuple[list[str], list[Send]]:
@@ -523,12 +523,12 @@ def _still_coming(ctx: StageContext, job: Job, missing: Sequence[str]) -> tuple[
         if shards > 1 and r.exists(keys.job_vector_key(job.request_id, e)):
             answered = {int(keys.as_str(k)) for k in r.hkeys(keys.job_shards_key(job.request_id, e))}
             for i in range(shards):
-                if i in answered or not _alive(r, keys.shard_alive_pattern(e, i, shards)):
+                if i in answered or not _alive(r, keys.shard_alive(e, i, shards)):
                     continue
                 waiting.append(f"{e}[{i}/{shards}]")
                 if r.llen(shard_queue(e, i, shards)) == 0:
                     redrive.append(shard_search_message(job.request_id, e, i, shards))
-        elif _alive(r, keys.engine_alive_pattern(e)):
+        elif _alive(r, keys.engine_alive(e)):
             waiting.append(e)
             if r.llen(engine_queue(e)) == 0:
                 redrive.append(search_message(job.request_id, e))

@@ -21,7 +21,7 @@ import pytest
 import redis as redis_lib
 
 from accountability import db, registry
-from broker import keys
+from broker import keys, liveness
 from broker.client import QuorumClient
 from core.objectstore import open_store
 from evaluation.ci_split import read_split
@@ -139,7 +139,7 @@ def test_a_new_shard_replica_catches_up_from_snapshot_and_log(sharded):
     stack.start_process("sface.1of3", 1)  # a second replica of shard 1
     r = redis_lib.Redis.from_url(s.redis_url)
     deadline = time.monotonic() + 240
-    while sum(1 for _ in r.scan_iter(keys.shard_alive_pattern("sface", 1, SHARDS))) < 2:
+    while liveness.live(r, keys.shard_alive("sface", 1, SHARDS)) < 2:
         assert time.monotonic() < deadline, "the second replica of shard 1 never beat"
         time.sleep(1)
     log_file = stack.log_dir / "sface.1of3-1.log"
@@ -148,7 +148,7 @@ def test_a_new_shard_replica_catches_up_from_snapshot_and_log(sharded):
         time.sleep(1)
     stack.stop_process("sface.1of3", 0)  # the first replica goes: the new one alone serves shard 1
     deadline = time.monotonic() + 60
-    while sum(1 for _ in r.scan_iter(keys.shard_alive_pattern("sface", 1, SHARDS))) > 1:
+    while liveness.live(r, keys.shard_alive("sface", 1, SHARDS)) > 1:
         assert time.monotonic() < deadline
         time.sleep(1)
     one = _one_index(s, r)
@@ -237,7 +237,7 @@ def test_a_shard_without_a_worker_leaves_a_partial_list_that_says_so(sharded):
     stack.stop_process("sface.2of3", 0)
     r = redis_lib.Redis.from_url(s.redis_url)
     deadline = time.monotonic() + 60
-    while any(True for _ in r.scan_iter(keys.shard_alive_pattern("sface", 2, SHARDS))):
+    while liveness.live(r, keys.shard_alive("sface", 2, SHARDS)):
         assert time.monotonic() < deadline, "shard 2's heartbeat never expired"
         time.sleep(1)
     for _, cl in _search(client, probes[:3]).values():

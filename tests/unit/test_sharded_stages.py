@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker import keys
+from broker import keys, liveness
 from broker.app import TASK_FUSE, TASK_SHARD_SEARCH, shard_queue
 from broker.jobs import load_job
 from core.errors import Code
@@ -178,7 +178,7 @@ def test_a_missing_shard_with_a_live_worker_gets_another_deadline_and_a_lost_sea
     w.shard(job, 0)
     w.shard(job, 1)
     stages.search(w.ctx(), request_id=job.request_id, engine="e2")
-    w.redis.set(keys.shard_alive("sface", 2, SHARDS, "node-1"), 1)
+    liveness.heartbeat(w.redis, keys.shard_alive("sface", 2, SHARDS), "node-1", ttl_s=12)
     w.redis.rpush(shard_queue("sface", 2, SHARDS), b"another probe's search")  # busy
     res = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
     assert res.status == "extended" and res.detail == {"waiting_for": ["sface[2/3]"], "redriven": []}

@@ -15,7 +15,7 @@ import fakeredis
 import numpy as np
 import pytest
 
-from broker import keys
+from broker import keys, liveness
 from broker.app import FUSION_QUEUE, INTAKE_QUEUE, TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, engine_queue
 from broker.jobs import load_job, save_job
 from broker.results import fetch
@@ -276,10 +276,23 @@ def test_fusion_publishes_the_list_once(w):
     assert w.redis.xlen(keys.results_stream(job.agency_id)) == 1
 
 
+def test_liveness_is_a_heartbeat_that_still_holds_by_the_redis_clock(w):
+    key = keys.engine_alive("e2")
+    assert liveness.live(w.redis, key) == 0
+    now = liveness.server_time(w.redis)
+    w.redis.zadd(key, {"dead-node": now - 1})  # its last beat ran out a second ago
+    assert liveness.live(w.redis, key) == 0
+    liveness.heartbeat(w.redis, key, "node-1", ttl_s=12)
+    liveness.heartbeat(w.redis, key, "node-2", ttl_s=12)
+    assert liveness.live(w.redis, key) == 2 and w.redis.zscore(key, "dead-node") is None  # dropped on a beat
+    liveness.leave(w.redis, key, "node-1")
+    assert liveness.live(w.redis, key) == 1
+
+
 def test_a_missing_engine_with_a_live_worker_gets_another_deadline(w):
     job = w.prepared()
     stages.search(w.ctx(), request_id=job.request_id, engine="e1")
-    w.redis.set(keys.engine_alive("e2", "node-1"), 1)
+    liveness.heartbeat(w.redis, keys.engine_alive("e2"), "node-1", ttl_s=12)
     w.redis.rpush(engine_queue("e2"), b"a search of another probe")  # e2 is busy: its queue is not empty
     res = stages.fuse(w.ctx(), request_id=job.request_id, final=True)
     assert res.status == "extended" and res.detail == {"waiting_for": ["e2"], "redriven": []}
