@@ -9,16 +9,19 @@ and distractors, then for each round and each batch setting (alternating, so dri
 hits both alike): stops the engine worker, submits ``--probes`` real probes (ci probe images) and waits
 until intake has queued every one for the engine, starts the engine worker with that setting and times
 the backlog from the first published answer to the last (answers/s: the engine's throughput when it has
-work queued). The worker's /metrics give the mean faces per model call. Then ``--lone`` probes one
-after another (nothing else in flight): median submission-to-answer latency, where micro-batching must
-add no wait. Prints medians over rounds and the ratio of the batched setting to ``embed_batch=1``.
+work queued). The worker's /metrics give the mean faces per model call. After each backlog, ``--lone``
+probes one after another to the worker it warmed (nothing else in flight): median submission-to-answer
+latency, where micro-batching must add no wait. Prints medians over rounds and the ratio of the batched
+setting to ``embed_batch=1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -56,6 +59,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=6396)
     ap.add_argument("--metrics-port", type=int, default=9570)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
 
     home = tempfile.mkdtemp(prefix="quorum-bench-mb-")
     base = {"home": home, "redis_url": f"redis://127.0.0.1:{args.port}/0", "engines": args.engine}
@@ -87,7 +91,7 @@ def main() -> None:
         def backlog(batch: int) -> tuple[float, float]:
             stack.stop_process(args.engine)
             rids = [
-                client.submit(probes[i % len(probes)], case_number="BENCH-MB", offence_code="DEMO", purpose="demo")
+                client.submit(probes[i % len(probes)], case_number="BENCH-MB-1", offence_code="DEMO", purpose="demo")
                 for i in range(args.probes)
             ]
             deadline = time.monotonic() + 300
@@ -110,13 +114,11 @@ def main() -> None:
             faces = _metric(args.metrics_port, "quorum_embed_batch_faces_sum")
             return (len(t) - 1) / (t[-1] - t[0]), (faces / calls if calls else 1.0)
 
-        def lone(batch: int) -> float:
-            switch(batch)
-            stack.wait_ready((args.engine,))
+        def lone() -> float:  # the worker the backlog just warmed, with nothing else in flight
             lat = []
             for p in probes[: args.lone]:
                 t0 = time.monotonic()
-                rid = client.submit(p, case_number="BENCH-MB", offence_code="DEMO", purpose="demo")
+                rid = client.submit(p, case_number="BENCH-MB-1", offence_code="DEMO", purpose="demo")
                 while client.result(rid) is None:
                     time.sleep(0.002)
                 lat.append(time.monotonic() - t0)
@@ -124,14 +126,15 @@ def main() -> None:
 
         rate: dict[int, list[float]] = {b: [] for b in args.batch}
         mean_batch: dict[int, list[float]] = {b: [] for b in args.batch}
-        print(f"{'round':>5} {'embed_batch':>11} {'answers/s':>9} {'faces/call':>10}", flush=True)
+        lone_lat: dict[int, list[float]] = {b: [] for b in args.batch}
+        print(f"{'round':>5} {'embed_batch':>11} {'answers/s':>9} {'faces/call':>10} {'lone_p50_ms':>11}", flush=True)
         for rnd in range(args.rounds):
             for b in args.batch:
                 rps, fpc = backlog(b)
                 rate[b].append(rps)
                 mean_batch[b].append(fpc)
-                print(f"{rnd:>5} {b:>11} {rps:>9.2f} {fpc:>10.2f}", flush=True)
-        lone_lat = {b: lone(b) for b in args.batch}
+                lone_lat[b].append(lone())
+                print(f"{rnd:>5} {b:>11} {rps:>9.2f} {fpc:>10.2f} {lone_lat[b][-1] * 1000:>11.1f}", flush=True)
         ref = args.batch[0]
         print("\nsummary (medians over rounds)")
         print(f"{'embed_batch':>11} {'answers/s':>9} {'ratio':>6} {'faces/call':>10} {'lone_p50_ms':>11}")
@@ -139,7 +142,7 @@ def main() -> None:
             med = statistics.median(rate[b])
             print(
                 f"{b:>11} {med:>9.2f} {med / statistics.median(rate[ref]):>6.2f} "
-                f"{statistics.median(mean_batch[b]):>10.2f} {lone_lat[b] * 1000:>11.1f}"
+                f"{statistics.median(mean_batch[b]):>10.2f} {statistics.median(lone_lat[b]) * 1000:>11.1f}"
             )
     finally:
         stack.down()

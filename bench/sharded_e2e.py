@@ -25,9 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import json
 import platform
+import re
 import statistics
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,48 @@ def write_shard_snapshots(s, version: str, n: int, shards: int) -> float:
     return time.monotonic() - t0
 
 
+def queue_waits(base: int, ports: int) -> dict[str, tuple[float, float, float]]:
+    """quorum_task_queue_wait_seconds summed over the stack's processes: task -> (count, mean, p50), the
+    p50 interpolated within its histogram bucket as Prometheus's histogram_quantile does."""
+    buckets: dict[str, dict[float, float]] = {}
+    sums: dict[str, float] = {}
+    pat = re.compile(
+        r'^quorum_task_queue_wait_seconds_(bucket|sum)\{(?:le="([^"]+)",)?task="([^"]+)"(?:,le="([^"]+)")?\} (\S+)$'
+    )
+    for port in range(base, base + ports):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            m = pat.match(line)
+            if not m:
+                continue
+            kind, le1, task, le2, value = m.groups()
+            if kind == "sum":
+                sums[task] = sums.get(task, 0.0) + float(value)
+            else:
+                le = float(le1 or le2)
+                b = buckets.setdefault(task, {})
+                b[le] = b.get(le, 0.0) + float(value)
+    out = {}
+    for task, b in buckets.items():
+        edges = sorted(b)
+        n = b[float("inf")]
+        if not n:
+            continue
+        half, lo, prev = n / 2, 0.0, 0.0
+        p50 = edges[-2]
+        for le in edges:
+            if b[le] >= half:
+                p50 = lo + (le - lo) * (half - prev) / max(b[le] - prev, 1e-9) if le != float("inf") else lo
+                break
+            lo, prev = le, b[le]
+        out[task] = (n, sums.get(task, 0.0) / n, p50)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -97,6 +141,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--probes", type=int, default=30)
     ap.add_argument("--port", type=int, default=6398)
+    ap.add_argument("--metrics-base", type=int, default=9640, help="first /metrics port of the stack's processes")
     args = ap.parse_args()
     home = tempfile.mkdtemp(prefix="quorum-bench-e2e-")
     s = load_settings(
@@ -118,7 +163,7 @@ def main() -> None:
     stack.start_redis()
     build_s = write_shard_snapshots(s, version, args.synthetic, args.shards)
     t0 = time.monotonic()
-    stack.up(timeout=1800)
+    stack.up(timeout=1800, metrics_base=args.metrics_base)
     print(f"snapshots built in {build_s:.0f}s; stack up (shards loaded) in {time.monotonic() - t0:.0f}s")
     try:
         rows = read_split(args.data / "ci")
@@ -161,6 +206,9 @@ def main() -> None:
         print("median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
         shares = [x["overhead"] / x["compute"] for x in rows_out]
         print(f"overhead / engine compute: median {statistics.median(shares):.2f} (per-probe ratio; target <= 0.15)")
+        print("queue wait per hop (message sent -> task started), from every process's /metrics:")
+        for task, (n, mean, p50) in sorted(queue_waits(args.metrics_base, 16 + args.shards).items()):
+            print(f"  {task:<28} n {n:>4.0f}  mean {mean * 1000:7.1f} ms  p50 ~{p50 * 1000:6.1f} ms")
         info = r.info("memory")
         print(
             f"redis used_memory {info['used_memory'] / 2**20:.1f} MB; shard logs "

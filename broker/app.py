@@ -10,9 +10,12 @@ when a worker dies, so a message is redelivered rather than lost; every task is 
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu import Queue
 
 from core.config import settings
@@ -74,6 +77,35 @@ def role_queue(role: str) -> str | None:
     """The queue a worker role consumes (None: no such role)."""
     parsed = parse_shard_role(role)
     return shard_queue(*parsed) if parsed else ROLE_QUEUES.get(role)
+
+
+def queues_of(s) -> tuple[str, ...]:
+    """Every queue a deployment with these settings uses: the fixed ones and its engines' shard queues."""
+    return ALL_QUEUES + tuple(shard_queue(e, i, n) for e, n in s.shards if e in s.engines for i in range(n))
+
+
+# Every message carries the time it was sent (header ``quorum_sent_at``, seconds since the epoch), so the
+# age of the oldest message waiting in a queue can be read from the queue itself (workers.gateway samples
+# it as quorum_queue_oldest_message_age_seconds): a queue nobody drains shows it before its length does.
+SENT_AT_HEADER = "quorum_sent_at"
+
+
+@before_task_publish.connect(weak=False)
+def _stamp_sent_at(headers: dict | None = None, **_: object) -> None:
+    if headers is not None:
+        headers.setdefault(SENT_AT_HEADER, time.time())
+
+
+def oldest_message_age(raw: bytes | str | None, now: float) -> float:
+    """Seconds the message ``raw`` (a kombu message as the Redis transport stores it: a JSON envelope
+    whose ``headers`` Celery fills) has waited; 0 for none, or one without the header."""
+    if not raw:
+        return 0.0
+    try:
+        sent = json.loads(raw).get("headers", {}).get(SENT_AT_HEADER)
+        return max(0.0, now - float(sent)) if sent is not None else 0.0
+    except (ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def make_app(redis_url: str | None = None) -> Celery:

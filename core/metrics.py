@@ -53,6 +53,11 @@ EMBED_BATCH_WAIT = Histogram(
 ENGINE_FAILURES = Counter("quorum_engine_failures_total", "Engine results with an error", ["engine", "code"])
 GALLERY_TEMPLATES = Gauge("quorum_gallery_templates", "Live templates in this worker's index", ["engine"])
 QUEUE_LENGTH = Gauge("quorum_queue_length", "Messages waiting in a Celery queue", ["queue"])
+QUEUE_OLDEST_AGE = Gauge(
+    "quorum_queue_oldest_message_age_seconds",
+    "How long the oldest message waiting in a Celery queue has waited (0: empty)",
+    ["queue"],
+)
 TIMERS_PENDING = Gauge("quorum_timers_pending", "Fusion deadlines and search backstops waiting in Redis")
 TIMER_OVERDUE = Gauge(
     "quorum_timer_overdue_seconds", "How late the earliest due timer is (0: none due; grows if no fusion worker sweeps)"
@@ -65,6 +70,12 @@ QUOTA_USED = Gauge("quorum_agency_quota_used", "Searches counted against the age
 QUOTA_LIMIT = Gauge("quorum_agency_quota_limit", "The agency's daily search quota (0: unlimited)", ["agency"])
 AUDIT_ANCHOR_AGE = Gauge(
     "quorum_audit_anchor_age_seconds", "Time since this gateway last anchored the audit chain head in the object store"
+)
+TASK_QUEUE_WAIT = Histogram(
+    "quorum_task_queue_wait_seconds",
+    "From a task's message being sent to a worker starting it (one queue hop)",
+    ["task"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
 

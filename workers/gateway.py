@@ -39,7 +39,7 @@ import structlog
 from accountability import audit
 from accountability.policy import RegistrySnapshot
 from broker import deadlines, keys
-from broker.app import ALL_QUEUES, INTAKE_QUEUE, TASK_PREPARE, app
+from broker.app import INTAKE_QUEUE, TASK_PREPARE, app, oldest_message_age, queues_of
 from broker.keys import as_str
 from broker.redis_errors import ensure_group, redis_boundary
 from broker.results import publish
@@ -163,15 +163,19 @@ class Gateway:
             return
         self._last_sample = time.monotonic()
         with redis_boundary("sampling queue lengths"):
+            queues = queues_of(self.settings)
             pipe = self.redis.pipeline()
-            for q in ALL_QUEUES:
+            for q in queues:
                 pipe.llen(q)
+                pipe.lindex(q, -1)  # kombu pushes on the left and takes from the right: the oldest
             pipe.zcard(keys.DEADLINES)
             pipe.zrange(keys.DEADLINES, 0, 0, withscores=True)
             pipe.hlen(UNACKED_HASH)
-            *lengths, timers, first, unacked = pipe.execute()
-        for q, n in zip(ALL_QUEUES, lengths, strict=True):
-            metrics.QUEUE_LENGTH.labels(q).set(n)
+            *per_queue, timers, first, unacked = pipe.execute()
+        now = time.time()
+        for i, q in enumerate(queues):
+            metrics.QUEUE_LENGTH.labels(q).set(per_queue[2 * i])
+            metrics.QUEUE_OLDEST_AGE.labels(q).set(oldest_message_age(per_queue[2 * i + 1], now))
         metrics.TIMERS_PENDING.set(timers)
         metrics.TIMER_OVERDUE.set(max(0.0, time.time() - float(first[0][1])) if first else 0.0)
         metrics.TASKS_UNACKED.set(unacked)

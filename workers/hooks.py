@@ -3,7 +3,9 @@
 Nothing here decides anything: it observes. Two kinds of observer:
 
 - Celery signals (:func:`install`, once per worker process): before a task runs, its request id and
-  engine are bound to structlog's context; after it, the task's outcome is counted
+  engine are bound to structlog's context and the time its message waited on the queue is observed
+  (``quorum_task_queue_wait_seconds``, from the ``quorum_sent_at`` header every message carries);
+  after it, the task's outcome is counted
   (``quorum_tasks_total``); a task that raised is logged.
 - :func:`observe`, called by every task adapter (``workers.tasks``) with the
   :class:`~workers.stages.StageResult` its stage returned: an answer the stage published is counted
@@ -19,10 +21,12 @@ answer ever reaches an agency unaudited.
 
 from __future__ import annotations
 
+import time
+
 import structlog
 from celery import signals
 
-from broker.app import TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
+from broker.app import SENT_AT_HEADER, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
 from core import metrics
 from core.config import Settings
 from schemas import CandidateList
@@ -88,6 +92,11 @@ def install() -> None:
         if "shard" in kw:
             ctx["shard"] = kw["shard"]
         structlog.contextvars.bind_contextvars(**ctx)
+        if task is not None:  # how long its message waited on the queue (the sender stamped it)
+            req = task.request
+            sent = getattr(req, SENT_AT_HEADER, None) or (getattr(req, "headers", None) or {}).get(SENT_AT_HEADER)
+            if sent is not None:
+                metrics.TASK_QUEUE_WAIT.labels(task.name).observe(max(0.0, time.time() - float(sent)))
 
     @signals.task_postrun.connect(weak=False)
     def _count(task=None, state=None, **_):

@@ -108,6 +108,13 @@ def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member
             'sum(quorum_engine_duration_seconds_count{engine="dlib",stage="search"})': 1,
             "count(quorum_gallery_templates)": 3,
             "count(quorum_queue_length)": 1,
+            "count(quorum_queue_oldest_message_age_seconds)": 1,
+            # the engine workers embed through their micro-batcher (workers.batching)
+            'sum(quorum_embed_batch_faces_count{engine="sface"})': 1,
+            # every hop's queue wait, from the sent-at header (prepare, search per engine, fuse)
+            'sum(quorum_task_queue_wait_seconds_count{task="quorum.intake.prepare"})': 1,
+            'sum(quorum_task_queue_wait_seconds_count{task="quorum.engine.search"})': 3,
+            'sum(quorum_task_queue_wait_seconds_count{task="quorum.fusion.fuse"})': 1,
         }
         for promql, at_least in checks.items():
             res = _query(port, promql)
@@ -115,3 +122,41 @@ def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _gauge(port: int, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(f"{name}{{{want}}} "):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_the_oldest_message_age_shows_a_queue_nobody_drains(disk_stack, disk_metrics_ports):
+    """A real Celery message on a queue no worker consumes: the gateway reports its age growing (from the
+    sent-at header every message carries), and 0 once the queue is empty."""
+    import redis as redis_lib
+
+    from broker.app import TASK_SEARCH, engine_queue, make_app
+    from core.engines import ENGINE_NAMES
+
+    idle = next(e for e in ENGINE_NAMES if e not in disk_stack.engines)  # no worker takes this queue
+    queue = engine_queue(idle)
+    r = redis_lib.Redis.from_url(disk_stack.redis_url)
+    port = disk_metrics_ports["gateway"]
+    make_app(disk_stack.redis_url).send_task(
+        TASK_SEARCH, kwargs={"request_id": "queue-age-test", "engine": idle}, queue=queue
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (age := _gauge(port, "quorum_queue_oldest_message_age_seconds", queue=queue) or 0.0) < 6:
+            assert time.monotonic() < deadline, f"the age of {queue}'s message never reached 6 s (last {age})"
+            time.sleep(1)
+        assert _gauge(port, "quorum_queue_length", queue=queue) == 1
+    finally:
+        r.delete(queue)
+    deadline = time.monotonic() + 30
+    while _gauge(port, "quorum_queue_oldest_message_age_seconds", queue=queue) != 0:
+        assert time.monotonic() < deadline, "the age did not go back to 0 once the queue was empty"
+        time.sleep(1)
