@@ -54,12 +54,28 @@ def job_published_key(request_id: str) -> str:
     return f"quorum:job:{request_id}:published"
 
 
-def gallery_log(engine: str, shard: int = 0, shards: int = 1) -> str:
-    """Append-only stream of gallery changes for one engine (or one shard of it: ``shards`` > 1);
-    every replica of that index applies it."""
-    if shards == 1:
-        return f"quorum:gallery:log:{engine}"
-    return f"quorum:gallery:log:{engine}:{shard}of{shards}"
+def version_slug(version: str) -> str:
+    """An engine version as it appears in key names and object paths: its safe characters (others as
+    ``_``, at most 60) and 8 hex digits of its SHA-256, so two versions never share a name."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", version)[:60]
+    return f"{safe}-{hashlib.sha256(version.encode()).hexdigest()[:8]}"
+
+
+def gallery_log(engine: str, version: str, shard: int = 0, shards: int = 1) -> str:
+    """Append-only stream of gallery changes for one engine version (or one shard of it: ``shards`` > 1);
+    every replica of that index applies it. Two versions of an engine (during a reindex) have two logs,
+    each snapshotted and trimmed on its own."""
+    base = f"quorum:gallery:log:{engine}@{version_slug(version)}"
+    return base if shards == 1 else f"{base}:{shard}of{shards}"
+
+
+def gallery_versions(engine: str) -> str:
+    """Hash engine version -> templates its logs hold (adds less expunged): the versions present, which
+    an expunge writes its removal to, and ``quorum gallery status``'s counts."""
+    return f"quorum:gallery:versions:{engine}"
 
 
 def job_vector_key(request_id: str, engine: str) -> str:
@@ -92,6 +108,18 @@ def shard_alive(engine: str, shard: int, shards: int, node: str) -> str:
 
 def shard_alive_pattern(engine: str, shard: int, shards: int) -> str:
     return f"quorum:alive:shard:{engine}:{shard}of{shards}:*"
+
+
+def reindex_alive(engine: str, node: str) -> str:
+    """Set with a short expiry by a live reindex worker (``quorum worker ENGINE --reindex``); its value
+    is the engine version that worker embeds with (``quorum gallery reindex`` reads it)."""
+    return f"quorum:alive:reindex:{engine}:{node}"
+
+
+def alive_pattern(kind: str, engine: str) -> str:
+    """Every heartbeat of one kind (``engine``, ``shard``, ``reindex``) for an engine; each key's value is
+    the version the worker runs."""
+    return f"quorum:alive:{kind}:{engine}:*"
 
 
 def gallery_enrolled(engine: str) -> str:

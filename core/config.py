@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # Changing an engine's count moves subjects between shards: re-enrol that engine after changing it.
     shards: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()  # (engine, count) pairs; hashable
     device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the ONNX engine
+    # FOR TESTS ONLY: appended to every engine's version ("<version>+<suffix>"), so a test can run an
+    # "upgraded" engine (the same model under another version) and exercise `quorum gallery reindex`
+    # with real embeddings. Never set it in a deployment: a real upgrade changes the version itself.
+    engine_version_suffix: str = ""
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     min_face_pixels: int = 20  # smaller boxes are refused as FACE_TOO_SMALL
