@@ -454,7 +454,9 @@ class ReindexReport:
 
     @property
     def images_per_s(self) -> float:
-        return (self.images - self.skipped) / max(self.seconds, 1e-9)
+        """Images this run sent to be embedded (not those skipped or held already), per second of the
+        whole run (final snapshot included)."""
+        return (self.images - self.skipped - self.held) / max(self.seconds, 1e-9)
 
 
 def live_versions(r, kind: str, engine: str) -> dict[str, str]:
@@ -531,8 +533,16 @@ def reindex(
     )
     queue = reindex_queue(engine)
 
+    from workers.gallery import enrolled_member
+
     def dispatch(chunk: list[tuple[int, tuple[str, str]]]) -> dict[str, AsyncResult]:
-        payload = [{"subject_id": sj, "image_key": k} for _, (sj, k) in chunk]
+        # What the new version holds already (an earlier run of another job: the gallery changed since)
+        # is not sent; the workers check again before embedding.
+        held = r.smismember(keys.gallery_enrolled(engine), [enrolled_member(sj, k, version) for _, (sj, k) in chunk])
+        payload = [{"subject_id": sj, "image_key": k} for (_, (sj, k)), h in zip(chunk, held, strict=True) if not h]
+        report.held += len(chunk) - len(payload)
+        if not payload:
+            return {}
         return {"enroll": app.send_task(TASK_ENROLL, kwargs={"engine": engine, "items": payload}, queue=queue)}
 
     def absorb(_: str, out: dict) -> None:
