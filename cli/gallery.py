@@ -201,4 +201,21 @@ def gallery_drop_version(engine: str, version: str, actor: str | None) -> None:
     click.echo(json.dumps(drop_version(s, open_store(s), engine, version, actor=operator_name(actor))))
 
 
+@gallery.command("migrate-keys")
+def gallery_migrate_keys() -> None:
+    """Once, when upgrading Quorum to the release that keeps gallery state per engine version: move each
+    configured engine's log and snapshot pointer to its version's names (before the new workers start;
+    idempotent)."""
+    import redis as redis_lib
+
+    from core.objectstore import open_store
+    from workers.gallery import migrate_unversioned
+
+    s = settings()
+    require_redis(s.redis_url)
+    r, store = redis_lib.Redis.from_url(s.redis_url), open_store(s)
+    for engine in s.engines:
+        click.echo(json.dumps(migrate_unversioned(r, store, engine, s.shards_of(engine))))
+
+
 COMMANDS = (enroll, gallery)

@@ -469,3 +469,62 @@ def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1
         pipe.srem(done_key, *stale)
     pipe.execute()
     return len(stale)
+
+
+def migrate_unversioned(redis, store, engine: str, shards: int = 1) -> dict:
+    """Move an engine's gallery state written before it was kept per engine version (the log
+    ``quorum:gallery:log:<engine>[:<i>of<S>]``, the pointer ``gallery/<engine>/[shard-<i>of<S>/]latest.json``)
+    to the names of its version, and count its templates per version; once, when upgrading Quorum to the
+    release that keys gallery state by version (``quorum gallery migrate-keys``), before its workers start.
+
+    Each shard's version is its pointer's (the snapshot its workers loaded), or else that of the newest
+    add in its log. Idempotent: what has been moved is not there to move again. Snapshot objects stay
+    where they are (the pointer names them)."""
+    from broker import keys
+    from core.errors import InputError
+
+    moved: dict = {"engine": engine, "logs": {}, "pointers": {}, "counts": {}}
+    for i in range(shards):
+        legacy_log = f"quorum:gallery:log:{engine}" if shards == 1 else f"quorum:gallery:log:{engine}:{i}of{shards}"
+        legacy_dir = f"gallery/{engine}" if shards == 1 else f"gallery/{engine}/shard-{i}of{shards}"
+        try:
+            pointer = json.loads(store.get(f"{legacy_dir}/latest.json"))
+        except InputError:
+            pointer = None
+        version = (pointer or {}).get("engine_version") or _newest_add_version(redis, legacy_log)
+        if version is None:
+            continue
+        if redis.exists(legacy_log):
+            new_log = keys.gallery_log(engine, version, i, shards)
+            if redis.exists(new_log):
+                raise RuntimeError(f"{engine}: both {legacy_log} and {new_log} exist; merge them by hand")
+            redis.rename(legacy_log, new_log)
+            moved["logs"][legacy_log] = new_log
+        new_pointer = f"{snapshot_prefix(engine, version, i, shards)}/latest.json"
+        if pointer is not None and store.size(new_pointer) is None:
+            store.put(new_pointer, json.dumps(pointer).encode())
+            store.delete(f"{legacy_dir}/latest.json")
+            moved["pointers"][f"{legacy_dir}/latest.json"] = new_pointer
+    if not redis.exists(keys.gallery_versions(engine)):
+        counts: dict[str, int] = {}
+        for m in redis.sscan_iter(keys.gallery_enrolled(engine), count=1000):
+            version = as_str(m).rsplit("|", 1)[-1]
+            counts[version] = counts.get(version, 0) + 1
+        if counts:
+            redis.hset(keys.gallery_versions(engine), mapping=counts)
+        moved["counts"] = counts
+    return moved
+
+
+def _newest_add_version(redis, log_key: str) -> str | None:
+    """The version of the newest ``add`` in a log (None: no add in it)."""
+    last = "+"
+    while True:
+        entries = redis.xrevrange(log_key, max=last, count=500)
+        for _entry_id, fields in entries:
+            f = {as_str(k): v for k, v in fields.items()}
+            if as_str(f.get("op", b"")) == "add":
+                return as_str(f["version"])
+        if len(entries) < 500:
+            return None
+        last = "(" + as_str(entries[-1][0])

@@ -192,3 +192,33 @@ def test_the_batch_loop_resumes_after_an_interruption_without_sending_anything_t
     assert snaps == []  # nothing finished: no snapshot
     run_batches(r, "job2", items, dispatch=dispatch, snapshot=lambda: snaps.append(1), snapshot_every=8, **kw)
     assert len(snaps) == 3  # after 8 and 16, and at the end
+
+
+def test_a_gallery_written_before_versions_moves_to_its_versions_names_once(r, store):
+    from workers.gallery import migrate_unversioned
+
+    subjects = [f"p{i}" for i in range(30)]
+    _record(r, *subjects)
+    v = _vecs(30, 5)
+    log_add_entries(r, "eng", A, subjects[:20], v[:20], subjects[:20], shards=2)
+    for sh in range(2):
+        _replica(r, store, A, sh, 2).save_snapshot()
+    log_add_entries(r, "eng", A, subjects[20:], v[20:], subjects[20:], shards=2)
+    # ... left under the names the previous release used: no version in them, no counts.
+    for sh in range(2):
+        r.rename(keys.gallery_log("eng", A, sh, 2), f"quorum:gallery:log:eng:{sh}of2")
+        pointer = snapshot_prefix("eng", A, sh, 2) + "/latest.json"
+        store.put(f"gallery/eng/shard-{sh}of2/latest.json", store.get(pointer))
+        store.delete(pointer)
+    r.delete(keys.gallery_versions("eng"))
+
+    moved = migrate_unversioned(r, store, "eng", 2)
+    assert moved["logs"] == {f"quorum:gallery:log:eng:{sh}of2": keys.gallery_log("eng", A, sh, 2) for sh in range(2)}
+    assert len(moved["pointers"]) == 2 and moved["counts"] == {A: 30}
+    for sh in range(2):
+        rep = _replica(r, store, A, sh, 2)
+        assert rep.load_snapshot()  # the snapshot, then the log after it
+        rep.sync()
+        assert sorted(rep.index.subject_labels) == sorted(sj for sj in subjects if shard_of(sj, 2) == sh)
+    again = migrate_unversioned(r, store, "eng", 2)
+    assert again["logs"] == {} and again["pointers"] == {} and again["counts"] == {}
