@@ -201,6 +201,10 @@ def _run(s, stack: Stack, data_dir) -> None:
     lines = {ln.split(": ", 1)[0].strip(): ln for ln in status.stdout.splitlines()}
     assert f"{len(gallery) - 2} templates" in lines[version_a] and "1 searching" in lines[version_a]
     assert f"{len(gallery) - 2} templates" in lines[version_b] and "1 reindex" in lines[version_b]
+    overall = subprocess.run(
+        [sys.executable, "-m", "cli", "status"], env=settings_env(s), capture_output=True, text=True
+    )
+    assert overall.returncode == 0 and lines[version_a] in overall.stdout and lines[version_b] in overall.stdout
 
     # 5. Switch the search worker to version B: the same subjects, in the same order, with the same scores.
     stack.stop_process("sface")
