@@ -72,6 +72,12 @@ def gallery_log(engine: str, version: str, shard: int = 0, shards: int = 1) -> s
     return base if shards == 1 else f"{base}:{shard}of{shards}"
 
 
+def gallery_dropped(engine: str) -> str:
+    """Set of engine versions whose gallery state ``quorum gallery drop-version`` deleted: a worker of such a
+    version left running writes no snapshot of it (an add of that version takes it off the set)."""
+    return f"quorum:gallery:dropped:{engine}"
+
+
 def gallery_versions(engine: str) -> str:
     """Hash engine version -> templates its logs hold (adds less expunged): the versions present, which
     an expunge writes its removal to, and ``quorum gallery status``'s counts."""

@@ -111,7 +111,7 @@ def gallery_reindex(engine: str, batch: int, window: int, snapshot_every: int, a
 
     import redis as redis_lib
 
-    from workers.enrolment import gallery_items, reindex
+    from workers.enrolment import GalleryRefused, gallery_items, reindex
 
     s = settings()
     require_redis(s.redis_url)
@@ -127,15 +127,18 @@ def gallery_reindex(engine: str, batch: int, window: int, snapshot_every: int, a
             last[0] = now
             click.echo(f"  {done}/{of} images ({done / max(now - t0, 1e-9):.1f} images/s)", err=True)
 
-    report = reindex(
-        s,
-        engine,
-        batch=batch,
-        window=window,
-        snapshot_every=snapshot_every,
-        progress=progress,
-        actor=operator_name(actor),
-    )
+    try:
+        report = reindex(
+            s,
+            engine,
+            batch=batch,
+            window=window,
+            snapshot_every=snapshot_every,
+            progress=progress,
+            actor=operator_name(actor),
+        )
+    except GalleryRefused as err:
+        raise click.ClickException(str(err)) from None
     click.echo(
         f"{engine} reindexed to {report.version}: {report.images} images, {report.enrolled} templates written, "
         f"{report.skipped} done by an earlier run, {report.held} held already, "
@@ -194,11 +197,14 @@ def gallery_drop_version(engine: str, version: str, actor: str | None) -> None:
     """Delete ENGINE's gallery state of VERSION (logs, snapshots, enrolment marks) once no worker runs it:
     the last step of an engine upgrade (audited)."""
     from core.objectstore import open_store
-    from workers.enrolment import drop_version
+    from workers.enrolment import GalleryRefused, drop_version
 
     s = settings()
     require_redis(s.redis_url)
-    click.echo(json.dumps(drop_version(s, open_store(s), engine, version, actor=operator_name(actor))))
+    try:
+        click.echo(json.dumps(drop_version(s, open_store(s), engine, version, actor=operator_name(actor))))
+    except GalleryRefused as err:
+        raise click.ClickException(str(err)) from None
 
 
 @gallery.command("migrate-keys")

@@ -438,6 +438,11 @@ def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor
 # ---- reindex: a new engine version's gallery built from the stored images --------------------------------
 
 
+class GalleryRefused(Exception):
+    """A gallery operation the operator must set up first (no reindex worker, a version still served);
+    the CLI prints its message."""
+
+
 @dataclass
 class ReindexReport:
     engine: str
@@ -506,7 +511,7 @@ def reindex(
     from broker.app import TASK_ENROLL, reindex_queue
 
     if engine not in s.engines:
-        raise InputError(Code.INVALID_MESSAGE, f"{engine} is not a configured engine ({', '.join(s.engines)})")
+        raise GalleryRefused(f"{engine} is not a configured engine ({', '.join(s.engines)})")
     t0 = time.monotonic()
     r = redis_lib.Redis.from_url(s.redis_url)
     app = make_app(s.redis_url)
@@ -514,8 +519,7 @@ def reindex(
     versions = sorted(set(workers.values()))
     if len(versions) != 1:
         found = "no reindex worker is running" if not versions else f"reindex workers run versions {versions}"
-        raise InputError(
-            Code.INVALID_MESSAGE,
+        raise GalleryRefused(
             f"reindex of {engine}: {found}: start `quorum worker {engine} --reindex` with the new engine version "
             "(one version only)",
         )
@@ -547,9 +551,7 @@ def reindex(
 
     def absorb(_: str, out: dict) -> None:
         if out.get("version") != version:
-            raise InputError(
-                Code.INVALID_MESSAGE, f"a reindex worker embedded with {out.get('version')}, not {version}: stopped"
-            )
+            raise GalleryRefused(f"a reindex worker embedded with {out.get('version')}, not {version}: stopped")
         report.enrolled += out["enrolled"]
         report.held += out["skipped"]
         report.expunged_meanwhile += out.get("expunged_meanwhile", 0)
@@ -666,9 +668,7 @@ def drop_version(s: Settings, store: ObjectStore, engine: str, version: str, *, 
         if v == version
     }
     if users:
-        raise InputError(
-            Code.INVALID_MESSAGE, f"{engine} {version} still has live workers ({sorted(users)}): stop them first"
-        )
+        raise GalleryRefused(f"{engine} {version} still has live workers ({sorted(users)}): stop them first")
     shards = s.shards_of(engine)
     audit.record(
         s,
@@ -692,7 +692,10 @@ def drop_version(s: Settings, store: ObjectStore, engine: str, version: str, *, 
             batch = []
     if batch:
         members += r.srem(done_key, *batch)
-    r.hdel(keys.gallery_versions(engine), version)
+    pipe = r.pipeline(transaction=True)
+    pipe.hdel(keys.gallery_versions(engine), version)
+    pipe.sadd(keys.gallery_dropped(engine), version)  # a worker of it left running writes no snapshot
+    pipe.execute()
     log.info("gallery.version_dropped", engine=engine, version=version, logs=deleted, objects=len(objects))
     return {
         "engine": engine,

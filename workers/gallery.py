@@ -267,6 +267,13 @@ class GalleryReplica:
         return True
 
     def save_snapshot(self) -> dict:
+        from broker import keys
+
+        if self.redis.sismember(keys.gallery_dropped(self.engine), self.engine_version):
+            raise RuntimeError(
+                f"{self.name}: version {self.engine_version} was dropped (quorum gallery drop-version); "
+                "no snapshot written: stop this worker, which still runs it"
+            )
         self.sync()
         data, meta = self.index.to_bytes()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -379,13 +386,14 @@ def enrolled_member(subject: str, image_key: str, version: str) -> str:
 
 # The conditional add, atomic in Redis: for each template whose subject still has its record (an
 # expunge deletes the record first), append it to its log, mark it enrolled, and count it for its
-# version. KEYS: subjects hash, enrolled set, versions hash, then one log key per template.
-# ARGV: version, then label, subject, image, member, vector per template. Returns the labels written.
+# version (and take it off the dropped versions, if it was there). KEYS: subjects hash, enrolled set,
+# versions hash, dropped set, then one log key per template. ARGV: version, then label, subject, image,
+# member, vector per template. Returns the labels written.
 _ADD_SCRIPT = """
 local out = {}
 local n = 0
-for i = 4, #KEYS do
-  local a = 2 + (i - 4) * 5
+for i = 5, #KEYS do
+  local a = 2 + (i - 5) * 5
   local subject = ARGV[a + 1]
   if redis.call('HEXISTS', KEYS[1], subject) == 1 then
     redis.call('XADD', KEYS[i], '*', 'op', 'add', 'label', ARGV[a], 'subject', subject,
@@ -396,6 +404,9 @@ for i = 4, #KEYS do
   end
 end
 redis.call('HINCRBY', KEYS[3], ARGV[1], n)
+if n > 0 then
+  redis.call('SREM', KEYS[4], ARGV[1])
+end
 return out
 """
 
@@ -429,15 +440,9 @@ def log_add_entries(
     args: list = [engine_version]
     for lab, subj, vec, img in zip(labels, subjects, vectors, images, strict=True):
         args += [lab, subj, img, enrolled_member(subj, img, engine_version), _vec_to_bytes(vec)]
-    written = redis.eval(
-        _ADD_SCRIPT,
-        3 + n,
-        keys.GALLERY_SUBJECTS,
-        keys.gallery_enrolled(engine),
-        keys.gallery_versions(engine),
-        *log_keys,
-        *args,
-    )
+    script = redis.register_script(_ADD_SCRIPT)  # EVALSHA: the script's text is sent once per server
+    state = [keys.GALLERY_SUBJECTS, keys.gallery_enrolled(engine), keys.gallery_versions(engine)]
+    written = script(keys=[*state, keys.gallery_dropped(engine), *log_keys], args=args)
     return [int(x) for x in written]
 
 

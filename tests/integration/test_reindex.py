@@ -34,7 +34,7 @@ from core.objectstore import open_store
 from evaluation.ci_split import read_split
 from schemas import CandidateList, EngineResult
 from tests.integration.conftest import _stack
-from workers.enrolment import drop_version, enrol, expunge, live_versions, reindex
+from workers.enrolment import GalleryRefused, drop_version, enrol, expunge, live_versions, reindex
 from workers.gallery import snapshot_prefix
 
 pytestmark = pytest.mark.integration
@@ -109,6 +109,15 @@ def _run(s, stack: Stack, data_dir) -> None:
     enrolled = {x.identity for x in gallery}
     probes = [x for x in rows if x.role == "probe" and x.identity in enrolled][:8]
     assert len(probes) == 8
+
+    # No reindex worker yet: refused, saying what to start.
+    refused = subprocess.run(
+        [sys.executable, "-m", "cli", "gallery", "reindex", "sface"],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1 and "quorum worker sface --reindex" in refused.stderr, refused.stderr
 
     # Version B's reindex worker: the same stack's settings, the engine under another version.
     s_b = s.model_copy(update={"engine_version_suffix": SUFFIX})
@@ -205,6 +214,9 @@ def _run(s, stack: Stack, data_dir) -> None:
         [sys.executable, "-m", "cli", "status"], env=settings_env(s), capture_output=True, text=True
     )
     assert overall.returncode == 0 and lines[version_a] in overall.stdout and lines[version_b] in overall.stdout
+
+    with pytest.raises(GalleryRefused, match="live workers"):  # A still answers searches
+        drop_version(s, store, "sface", version_a, actor="reindex-test")
 
     # 5. Switch the search worker to version B: the same subjects, in the same order, with the same scores.
     stack.stop_process("sface")

@@ -222,3 +222,18 @@ def test_a_gallery_written_before_versions_moves_to_its_versions_names_once(r, s
         assert sorted(rep.index.subject_labels) == sorted(sj for sj in subjects if shard_of(sj, 2) == sh)
     again = migrate_unversioned(r, store, "eng", 2)
     assert again["logs"] == {} and again["pointers"] == {} and again["counts"] == {}
+
+
+def test_a_dropped_version_is_not_snapshotted_by_a_worker_left_running_until_it_is_enrolled_again(r, store):
+    v = _vecs(4, 6)
+    _record(r, "p0", "p1")
+    left_running = _replica(r, store, A)
+    log_add_entries(r, "eng", A, ["p0"], v[:1], ["g/p0"])
+    left_running.sync()
+    r.sadd(keys.gallery_dropped("eng"), A)  # what drop-version leaves
+    with pytest.raises(RuntimeError, match="dropped"):
+        left_running.save_snapshot()
+    assert store.size(snapshot_prefix("eng", A) + "/latest.json") is None
+    log_add_entries(r, "eng", A, ["p1"], v[1:2], ["g/p1"])  # the version is enrolled into again (a rollback)
+    assert not r.sismember(keys.gallery_dropped("eng"), A)
+    assert left_running.save_snapshot()["templates"] == 2
