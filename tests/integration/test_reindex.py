@@ -12,7 +12,9 @@ subjects the old one did.
   back the subject (nor one expunged before the reindex reached it);
 - ``quorum gallery status`` shows both versions, their templates and their workers;
 - a version-B search worker started afterwards answers the same probes with the same subjects and
-  scores as A (less the expunged subject), and A's state is then dropped.
+  scores as A (less the expunged subject), and A's state is then dropped;
+- with the engine in 2 shards, the new version's templates land in its own shard logs and each shard
+  is snapshotted by the reindex worker.
 """
 
 from __future__ import annotations
@@ -243,3 +245,55 @@ def _run(s, stack: Stack, data_dir) -> None:
     assert [keys.as_str(v) for v in r.hkeys(keys.gallery_versions("sface"))] == [version_b]
     assert all(keys.as_str(m).endswith(f"|{version_b}") for m in r.smembers(keys.gallery_enrolled("sface")))
     assert all(isinstance(res, CandidateList) for _, res in _search(client, probes[:2]).values())
+
+
+def test_a_sharded_engine_is_reindexed_shard_by_shard(tmp_path_factory, data_dir):
+    """SFace in 2 shards: the new version's templates land in its own shard logs, each shard snapshotted
+    by the reindex worker, and a replica of each new-version shard loads exactly its subjects."""
+    from workers.gallery import GalleryReplica
+    from workers.shards import shard_of
+
+    s, stack, redis_server = _stack(
+        tmp_path_factory, "stack-reindex-sharded", engines=("sface",), shards={"sface": 2}, fusion_deadline_s=6.0
+    )
+    try:
+        r = redis_lib.Redis.from_url(s.redis_url)
+        store = open_store(s)
+        rows = read_split(data_dir / "ci")
+        gallery = [x for x in rows if x.role == "distractor_gallery"][6:18]
+        enrol(s, store, [(x.identity, x.path) for x in gallery])
+        (version_a,) = {keys.as_str(v) for v in r.hkeys(keys.gallery_versions("sface"))}
+        version_b = f"{version_a}+{SUFFIX}"
+        Stack(s.model_copy(update={"engine_version_suffix": SUFFIX})).start_process("sface.reindex")
+        _wait("the reindex worker", lambda: version_b in live_versions(r, "reindex", "sface").values())
+        report = reindex(s, "sface", batch=4, actor="reindex-test")
+        assert report.enrolled == len(gallery) and not report.failed
+        assert sorted((p["shard"], p["shards"], p["templates"]) for p in report.snapshots) == [
+            (i, 2, sum(shard_of(x.identity, 2) == i for x in gallery)) for i in range(2)
+        ]
+        for i in range(2):
+            want = {x.identity for x in gallery if shard_of(x.identity, 2) == i}
+            for version in (version_a, version_b):
+                assert {sj for sj, _ in _shard_adds(r, version, i)} == want
+            rep = GalleryReplica(
+                "sface",
+                version_b,
+                128,
+                r,
+                store,
+                m=16,
+                ef_construction=100,
+                ef_search=100,
+                capacity=64,
+                shard=i,
+                shards=2,
+            )
+            assert rep.load_snapshot() and set(rep.index.subject_labels) == want
+    finally:
+        stack.down()
+        redis_server.stop()
+
+
+def _shard_adds(r, version: str, shard: int) -> list[tuple[str, str]]:
+    entries = r.xrange(keys.gallery_log("sface", version, shard, 2))
+    return [(keys.as_str(f[b"subject"]), keys.as_str(f[b"image"])) for _, f in entries if f[b"op"] == b"add"]
