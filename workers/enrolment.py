@@ -1,4 +1,5 @@
-"""Gallery administration from the operator's side: enrol a folder or a manifest, expunge a subject.
+"""Gallery administration from the operator's side: enrol a folder or a manifest, expunge a subject,
+reindex an engine for a new version.
 
 Enrolment uploads each image to the object store under ``gallery/<sha256>`` (or takes an object the
 booking system stored), records the subject, and sends batches to the ``enrol`` queue: an intake
@@ -6,10 +7,16 @@ worker finds each face once and sends it to every engine's enrolment (``quorum.e
 engine workers embed the faces and append templates to each engine's gallery log (its subject's shard's
 log, for a sharded engine), which every replica applies. A rerun of the same items resumes.
 
-Both are audited (``accountability.audit``: ``gallery.enrol``, ``gallery.expunge``). A probe image is never
-enrolled: an image whose SHA-256 names a stored probe (``probes/<sha256>``) or any probe ever
-submitted (the audit trail) stops the enrolment with ``PROBE_ENROL_REFUSED``, audited, before anything
-of its batch is stored (earlier batches stay enrolled; a rerun without the probe resumes after them).
+Reindex (:func:`reindex`, ``quorum gallery reindex``) rebuilds one engine's templates from the stored images
+for the engine version its reindex workers run, into that version's own logs, reusing enrolment's
+resumable batch loop (:func:`run_batches`); :func:`gallery_status` and :func:`drop_version` are the rest of
+an engine upgrade (README "Upgrading an engine: reindex").
+
+All are audited (``accountability.audit``: ``gallery.enrol``, ``gallery.expunge``, ``gallery.reindex``,
+``gallery.drop_version``). A probe image is never enrolled: an image whose SHA-256 names a stored probe
+(``probes/<sha256>``) or any probe ever submitted (the audit trail) stops the enrolment with
+``PROBE_ENROL_REFUSED``, audited, before anything of its batch is stored (earlier batches stay enrolled;
+a rerun without the probe resumes after them).
 """
 
 from __future__ import annotations
