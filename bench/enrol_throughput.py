@@ -88,7 +88,9 @@ def pipeline(engine: str, items: list[tuple[str, Path]], workers: int, port: int
             "failed": len(rep.failed.get(engine, [])),
             "seconds": rep.seconds,
             "redis_used_mb": info["used_memory"] / 2**20,
-            "log_entries": r.xlen(keys.gallery_log(engine)),
+            "log_entries": sum(
+                r.xlen(keys.gallery_log(engine, keys.as_str(v))) for v in r.hkeys(keys.gallery_versions(engine))
+            ),
         }
         return (rep.images / rep.seconds), extra
     finally:

@@ -212,7 +212,7 @@ def main() -> None:
         info = r.info("memory")
         print(
             f"redis used_memory {info['used_memory'] / 2**20:.1f} MB; shard logs "
-            + json.dumps({i: r.xlen(keys.gallery_log("sface", i, args.shards)) for i in range(args.shards)})
+            + json.dumps({i: r.xlen(keys.gallery_log("sface", version, i, args.shards)) for i in range(args.shards)})
         )
     finally:
         stack.down()

@@ -40,6 +40,23 @@ def engine_queue(engine: str) -> str:
     return f"engine.{engine}"
 
 
+def reindex_queue(engine: str) -> str:
+    """Enrolment and snapshots for the engine version a reindex builds (``quorum gallery reindex``),
+    consumed only by ``quorum worker ENGINE --reindex`` workers, never by the ones that search."""
+    return f"engine.{engine}.reindex"
+
+
+def reindex_role(engine: str) -> str:
+    """The worker role of an engine's reindex workers: ``sface.reindex``."""
+    return f"{engine}.reindex"
+
+
+def parse_reindex_role(role: str) -> str | None:
+    """``sface.reindex`` -> "sface"; None for any other role."""
+    engine, sep, rest = role.partition(".")
+    return engine if sep and rest == "reindex" and engine in ENGINE_NAMES else None
+
+
 def shard_queue(engine: str, shard: int, shards: int) -> str:
     """One shard of a sharded engine's gallery: its searches (every replica of the shard consumes it)."""
     return f"shard.{engine}.{shard}of{shards}"
@@ -76,12 +93,16 @@ def parse_shard_role(role: str) -> tuple[str, int, int] | None:
 def role_queue(role: str) -> str | None:
     """The queue a worker role consumes (None: no such role)."""
     parsed = parse_shard_role(role)
-    return shard_queue(*parsed) if parsed else ROLE_QUEUES.get(role)
+    if parsed:
+        return shard_queue(*parsed)
+    reindexing = parse_reindex_role(role)
+    return reindex_queue(reindexing) if reindexing else ROLE_QUEUES.get(role)
 
 
 def queues_of(s) -> tuple[str, ...]:
     """Every queue a deployment with these settings uses: the fixed ones and its engines' shard queues."""
-    return ALL_QUEUES + tuple(shard_queue(e, i, n) for e, n in s.shards if e in s.engines for i in range(n))
+    shards = tuple(shard_queue(e, i, n) for e, n in s.shards if e in s.engines for i in range(n))
+    return ALL_QUEUES + shards + tuple(reindex_queue(e) for e in s.engines)
 
 
 # Every message carries the time it was sent (header ``quorum_sent_at``, seconds since the epoch), so the

@@ -54,12 +54,34 @@ def job_published_key(request_id: str) -> str:
     return f"quorum:job:{request_id}:published"
 
 
-def gallery_log(engine: str, shard: int = 0, shards: int = 1) -> str:
-    """Append-only stream of gallery changes for one engine (or one shard of it: ``shards`` > 1);
-    every replica of that index applies it."""
-    if shards == 1:
-        return f"quorum:gallery:log:{engine}"
-    return f"quorum:gallery:log:{engine}:{shard}of{shards}"
+def version_slug(version: str) -> str:
+    """An engine version as it appears in key names and object paths: its safe characters (others as
+    ``_``, at most 60) and 8 hex digits of its SHA-256, so two versions never share a name."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", version)[:60]
+    return f"{safe}-{hashlib.sha256(version.encode()).hexdigest()[:8]}"
+
+
+def gallery_log(engine: str, version: str, shard: int = 0, shards: int = 1) -> str:
+    """Append-only stream of gallery changes for one engine version (or one shard of it: ``shards`` > 1);
+    every replica of that index applies it. Two versions of an engine (during a reindex) have two logs,
+    each snapshotted and trimmed on its own."""
+    base = f"quorum:gallery:log:{engine}@{version_slug(version)}"
+    return base if shards == 1 else f"{base}:{shard}of{shards}"
+
+
+def gallery_dropped(engine: str) -> str:
+    """Set of engine versions whose gallery state ``quorum gallery drop-version`` deleted: a worker of such a
+    version left running writes no snapshot of it (an add of that version takes it off the set)."""
+    return f"quorum:gallery:dropped:{engine}"
+
+
+def gallery_versions(engine: str) -> str:
+    """Hash engine version -> templates its logs hold (adds less expunged): the versions present, which
+    an expunge writes its removal to, and ``quorum gallery status``'s counts."""
+    return f"quorum:gallery:versions:{engine}"
 
 
 def job_vector_key(request_id: str, engine: str) -> str:
@@ -85,6 +107,18 @@ def engine_alive(engine: str) -> str:
 def shard_alive(engine: str, shard: int, shards: int) -> str:
     """Sorted set of one shard's live workers, as :func:`engine_alive`."""
     return f"quorum:alive:shard:{engine}:{shard}of{shards}"
+
+
+def reindex_alive(engine: str) -> str:
+    """Sorted set of an engine's live reindex workers (``quorum worker ENGINE --reindex``), as
+    :func:`engine_alive`; the version each embeds with is kept beside it (``broker.liveness.members``),
+    which ``quorum gallery reindex`` reads."""
+    return f"quorum:alive:reindex:{engine}"
+
+
+def shard_alive_pattern(engine: str) -> str:
+    """The liveness sets of every shard of an engine (``quorum gallery status`` lists them)."""
+    return f"quorum:alive:shard:{engine}:*"
 
 
 def gallery_enrolled(engine: str) -> str:

@@ -10,20 +10,39 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.keys import as_str
+
 
 def server_time(redis: Any) -> float:
     seconds, micros = redis.time()
     return float(seconds) + float(micros) / 1e6
 
 
-def heartbeat(redis: Any, key: str, node: str, *, ttl_s: float) -> None:
-    """``node`` is alive for ``ttl_s`` more seconds; entries that ran out are dropped."""
+def _versions_key(key: str) -> str:
+    """Hash node -> engine version beside a liveness set (outside the sets' own key pattern)."""
+    return "quorum:alive:versions:" + key.removeprefix("quorum:alive:")
+
+
+def heartbeat(redis: Any, key: str, node: str, *, ttl_s: float, version: str = "") -> None:
+    """``node`` is alive for ``ttl_s`` more seconds (running engine ``version``, if given); entries that
+    ran out are dropped."""
     now = server_time(redis)
-    pipe = redis.pipeline(transaction=True)
+    vkey = _versions_key(key)
+    keep = max(1, int(ttl_s * 2))
+    pipe = redis.pipeline(transaction=True)  # a node enters the set and the versions together
     pipe.zadd(key, {node: now + ttl_s})
     pipe.zremrangebyscore(key, "-inf", now)
-    pipe.expire(key, max(1, int(ttl_s * 2)))
+    pipe.expire(key, keep)
+    if version:
+        pipe.hset(vkey, node, version)
+        pipe.expire(vkey, keep)
     pipe.execute()
+    # Versions of nodes no longer in the set (read the hash first: a node added meanwhile is in both).
+    listed = redis.hkeys(vkey)
+    if listed:
+        gone = set(listed) - set(redis.zrange(key, 0, -1))
+        if gone:
+            redis.hdel(vkey, *gone)
 
 
 def live(redis: Any, key: str) -> int:
@@ -31,6 +50,18 @@ def live(redis: Any, key: str) -> int:
     return int(redis.zcount(key, server_time(redis), "+inf"))
 
 
+def members(redis: Any, key: str) -> dict[str, str]:
+    """The workers whose heartbeats in ``key`` still hold: node -> engine version ("" if not said)."""
+    nodes = [as_str(n) for n in redis.zrangebyscore(key, server_time(redis), "+inf")]
+    if not nodes:
+        return {}
+    versions = redis.hmget(_versions_key(key), nodes)
+    return {n: as_str(v) if v is not None else "" for n, v in zip(nodes, versions, strict=True)}
+
+
 def leave(redis: Any, key: str, node: str) -> None:
     """A worker stopping on purpose: gone at once rather than when its heartbeat runs out."""
-    redis.zrem(key, node)
+    pipe = redis.pipeline(transaction=True)
+    pipe.zrem(key, node)
+    pipe.hdel(_versions_key(key), node)
+    pipe.execute()

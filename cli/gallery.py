@@ -91,4 +91,137 @@ def gallery_expunge(subject: str, reason: str, actor: str | None) -> None:
     click.echo(json.dumps(out))
 
 
+@gallery.command("reindex")
+@click.argument("engine")
+@click.option("--batch", default=32, show_default=True, help="images per task")
+@click.option("--window", default=8, show_default=True, help="batches in flight at once")
+@click.option(
+    "--snapshot-every",
+    default=100_000,
+    show_default=True,
+    help="snapshot the new version's gallery (each shard) after this many images; always at the end",
+)
+@click.option("--actor", default=None, help="who does this (default: $QUORUM_OPERATOR or login)")
+def gallery_reindex(engine: str, batch: int, window: int, snapshot_every: int, actor: str | None) -> None:
+    """Rebuild ENGINE's templates from the stored gallery images with the engine version its reindex
+    workers run (`quorum worker ENGINE --reindex`), shard by shard, while searches go on with the old
+    version. Run it again to resume (and, before switching the search workers, to take in images
+    enrolled since): what is done is skipped. Audited."""
+    import time
+
+    import redis as redis_lib
+
+    from workers.enrolment import GalleryRefused, gallery_items, reindex
+
+    s = settings()
+    require_redis(s.redis_url)
+
+    total = len(gallery_items(redis_lib.Redis.from_url(s.redis_url)))
+    bar = tqdm_bar(f"reindexing {engine} (images)", total)
+    t0, last = time.monotonic(), [0.0]
+
+    def progress(done: int, of: int) -> None:
+        bar(done)
+        now = time.monotonic()
+        if now - last[0] >= 10 or done == of:  # a line in the log too, for runs without a terminal
+            last[0] = now
+            click.echo(f"  {done}/{of} images ({done / max(now - t0, 1e-9):.1f} images/s)", err=True)
+
+    try:
+        report = reindex(
+            s,
+            engine,
+            batch=batch,
+            window=window,
+            snapshot_every=snapshot_every,
+            progress=progress,
+            actor=operator_name(actor),
+        )
+    except GalleryRefused as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(
+        f"{engine} reindexed to {report.version}: {report.images} images, {report.enrolled} templates written, "
+        f"{report.skipped} done by an earlier run, {report.held} held already, "
+        f"{report.expunged_meanwhile} of subjects expunged meanwhile, {len(report.failed)} failed "
+        f"in {report.seconds:.1f}s ({report.images_per_s:.1f} images/s)"
+    )
+    for f in report.failed[:20]:
+        click.echo(f"  failed: {f['subject_id']} {f['image_key']} {f['code']}")
+    for p in report.snapshots:
+        click.echo(f"  snapshot shard {p['shard']}/{p['shards']}: {p['templates']} templates -> {p['index_key']}")
+    print_gallery_status(s, engines=[engine])
+
+
+def print_gallery_status(s, engines: list[str] | None = None) -> None:
+    """Per engine, the versions present: templates, log entries, snapshots, and the live workers of each
+    (searching, shard, reindex): an engine upgrade in progress shows two versions."""
+    from core.objectstore import open_store
+    from workers.enrolment import gallery_status
+
+    for e in gallery_status(s, open_store(s)):
+        if engines and e["engine"] not in engines:
+            continue
+        shards = f" ({e['shards']} shards)" if e["shards"] > 1 else ""
+        click.echo(f"gallery {e['engine']}{shards}:" + ("" if e["versions"] else " empty"))
+        for v in e["versions"]:
+            snaps = ", ".join(f"shard {x['shard']} {x['templates']} at {x['created_at']}" for x in v["snapshots"])
+            workers = [
+                f"{v[k]} {what}"
+                for k, what in (
+                    ("searching_workers", "searching"),
+                    ("shard_workers", "shard"),
+                    ("reindex_workers", "reindex"),
+                )
+                if v[k]
+            ]
+            click.echo(
+                f"  {v['version']}: {v['templates']} templates, {v['log_entries']} log entries; "
+                f"snapshots: {snaps or 'none'}; workers: {', '.join(workers) or 'none'}"
+            )
+
+
+@gallery.command("status")
+def gallery_status_cmd() -> None:
+    """Per engine: the versions its gallery holds (templates, log entries, snapshots) and which versions
+    the live workers run (searching, per shard, reindexing)."""
+    s = settings()
+    require_redis(s.redis_url)
+    print_gallery_status(s)
+
+
+@gallery.command("drop-version")
+@click.argument("engine")
+@click.argument("version")
+@click.option("--actor", default=None, help="who does this (default: $QUORUM_OPERATOR or login)")
+def gallery_drop_version(engine: str, version: str, actor: str | None) -> None:
+    """Delete ENGINE's gallery state of VERSION (logs, snapshots, enrolment marks) once no worker runs it:
+    the last step of an engine upgrade (audited)."""
+    from core.objectstore import open_store
+    from workers.enrolment import GalleryRefused, drop_version
+
+    s = settings()
+    require_redis(s.redis_url)
+    try:
+        click.echo(json.dumps(drop_version(s, open_store(s), engine, version, actor=operator_name(actor))))
+    except GalleryRefused as err:
+        raise click.ClickException(str(err)) from None
+
+
+@gallery.command("migrate-keys")
+def gallery_migrate_keys() -> None:
+    """Once, when upgrading Quorum to the release that keeps gallery state per engine version: move each
+    configured engine's log and snapshot pointer to its version's names (before the new workers start;
+    idempotent)."""
+    import redis as redis_lib
+
+    from core.objectstore import open_store
+    from workers.gallery import migrate_unversioned
+
+    s = settings()
+    require_redis(s.redis_url)
+    r, store = redis_lib.Redis.from_url(s.redis_url), open_store(s)
+    for engine in s.engines:
+        click.echo(json.dumps(migrate_unversioned(r, store, engine, s.shards_of(engine))))
+
+
 COMMANDS = (enroll, gallery)

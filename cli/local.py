@@ -69,9 +69,12 @@ def status() -> None:
         r = redis_lib.Redis.from_url(s.redis_url, socket_connect_timeout=1)
         click.echo("queues:   " + "  ".join(f"{q}={r.llen(q)}" for q in ALL_QUEUES))
         click.echo(f"subjects: {r.hlen(keys.GALLERY_SUBJECTS)}")
-        click.echo("gallery log entries: " + "  ".join(f"{e}={r.xlen(keys.gallery_log(e))}" for e in s.engines))
     except redis_lib.RedisError as exc:
         click.echo(f"redis: unreachable ({exc})")
+    else:
+        from cli.gallery import print_gallery_status
+
+        print_gallery_status(s)
     click.echo(f"engines ({s.deployment} deployment; configured: {', '.join(s.engines)}):")
     for line in engine_provenance_lines(s):
         click.echo("  " + line)

@@ -36,16 +36,27 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     metavar="I/S",
     help="serve shard I of S of an engine's gallery (the engine must be configured with S shards: QUORUM_SHARDS)",
 )
-def worker(role: str, shard: tuple[int, int] | None) -> None:
-    """Run a Celery worker for ROLE's queue (with --shard, for one shard of engine ROLE's gallery)."""
-    from broker.app import shard_role
+@click.option(
+    "--reindex",
+    is_flag=True,
+    help="a reindex worker of engine ROLE: embeds the stored gallery images with the engine version this "
+    "process runs, for `quorum gallery reindex` (serves no search)",
+)
+def worker(role: str, shard: tuple[int, int] | None, reindex: bool) -> None:
+    """Run a Celery worker for ROLE's queue (with --shard, for one shard of engine ROLE's gallery; with
+    --reindex, engine ROLE's reindex queue)."""
+    from broker.app import reindex_role, shard_role
     from core.engines import ENGINE_NAMES
     from workers.serve import run_worker
 
+    if (shard is not None or reindex) and role not in ENGINE_NAMES:
+        raise click.UsageError(f"--shard and --reindex are for an engine role ({', '.join(ENGINE_NAMES)}), not {role}")
+    if shard is not None and reindex:
+        raise click.UsageError("--shard or --reindex, not both (a reindex worker writes every shard's log)")
     if shard is not None:
-        if role not in ENGINE_NAMES:
-            raise click.UsageError(f"--shard is for an engine role ({', '.join(ENGINE_NAMES)}), not {role}")
         role = shard_role(role, *shard)
+    elif reindex:
+        role = reindex_role(role)
     run_worker(role)
 
 

@@ -30,7 +30,7 @@ import redis as redis_lib
 import structlog
 
 from broker import keys
-from broker.app import ROLE_QUEUES, parse_shard_role, shard_role
+from broker.app import ROLE_QUEUES, parse_reindex_role, parse_shard_role, shard_role
 from core.config import Settings
 
 log = structlog.get_logger()
@@ -179,6 +179,8 @@ class Stack:
             env["QUORUM_GATEWAY_CONSUMER"] = f"{socket.gethostname()}-gateway-{i}"
         elif shard := parse_shard_role(role):
             args = [sys.executable, "-m", "cli", "worker", shard[0], "--shard", f"{shard[1]}/{shard[2]}"]
+        elif reindexing := parse_reindex_role(role):  # not part of `up`: started for a reindex
+            args = [sys.executable, "-m", "cli", "worker", reindexing, "--reindex"]
         else:
             args = [sys.executable, "-m", "cli", "worker", role]
         with open(self.log_dir / f"{role}-{i}.log", "ab") as out:

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     # 1: one task at a time, one face per call (Celery's solo pool). BENCHMARKS.md "Micro-batching".
     embed_batch: int = Field(default=8, ge=1, le=256)
     embed_batch_wait_ms: float = Field(default=10.0, ge=0, le=1000)
+    # FOR TESTS ONLY: appended to every engine's version ("<version>+<suffix>"), so a test can run an
+    # "upgraded" engine (the same model under another version) and exercise `quorum gallery reindex`
+    # with real embeddings. Never set it in a deployment: a real upgrade changes the version itself.
+    engine_version_suffix: str = ""
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     min_face_pixels: int = 20  # smaller boxes are refused as FACE_TOO_SMALL

@@ -1,4 +1,5 @@
-"""Gallery administration from the operator's side: enrol a folder or a manifest, expunge a subject.
+"""Gallery administration from the operator's side: enrol a folder or a manifest, expunge a subject,
+reindex an engine for a new version.
 
 Enrolment uploads each image to the object store under ``gallery/<sha256>`` (or takes an object the
 booking system stored), records the subject, and sends batches to the ``enrol`` queue: an intake
@@ -6,10 +7,16 @@ worker finds each face once and sends it to every engine's enrolment (``quorum.e
 engine workers embed the faces and append templates to each engine's gallery log (its subject's shard's
 log, for a sharded engine), which every replica applies. A rerun of the same items resumes.
 
-Both are audited (``accountability.audit``: ``gallery.enrol``, ``gallery.expunge``). A probe image is never
-enrolled: an image whose SHA-256 names a stored probe (``probes/<sha256>``) or any probe ever
-submitted (the audit trail) stops the enrolment with ``PROBE_ENROL_REFUSED``, audited, before anything
-of its batch is stored (earlier batches stay enrolled; a rerun without the probe resumes after them).
+Reindex (:func:`reindex`, ``quorum gallery reindex``) rebuilds one engine's templates from the stored images
+for the engine version its reindex workers run, into that version's own logs, reusing enrolment's
+resumable batch loop (:func:`run_batches`); :func:`gallery_status` and :func:`drop_version` are the rest of
+an engine upgrade (README "Upgrading an engine: reindex").
+
+All are audited (``accountability.audit``: ``gallery.enrol``, ``gallery.expunge``, ``gallery.reindex``,
+``gallery.drop_version``). A probe image is never enrolled: an image whose SHA-256 names a stored probe
+(``probes/<sha256>``) or any probe ever submitted (the audit trail) stops the enrolment with
+``PROBE_ENROL_REFUSED``, audited, before anything of its batch is stored (earlier batches stay enrolled;
+a rerun without the probe resumes after them).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import redis as redis_lib
 import structlog
@@ -33,6 +41,8 @@ from core.errors import Code, InputError
 from core.objectstore import ObjectStore, put_content
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -152,6 +162,78 @@ def refuse_probes(s: Settings, store: ObjectStore, images: list[tuple[str, bytes
         )
 
 
+def run_batches(
+    r,
+    job: str,
+    todo: Sequence[T],
+    *,
+    dispatch: Callable[[list[tuple[int, T]]], dict[str, Any]],
+    absorb: Callable[[str, dict], None],
+    batch: int,
+    window: int,
+    deadline: float,
+    progress: Callable[[int, int], None] | None = None,
+    snapshot: Callable[[], None] | None = None,
+    snapshot_every: int = 0,
+    final_snapshot: bool = True,
+) -> tuple[int, int]:
+    """The resumable batch loop of bulk enrolment and reindex: ``todo`` in batches of ``batch``, at most
+    ``window`` in flight. A batch whose every task answered is marked in the job's Redis bitmap
+    (``keys.enrol_job_done``, 1 bit an item, by position), and a rerun of the same job skips it.
+
+    ``dispatch(chunk)`` sends a batch (``[(position, item)]``, the items not done yet) and returns its
+    Celery results by name; ``absorb(name, answer)`` takes each answer. ``snapshot()`` is called after
+    about every ``snapshot_every`` items finished and, with ``final_snapshot``, at the end (if any
+    finished). Returns (items
+    skipped as done by an earlier run, items finished now)."""
+    from collections import deque
+
+    done_key = keys.enrol_job_done(job)
+    inflight: deque[tuple[list[int], dict[str, Any]]] = deque()
+    skipped = finished = since_snapshot = snapshots = 0
+
+    def collect() -> None:
+        nonlocal finished, since_snapshot, snapshots
+        positions, results = inflight.popleft()
+        for name, res in results.items():
+            absorb(name, res.get(timeout=max(1.0, deadline - time.monotonic()), propagate=True))
+            res.forget()
+        pipe = r.pipeline()
+        for pos in positions:
+            pipe.setbit(done_key, pos, 1)
+        pipe.expire(done_key, 30 * 24 * 3600)
+        pipe.execute()
+        finished += len(positions)
+        since_snapshot += len(positions)
+        if snapshot and snapshot_every and since_snapshot >= snapshot_every:
+            snapshot()
+            snapshots += 1
+            since_snapshot = 0
+        if progress:
+            progress(skipped + finished, len(todo))
+
+    for start in range(0, len(todo), batch):
+        whole = list(enumerate(todo[start : start + batch], start=start))
+        pipe = r.pipeline()
+        for pos, _ in whole:
+            pipe.getbit(done_key, pos)
+        done_bits = pipe.execute()
+        chunk = [(pos, it) for (pos, it), bit in zip(whole, done_bits, strict=True) if not bit]
+        skipped += len(whole) - len(chunk)
+        if not chunk:
+            if progress:
+                progress(skipped + finished, len(todo))
+            continue
+        inflight.append(([pos for pos, _ in chunk], dispatch(chunk)))
+        while len(inflight) >= window:
+            collect()
+    while inflight:
+        collect()
+    if snapshot and final_snapshot and (since_snapshot or snapshots == 0) and finished:
+        snapshot()
+    return skipped, finished
+
+
 def enrol(
     s: Settings,
     store: ObjectStore,
@@ -175,8 +257,6 @@ def enrol(
     ``snapshot_every``: ask the gallery worker for a snapshot (which trims the logs) after about this many
     images (0: never; the CLI's default is 100,000) and at the end.
     """
-    from collections import deque
-
     from celery.result import AsyncResult
 
     from broker.app import ENROL_QUEUE, GALLERY_QUEUE, TASK_ENROL_DETECT, TASK_SNAPSHOT
@@ -187,63 +267,41 @@ def enrol(
     todo = [it if isinstance(it, EnrolItem) else EnrolItem(it[0], path=Path(it[1])) for it in items]
     engines = list(s.engines)
     job = enrol_job_id(todo, engines)
-    done_key = keys.enrol_job_done(job)
     report = EnrolReport(images=len(todo), job_id=job)
     subjects_seen: set[str] = set()
-    inflight: deque[tuple[list[int], dict[str, AsyncResult]]] = deque()
-    deadline = time.monotonic() + timeout
-    finished = since_snapshot = 0
 
-    def collect() -> None:
-        nonlocal finished, since_snapshot
-        positions, results = inflight.popleft()
-        for engine, res in results.items():
-            out = res.get(timeout=max(1.0, deadline - time.monotonic()), propagate=True)
-            report.enrolled[engine] = report.enrolled.get(engine, 0) + out["enrolled"]
-            report.detected_in_engine += out.get("detected_here", 0)
-            if out["failed"]:
-                report.failed.setdefault(engine, []).extend(out["failed"])
-            res.forget()
-        pipe = r.pipeline()
-        for pos in positions:
-            pipe.setbit(done_key, pos, 1)
-        pipe.expire(done_key, 30 * 24 * 3600)
-        pipe.execute()
-        finished += len(positions)
-        since_snapshot += len(positions)
-        if snapshot_every and since_snapshot >= snapshot_every:
-            app.send_task(TASK_SNAPSHOT, queue=GALLERY_QUEUE)
-            report.snapshots += 1
-            since_snapshot = 0
-        if progress:
-            progress(report.skipped + finished, len(todo))
-
-    for start in range(0, len(todo), batch):
-        whole = list(enumerate(todo[start : start + batch], start=start))
-        pipe = r.pipeline()
-        for pos, _ in whole:
-            pipe.getbit(done_key, pos)
-        done_bits = pipe.execute()
-        chunk = [(pos, it) for (pos, it), bit in zip(whole, done_bits, strict=True) if not bit]
-        report.skipped += len(whole) - len(chunk)
-        if not chunk:
-            if progress:
-                progress(report.skipped + finished, len(todo))
-            continue
-        records, positions = _store_batch(s, store, r, chunk, report, actor=actor)
+    def dispatch(chunk: list[tuple[int, EnrolItem]]) -> dict[str, AsyncResult]:
+        records, _ = _store_batch(s, store, r, chunk, report, actor=actor)
         subjects_seen.update(rec["subject_id"] for rec in records)
         task_ids = {e: uuid.uuid4().hex for e in engines}
         app.send_task(
             TASK_ENROL_DETECT, kwargs={"items": records, "engines": engines, "task_ids": task_ids}, queue=ENROL_QUEUE
         )
-        inflight.append((positions, {e: AsyncResult(task_ids[e], app=app) for e in engines}))
-        while len(inflight) >= window:
-            collect()
-    while inflight:
-        collect()
-    if snapshot_every and (since_snapshot or report.snapshots == 0) and finished:
+        return {e: AsyncResult(task_ids[e], app=app) for e in engines}
+
+    def absorb(engine: str, out: dict) -> None:
+        report.enrolled[engine] = report.enrolled.get(engine, 0) + out["enrolled"]
+        report.detected_in_engine += out.get("detected_here", 0)
+        if out["failed"]:
+            report.failed.setdefault(engine, []).extend(out["failed"])
+
+    def snap() -> None:
         app.send_task(TASK_SNAPSHOT, queue=GALLERY_QUEUE)
         report.snapshots += 1
+
+    report.skipped, _ = run_batches(
+        r,
+        job,
+        todo,
+        dispatch=dispatch,
+        absorb=absorb,
+        batch=batch,
+        window=window,
+        deadline=time.monotonic() + timeout,
+        progress=progress,
+        snapshot=snap if snapshot_every else None,
+        snapshot_every=snapshot_every,
+    )
     report.seconds = time.monotonic() - t0
     audit.record(
         s,
@@ -346,14 +404,19 @@ def _record_subjects(r, records: list[dict], dates: dict[str, str], numbers: dic
 
 
 def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor: str = "operator") -> dict:
-    """Remove a subject from every engine's gallery (via the log), the object store and the metadata.
+    """Remove a subject from every engine's gallery (every version of it present: a reindex may be under
+    way), the object store and the metadata.
 
-    Audited (``gallery.expunge``, with the reason) before anything is removed."""
+    Audited (``gallery.expunge``, with the reason) before anything is removed. Then its images go, then
+    its record, and only then the ``remove`` entries: an add is written only while the record exists
+    (``workers.gallery.log_add_entries``), so an enrolment or reindex in flight cannot write the subject
+    back, into any version. Running it again after a failure finishes the job."""
     from workers.gallery import log_remove
 
     r = redis_lib.Redis.from_url(s.redis_url)
     raw = r.hget(keys.GALLERY_SUBJECTS, subject)
     images = json.loads(raw)["images"] if raw else []
+    versions = {e: sorted(keys.as_str(v) for v in r.hkeys(keys.gallery_versions(e))) for e in s.engines}
     audit.record(
         s,
         audit.AuditEvent(
@@ -367,17 +430,288 @@ def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor
                 "known": bool(raw),
                 "engines": list(s.engines),
                 "shards": {e: s.shards_of(e) for e in s.engines},
+                "versions": versions,
             },
         ),
     )
-    for engine in s.engines:
-        log_remove(r, engine, subject, reason, shards=s.shards_of(engine))
-        done_key = keys.gallery_enrolled(engine)
-        stale = [m for m in r.sscan_iter(done_key, match=f"{subject}|*") if m.decode().split("|", 1)[0] == subject]
-        if stale:
-            r.srem(done_key, *stale)
     for key in images:
         store.delete(key)
     r.hdel(keys.GALLERY_SUBJECTS, subject)
-    log.info("gallery.expunged", subject=subject, images=len(images), reason=reason)
+    removed = {e: log_remove(r, e, subject, reason, shards=s.shards_of(e)) for e in s.engines}
+    log.info("gallery.expunged", subject=subject, images=len(images), reason=reason, templates=removed)
     return {"subject_id": subject, "images_deleted": len(images), "engines": list(s.engines), "known": bool(raw)}
+
+
+# ---- reindex: a new engine version's gallery built from the stored images --------------------------------
+
+
+class GalleryRefused(Exception):
+    """A gallery operation the operator must set up first (no reindex worker, a version still served);
+    the CLI prints its message."""
+
+
+@dataclass
+class ReindexReport:
+    engine: str
+    version: str  # the version the reindex workers embed with
+    images: int = 0
+    enrolled: int = 0  # templates written to the new version's log by this run
+    skipped: int = 0  # images a previous run of the same job finished (the job's bitmap)
+    held: int = 0  # images the new version held already (a run of another job, e.g. before an expunge)
+    expunged_meanwhile: int = 0  # images whose subject was expunged while they were being embedded
+    failed: list[dict] = field(default_factory=list)  # [{subject_id, image_key, code}]
+    seconds: float = 0.0
+    snapshots: list[dict] = field(default_factory=list)  # the new version's snapshot pointers (one a shard)
+    job_id: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        """Images this run sent to be embedded (not those skipped or held already), per second of the
+        whole run (final snapshot included)."""
+        return (self.images - self.skipped - self.held) / max(self.seconds, 1e-9)
+
+
+def live_versions(r, kind: str, engine: str) -> dict[str, str]:
+    """Live workers of one kind (``engine``, ``shard``, ``reindex``) for an engine: node -> the engine
+    version it runs (from its heartbeat)."""
+    from broker import liveness
+
+    if kind == "shard":
+        sets = [keys.as_str(k) for k in r.scan_iter(keys.shard_alive_pattern(engine), count=100)]
+    else:
+        sets = [keys.engine_alive(engine) if kind == "engine" else keys.reindex_alive(engine)]
+    out: dict[str, str] = {}
+    for key in sets:
+        out.update(liveness.members(r, key))
+    return out
+
+
+def gallery_items(r) -> list[tuple[str, str]]:
+    """Every enrolled image: (subject, image key), sorted (what a reindex embeds)."""
+    items = []
+    for subject, raw in r.hscan_iter(keys.GALLERY_SUBJECTS, count=1000):
+        for key in json.loads(raw).get("images", []):
+            items.append((keys.as_str(subject), key))
+    return sorted(items)
+
+
+def reindex(
+    s: Settings,
+    engine: str,
+    *,
+    batch: int = 32,
+    window: int = 8,
+    snapshot_every: int = 0,
+    timeout: float = 24 * 3600.0,
+    progress: Callable[[int, int], None] | None = None,
+    actor: str = "operator",
+) -> ReindexReport:
+    """Rebuild one engine's templates from the gallery's stored images with the engine version that its
+    reindex workers run (``quorum worker ENGINE --reindex``), into that version's own logs (one per
+    shard), while the workers of the current version go on searching theirs.
+
+    The images are those of the subjects' records (``keys.GALLERY_SUBJECTS``), sent in batches to the
+    reindex queue (``broker.app.reindex_queue``), where the reindex workers find each face and embed it
+    (nothing is embedded here). Resumable as bulk enrolment is (:func:`run_batches`: the job's bitmap),
+    and the workers skip what the new version holds. An add is written only while its subject's record
+    exists, so an expunge during the reindex wins. Snapshots of the new version (each shard) are
+    written by a reindex worker after about every ``snapshot_every`` images and at the end. Audited
+    (``gallery.reindex``) at the start and at the end."""
+    from celery.result import AsyncResult
+
+    from broker.app import TASK_ENROLL, reindex_queue
+
+    if engine not in s.engines:
+        raise GalleryRefused(f"{engine} is not a configured engine ({', '.join(s.engines)})")
+    t0 = time.monotonic()
+    r = redis_lib.Redis.from_url(s.redis_url)
+    app = make_app(s.redis_url)
+    workers = live_versions(r, "reindex", engine)
+    versions = sorted(set(workers.values()))
+    if len(versions) != 1:
+        found = "no reindex worker is running" if not versions else f"reindex workers run versions {versions}"
+        raise GalleryRefused(
+            f"reindex of {engine}: {found}: start `quorum worker {engine} --reindex` with the new engine version "
+            "(one version only)",
+        )
+    (version,) = versions
+    items = gallery_items(r)
+    job = enrol_job_id([EnrolItem(sj, key=k) for sj, k in items], [f"reindex:{engine}@{keys.version_slug(version)}"])
+    report = ReindexReport(engine=engine, version=version, images=len(items), job_id=job)
+    shards = s.shards_of(engine)
+    details = {"engine": engine, "version": version, "shards": shards, "job": job, "reindex_workers": len(workers)}
+    audit.record(
+        s,
+        audit.AuditEvent(
+            action=audit.GALLERY_REINDEX, outcome="started", actor=actor, details={**details, "images": len(items)}
+        ),
+    )
+    queue = reindex_queue(engine)
+
+    from workers.gallery import enrolled_member
+
+    def dispatch(chunk: list[tuple[int, tuple[str, str]]]) -> dict[str, AsyncResult]:
+        # What the new version holds already (an earlier run of another job: the gallery changed since)
+        # is not sent; the workers check again before embedding.
+        held = r.smismember(keys.gallery_enrolled(engine), [enrolled_member(sj, k, version) for _, (sj, k) in chunk])
+        payload = [{"subject_id": sj, "image_key": k} for (_, (sj, k)), h in zip(chunk, held, strict=True) if not h]
+        report.held += len(chunk) - len(payload)
+        if not payload:
+            return {}
+        return {"enroll": app.send_task(TASK_ENROLL, kwargs={"engine": engine, "items": payload}, queue=queue)}
+
+    def absorb(_: str, out: dict) -> None:
+        if out.get("version") != version:
+            raise GalleryRefused(f"a reindex worker embedded with {out.get('version')}, not {version}: stopped")
+        report.enrolled += out["enrolled"]
+        report.held += out["skipped"]
+        report.expunged_meanwhile += out.get("expunged_meanwhile", 0)
+        report.failed.extend(out["failed"])
+
+    def snap() -> None:
+        report.snapshots = snapshot_version(app, engine, shards, queue, wait=False)
+
+    report.skipped, _ = run_batches(
+        r,
+        job,
+        items,
+        dispatch=dispatch,
+        absorb=absorb,
+        batch=batch,
+        window=window,
+        deadline=time.monotonic() + timeout,
+        progress=progress,
+        snapshot=snap if snapshot_every else None,
+        snapshot_every=snapshot_every,
+        final_snapshot=False,  # the one below, waited for
+    )
+    report.snapshots = snapshot_version(app, engine, shards, queue, wait=True, timeout=timeout)
+    report.seconds = time.monotonic() - t0
+    audit.record(
+        s,
+        audit.AuditEvent(
+            action=audit.GALLERY_REINDEX,
+            outcome="ok",
+            actor=actor,
+            details={
+                **details,
+                "images": report.images,
+                "enrolled": report.enrolled,
+                "skipped_as_done": report.skipped,
+                "held_already": report.held,
+                "expunged_meanwhile": report.expunged_meanwhile,
+                "failed": len(report.failed),
+                "seconds": round(report.seconds, 1),
+                "snapshots": [p["index_key"] for p in report.snapshots],
+            },
+        ),
+    )
+    log.info(
+        "gallery.reindexed",
+        engine=engine,
+        version=version,
+        images=report.images,
+        enrolled=report.enrolled,
+        skipped=report.skipped,
+        failed=len(report.failed),
+        seconds=round(report.seconds, 1),
+        images_per_s=round(report.images_per_s, 1),
+    )
+    return report
+
+
+def snapshot_version(app, engine: str, shards: int, queue: str, *, wait: bool, timeout: float = 1800.0) -> list[dict]:
+    """Ask the workers on ``queue`` (a reindex queue: the version they run) to snapshot every shard of
+    ``engine``; with ``wait``, the pointers written."""
+    from broker.app import TASK_SNAPSHOT
+
+    sent = [app.send_task(TASK_SNAPSHOT, kwargs={"engines": [engine], "shard": i}, queue=queue) for i in range(shards)]
+    if not wait:
+        return []
+    return [p for res in sent for p in res.get(timeout=timeout)["snapshots"]]
+
+
+def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
+    """Per engine: the versions its gallery holds (templates counted at enrolment and expunge; each
+    shard's newest snapshot), and the versions its live workers run (searching, per shard, reindexing)."""
+    from workers.gallery import snapshot_prefix
+
+    r = redis_lib.Redis.from_url(s.redis_url)
+    out = []
+    for engine in s.engines:
+        shards = s.shards_of(engine)
+        counts = {keys.as_str(v): int(n) for v, n in r.hgetall(keys.gallery_versions(engine)).items()}
+        serving = {kind: live_versions(r, kind, engine) for kind in ("engine", "shard", "reindex")}
+        versions = []
+        for version in sorted(set(counts) | {v for w in serving.values() for v in w.values()}):
+            snaps = []
+            for i in range(shards):
+                try:
+                    p = json.loads(store.get(snapshot_prefix(engine, version, i, shards) + "/latest.json"))
+                    snaps.append({"shard": i, "templates": p["templates"], "created_at": p["created_at"]})
+                except InputError:
+                    pass
+            versions.append(
+                {
+                    "version": version,
+                    "templates": counts.get(version, 0),
+                    "log_entries": sum(r.xlen(keys.gallery_log(engine, version, i, shards)) for i in range(shards)),
+                    "snapshots": snaps,
+                    "searching_workers": sum(v == version for v in serving["engine"].values()),
+                    "shard_workers": sum(v == version for v in serving["shard"].values()),
+                    "reindex_workers": sum(v == version for v in serving["reindex"].values()),
+                }
+            )
+        out.append({"engine": engine, "shards": shards, "versions": versions})
+    return out
+
+
+def drop_version(s: Settings, store: ObjectStore, engine: str, version: str, *, actor: str = "operator") -> dict:
+    """Delete an engine version's gallery state once no worker runs it: its logs, snapshots and pointers,
+    its members of ``keys.gallery_enrolled`` and its count (audited as ``gallery.drop_version``)."""
+    from workers.gallery import snapshot_prefix
+
+    r = redis_lib.Redis.from_url(s.redis_url)
+    users = {
+        k: n
+        for k, w in ((k, live_versions(r, k, engine)) for k in ("engine", "shard", "reindex"))
+        for n, v in w.items()
+        if v == version
+    }
+    if users:
+        raise GalleryRefused(f"{engine} {version} still has live workers ({sorted(users)}): stop them first")
+    shards = s.shards_of(engine)
+    audit.record(
+        s,
+        audit.AuditEvent(
+            action=audit.GALLERY_DROP_VERSION, outcome="ok", actor=actor, details={"engine": engine, "version": version}
+        ),
+    )
+    logs = [keys.gallery_log(engine, version, i, shards) for i in range(shards)]
+    deleted = r.delete(*logs)
+    objects = store.list(snapshot_prefix(engine, version) + "/")
+    for key in objects:
+        store.delete(key)
+    done_key = keys.gallery_enrolled(engine)
+    members = 0
+    batch: list = []
+    for m in r.sscan_iter(done_key, match=f"*|{version}", count=1000):
+        if keys.as_str(m).rsplit("|", 1)[-1] == version:
+            batch.append(m)
+        if len(batch) >= 1000:
+            members += r.srem(done_key, *batch)
+            batch = []
+    if batch:
+        members += r.srem(done_key, *batch)
+    pipe = r.pipeline(transaction=True)
+    pipe.hdel(keys.gallery_versions(engine), version)
+    pipe.sadd(keys.gallery_dropped(engine), version)  # a worker of it left running writes no snapshot
+    pipe.execute()
+    log.info("gallery.version_dropped", engine=engine, version=version, logs=deleted, objects=len(objects))
+    return {
+        "engine": engine,
+        "version": version,
+        "logs_deleted": deleted,
+        "objects_deleted": len(objects),
+        "templates": members,
+    }

@@ -1,10 +1,17 @@
 """The gallery: one hnswlib index (cosine) per engine, keyed by subject id, kept in step with a log.
 
-Every change to the gallery is appended to a Redis stream per engine (``quorum:gallery:log:<engine>``):
-``add`` carries a template (label, subject, embedding), ``remove`` a subject to expunge. Each process
-that searches an engine holds a *replica*: it loads the latest snapshot from the object store, then
-applies the log from the snapshot's position, and before each search applies whatever is new. So any
+Every change to the gallery is appended to a Redis stream per engine *version*
+(``quorum:gallery:log:<engine>@<version slug>``, ``broker.keys.gallery_log``): ``add`` carries a template
+(label, subject, embedding), ``remove`` a subject to expunge. Each process that searches an engine holds
+a *replica*: it loads the latest snapshot of its version from the object store, then applies that
+version's log from the snapshot's position, and before each search applies whatever is new. So any
 number of workers per engine serve the same gallery, and a worker that starts late catches up.
+
+Two versions of one engine coexist while ``quorum gallery reindex`` builds the new one from the stored
+images: each has its own log, snapshots and trimming, so neither can lose the other's entries. An add
+is written only while the subject's record exists (one Lua script: check, append, count), and an
+expunge deletes the record before it writes its removal to every version present, so an expunged
+subject is never written back by an enrolment or a reindex that was under way.
 
 :class:`GalleryIndex` is the pure part (no Redis, no store) and is what the unit tests exercise.
 """
@@ -226,19 +233,17 @@ class GalleryReplica:
         self.redis = redis
         self.store = store
         self.shard, self.shards = shard, shards
-        self.log_key = keys.gallery_log(engine, shard, shards)
+        self.log_key = keys.gallery_log(engine, engine_version, shard, shards)
         self.index = GalleryIndex(dim, m=m, ef_construction=ef_construction, ef_search=ef_search, capacity=capacity)
         self.applied_id = "0-0"
         self.skipped_other_version = 0
         self._lock = threading.RLock()  # one catch-up (or snapshot) at a time among a worker's threads
 
-    # Snapshots live under gallery/<engine>/ (a shard's under gallery/<engine>/shard-<i>of<S>/) with a
-    # pointer object naming the newest one.
+    # Snapshots live under gallery/<engine>/<version slug>/ (a shard's under .../shard-<i>of<S>/) with a
+    # pointer object naming the newest one: one pointer per engine version and shard.
     @property
     def _prefix(self) -> str:
-        if self.shards == 1:
-            return f"gallery/{self.engine}"
-        return f"gallery/{self.engine}/shard-{self.shard}of{self.shards}"
+        return snapshot_prefix(self.engine, self.engine_version, self.shard, self.shards)
 
     @property
     def _pointer_key(self) -> str:
@@ -276,6 +281,13 @@ class GalleryReplica:
             return self._save_snapshot()
 
     def _save_snapshot(self) -> dict:
+        from broker import keys
+
+        if self.redis.sismember(keys.gallery_dropped(self.engine), self.engine_version):
+            raise RuntimeError(
+                f"{self.name}: version {self.engine_version} was dropped (quorum gallery drop-version); "
+                "no snapshot written: stop this worker, which still runs it"
+            )
         self.sync()
         data, meta = self.index.to_bytes()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -377,6 +389,46 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def snapshot_prefix(engine: str, version: str, shard: int = 0, shards: int = 1) -> str:
+    """Where one engine version's (one shard's) snapshots and their pointer ``latest.json`` live."""
+    from broker.keys import version_slug
+
+    base = f"gallery/{engine}/{version_slug(version)}"
+    return base if shards == 1 else f"{base}/shard-{shard}of{shards}"
+
+
+def enrolled_member(subject: str, image_key: str, version: str) -> str:
+    """A template's member of ``keys.gallery_enrolled``: enrolment and reindex skip what is there."""
+    return f"{subject}|{image_key}|{version}"
+
+
+# The conditional add, atomic in Redis: for each template whose subject still has its record (an
+# expunge deletes the record first), append it to its log, mark it enrolled, and count it for its
+# version (and take it off the dropped versions, if it was there). KEYS: subjects hash, enrolled set,
+# versions hash, dropped set, then one log key per template. ARGV: version, then label, subject, image,
+# member, vector per template. Returns the labels written.
+_ADD_SCRIPT = """
+local out = {}
+local n = 0
+for i = 5, #KEYS do
+  local a = 2 + (i - 5) * 5
+  local subject = ARGV[a + 1]
+  if redis.call('HEXISTS', KEYS[1], subject) == 1 then
+    redis.call('XADD', KEYS[i], '*', 'op', 'add', 'label', ARGV[a], 'subject', subject,
+               'version', ARGV[1], 'image', ARGV[a + 2], 'vec', ARGV[a + 4])
+    redis.call('SADD', KEYS[2], ARGV[a + 3])
+    n = n + 1
+    out[n] = ARGV[a]
+  end
+end
+redis.call('HINCRBY', KEYS[3], ARGV[1], n)
+if n > 0 then
+  redis.call('SREM', KEYS[4], ARGV[1])
+end
+return out
+"""
+
+
 def log_add_entries(
     redis,
     engine: str,
@@ -387,8 +439,13 @@ def log_add_entries(
     *,
     shards: int = 1,
 ) -> list[int]:
-    """Append templates to an engine's gallery log (each to its subject's shard's log when the engine
-    has ``shards`` > 1); labels come from one atomic counter per engine, unique across its shards."""
+    """Append templates to an engine version's gallery log (each to its subject's shard's log when the
+    engine has ``shards`` > 1) and mark them in ``keys.gallery_enrolled``; labels come from one atomic
+    counter per engine, unique across its shards and versions.
+
+    Only templates whose subject is recorded (``keys.GALLERY_SUBJECTS``) are written, checked and written
+    in one Lua script: a subject expunged while its images were being embedded is not written back.
+    Returns the labels written (those of expunged subjects are left out)."""
     from broker import keys
     from workers.shards import shard_of
 
@@ -397,27 +454,100 @@ def log_add_entries(
         return []
     last = redis.incrby(keys.gallery_label_counter(engine), n)
     labels = list(range(last - n + 1, last + 1))
-    pipe = redis.pipeline(transaction=True)
+    log_keys = [keys.gallery_log(engine, engine_version, shard_of(subj, shards), shards) for subj in subjects]
+    args: list = [engine_version]
     for lab, subj, vec, img in zip(labels, subjects, vectors, images, strict=True):
-        pipe.xadd(
-            keys.gallery_log(engine, shard_of(subj, shards), shards),
-            {
-                "op": "add",
-                "label": lab,
-                "subject": subj,
-                "version": engine_version,
-                "image": img,
-                "vec": _vec_to_bytes(vec),
-            },
-        )
-    pipe.execute()
-    return labels
+        args += [lab, subj, img, enrolled_member(subj, img, engine_version), _vec_to_bytes(vec)]
+    script = redis.register_script(_ADD_SCRIPT)  # EVALSHA: the script's text is sent once per server
+    state = [keys.GALLERY_SUBJECTS, keys.gallery_enrolled(engine), keys.gallery_versions(engine)]
+    written = script(keys=[*state, keys.gallery_dropped(engine), *log_keys], args=args)
+    return [int(x) for x in written]
 
 
-def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1) -> None:
-    """Expunge a subject from an engine: a ``remove`` entry in the log of the shard that holds it."""
+def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1, versions: Iterable[str] = ()) -> int:
+    """Expunge a subject from an engine: a ``remove`` entry in the log of the shard that holds it, in
+    every version of the engine present (``keys.gallery_versions``) and in ``versions``. Its members of
+    ``keys.gallery_enrolled`` go, and each version's count drops by those it had. Returns how many
+    templates that was. Call it after the subject's record is deleted (as ``workers.enrolment.expunge``
+    does), so no add can follow it."""
     from broker import keys
     from workers.shards import shard_of
 
-    log_key = keys.gallery_log(engine, shard_of(subject, shards), shards)
-    redis.xadd(log_key, {"op": "remove", "subject": subject, "reason": reason})
+    present = {as_str(v) for v in redis.hkeys(keys.gallery_versions(engine))} | set(versions)
+    done_key = keys.gallery_enrolled(engine)
+    stale = [m for m in redis.sscan_iter(done_key, match=f"{subject}|*") if as_str(m).split("|", 1)[0] == subject]
+    per_version: dict[str, int] = {}
+    for m in stale:
+        version = as_str(m).rsplit("|", 1)[-1]
+        per_version[version] = per_version.get(version, 0) + 1
+    pipe = redis.pipeline(transaction=True)
+    for version in sorted(present | set(per_version)):
+        pipe.xadd(
+            keys.gallery_log(engine, version, shard_of(subject, shards), shards),
+            {"op": "remove", "subject": subject, "reason": reason},
+        )
+        if per_version.get(version):
+            pipe.hincrby(keys.gallery_versions(engine), version, -per_version[version])
+    if stale:
+        pipe.srem(done_key, *stale)
+    pipe.execute()
+    return len(stale)
+
+
+def migrate_unversioned(redis, store, engine: str, shards: int = 1) -> dict:
+    """Move an engine's gallery state written before it was kept per engine version (the log
+    ``quorum:gallery:log:<engine>[:<i>of<S>]``, the pointer ``gallery/<engine>/[shard-<i>of<S>/]latest.json``)
+    to the names of its version, and count its templates per version; once, when upgrading Quorum to the
+    release that keys gallery state by version (``quorum gallery migrate-keys``), before its workers start.
+
+    Each shard's version is its pointer's (the snapshot its workers loaded), or else that of the newest
+    add in its log. Idempotent: what has been moved is not there to move again. Snapshot objects stay
+    where they are (the pointer names them)."""
+    from broker import keys
+    from core.errors import InputError
+
+    moved: dict = {"engine": engine, "logs": {}, "pointers": {}, "counts": {}}
+    for i in range(shards):
+        legacy_log = f"quorum:gallery:log:{engine}" if shards == 1 else f"quorum:gallery:log:{engine}:{i}of{shards}"
+        legacy_dir = f"gallery/{engine}" if shards == 1 else f"gallery/{engine}/shard-{i}of{shards}"
+        try:
+            pointer = json.loads(store.get(f"{legacy_dir}/latest.json"))
+        except InputError:
+            pointer = None
+        version = (pointer or {}).get("engine_version") or _newest_add_version(redis, legacy_log)
+        if version is None:
+            continue
+        if redis.exists(legacy_log):
+            new_log = keys.gallery_log(engine, version, i, shards)
+            if redis.exists(new_log):
+                raise RuntimeError(f"{engine}: both {legacy_log} and {new_log} exist; merge them by hand")
+            redis.rename(legacy_log, new_log)
+            moved["logs"][legacy_log] = new_log
+        new_pointer = f"{snapshot_prefix(engine, version, i, shards)}/latest.json"
+        if pointer is not None and store.size(new_pointer) is None:
+            store.put(new_pointer, json.dumps(pointer).encode())
+            store.delete(f"{legacy_dir}/latest.json")
+            moved["pointers"][f"{legacy_dir}/latest.json"] = new_pointer
+    if not redis.exists(keys.gallery_versions(engine)):
+        counts: dict[str, int] = {}
+        for m in redis.sscan_iter(keys.gallery_enrolled(engine), count=1000):
+            version = as_str(m).rsplit("|", 1)[-1]
+            counts[version] = counts.get(version, 0) + 1
+        if counts:
+            redis.hset(keys.gallery_versions(engine), mapping=counts)
+        moved["counts"] = counts
+    return moved
+
+
+def _newest_add_version(redis, log_key: str) -> str | None:
+    """The version of the newest ``add`` in a log (None: no add in it)."""
+    last = "+"
+    while True:
+        entries = redis.xrevrange(log_key, max=last, count=500)
+        for _entry_id, fields in entries:
+            f = {as_str(k): v for k, v in fields.items()}
+            if as_str(f.get("op", b"")) == "add":
+                return as_str(f["version"])
+        if len(entries) < 500:
+            return None
+        last = "(" + as_str(entries[-1][0])

@@ -9,7 +9,7 @@ import threading
 
 import structlog
 
-from broker.app import ROLE_QUEUES, app, parse_shard_role, role_queue
+from broker.app import ROLE_QUEUES, app, parse_reindex_role, parse_shard_role, role_queue
 from core import metrics
 from core.config import settings
 from core.logs import configure_logging
@@ -35,7 +35,10 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     loads no gallery; each shard has its own role (``sface.2of4``), which loads only that shard."""
     queue = role_queue(role)
     if queue is None:
-        raise SystemExit(f"unknown role {role!r}; roles: {', '.join(ROLE_QUEUES)}, or ENGINE.IofS for a shard")
+        raise SystemExit(
+            f"unknown role {role!r}; roles: {', '.join(ROLE_QUEUES)}, or ENGINE.IofS for a shard, "
+            "ENGINE.reindex for a reindex worker"
+        )
     s = settings()
     shard = parse_shard_role(role)
     if shard and (shard[0] not in s.engines or s.shards_of(shard[0]) != shard[2]):
@@ -53,15 +56,23 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     runtime.role = role
     _start_metrics()
     node = f"{role}@{socket.gethostname()}-{os.getpid()}"
+    reindexing = parse_reindex_role(role)
     if shard:
         engine, i, n = shard
-        _start_heartbeat(runtime.redis, keys.shard_alive(engine, i, n), node)
+        _start_heartbeat(runtime.redis, keys.shard_alive(engine, i, n), node, _version_of(runtime, engine))
         rep = runtime.replica(engine, i)  # loads only this shard's snapshot and log
         metrics.GALLERY_TEMPLATES.labels(rep.name).set(len(rep.index))
+    elif reindexing:
+        # Embeds the stored images with the engine version this process runs, into that version's logs
+        # (quorum gallery reindex); consumes only the reindex queue and serves no search, so fusion never
+        # counts it as the engine's worker. Its heartbeat names its version, which the reindex reads.
+        version = runtime.engine(reindexing).version
+        _ = runtime.detector
+        _start_heartbeat(runtime.redis, keys.reindex_alive(reindexing), node, lambda: version)
     elif role in s.engines:
         # Beat from the start: a worker that is (re)starting will answer, so fusion waits for it
         # (bounded by the search timeout) rather than degrading the list while it loads.
-        _start_heartbeat(runtime.redis, keys.engine_alive(role), node)
+        _start_heartbeat(runtime.redis, keys.engine_alive(role), node, _version_of(runtime, role))
         if s.shards_of(role) == 1:
             runtime.replica(role)  # loads the model and catches up with the gallery before taking work
             metrics.GALLERY_TEMPLATES.labels(role).set(len(runtime.replica(role).index))
@@ -101,10 +112,16 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     )
 
 
-def _start_heartbeat(redis, key: str, node: str, every_s: float = 3.0) -> None:
+def _version_of(runtime, engine: str):
+    """What an engine worker's heartbeat says: the version its engine runs once loaded (``quorum gallery
+    status`` shows it), ``loading`` before."""
+    return lambda: getattr(runtime._engines.get(engine), "version", "loading")
+
+
+def _start_heartbeat(redis, key: str, node: str, version=lambda: "", every_s: float = 3.0) -> None:
     """Tell fusion this engine (or shard) is alive (busy, perhaps, but not down) while the process lives:
-    the node's score in the sorted set ``key`` is the Redis server time until which it holds; entries
-    that ran out are dropped on each beat (``heartbeat`` in broker.keys)."""
+    the node's score in the sorted set ``key`` is the Redis server time until which it holds, and beside
+    it the engine version it runs (``broker.liveness``); entries that ran out are dropped on each beat."""
 
     from broker import liveness
 
@@ -113,7 +130,7 @@ def _start_heartbeat(redis, key: str, node: str, every_s: float = 3.0) -> None:
     def beat() -> None:
         while not stopped.is_set():
             try:
-                liveness.heartbeat(redis, key, node, ttl_s=every_s * 4)
+                liveness.heartbeat(redis, key, node, ttl_s=every_s * 4, version=version())
             except Exception as exc:  # Redis briefly away: keep beating
                 log.warning("heartbeat.failed", error=str(exc))
             stopped.wait(every_s)

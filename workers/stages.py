@@ -708,7 +708,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     items detection refused, reported with this engine's counts. ``detail`` holds the counts and, per
     image that could not be enrolled, its stable error code (failure to enrol is data, not an exception).
     """
-    from workers.gallery import log_add_entries
+    from workers.gallery import enrolled_member, log_add_entries
 
     r, s = ctx.redis, ctx.settings
     eng = ctx.engine(engine)
@@ -718,7 +718,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     detected_here = skipped = 0
     for item in items:
         subject, key = item["subject_id"], item["image_key"]
-        if r.sismember(done_key, f"{subject}|{key}|{eng.version}"):
+        if r.sismember(done_key, enrolled_member(subject, key, eng.version)):
             skipped += 1
             continue
         try:
@@ -734,12 +734,13 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     vectors = embed_faces(ctx, engine, [(img, face) for _, _, img, face in todo])
     subjects = [t[0] for t in todo]
     images = [t[1] for t in todo]
-    log_add_entries(r, engine, eng.version, subjects, vectors, images, shards=s.shards_of(engine))
-    if todo:
-        r.sadd(done_key, *[f"{sj}|{k}|{eng.version}" for sj, k in zip(subjects, images, strict=True)])
+    # Marks each template in done_key too, and leaves out a subject expunged meanwhile (one Lua script).
+    written = log_add_entries(r, engine, eng.version, subjects, vectors, images, shards=s.shards_of(engine))
     counts = {
         "engine": engine,
-        "enrolled": len(todo),
+        "version": eng.version,
+        "enrolled": len(written),
+        "expunged_meanwhile": len(todo) - len(written),
         "skipped": skipped,
         "failed": failures,
         "detected_here": detected_here,

@@ -336,7 +336,7 @@ def documented_compose_commands() -> list[tuple[str, str, list[str]]]:
             words = shlex_split(m.group(1))
             while words and words[0].startswith("-"):
                 flag = words.pop(0)
-                if flag in {"-e", "-v", "-u", "--user", "--entrypoint", "-w"}:
+                if flag in {"-e", "-v", "-u", "--user", "--entrypoint", "-w", "--name"}:
                     words.pop(0)
             service, argv = words[0], words[1:]
             out.append((str(doc.relative_to(ROOT)), service, argv))

@@ -58,11 +58,17 @@ def sharded(tmp_path_factory, data_dir):
     redis_server.stop()
 
 
+def _version(r, engine: str) -> str:
+    """The one engine version the gallery holds (its logs are named after it)."""
+    (version,) = r.hkeys(keys.gallery_versions(engine))
+    return keys.as_str(version)
+
+
 def _one_index(s, r) -> GalleryIndex:
     """One index over the whole SFace gallery: every shard log's templates."""
     idx = GalleryIndex(128, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search)
     for sh in range(SHARDS):
-        entries = r.xrange(keys.gallery_log("sface", sh, SHARDS))
+        entries = r.xrange(keys.gallery_log("sface", _version(r, "sface"), sh, SHARDS))
         adds = [{keys.as_str(k): v for k, v in f.items()} for _, f in entries]
         adds = [f for f in adds if keys.as_str(f["op"]) == "add"]
         if adds:
@@ -90,10 +96,10 @@ def _search(client: QuorumClient, probes) -> dict[str, tuple]:
 def test_each_template_is_in_its_subjects_shard_and_the_shards_hold_the_gallery(sharded):
     s, *_, report = sharded
     r = redis_lib.Redis.from_url(s.redis_url)
-    assert not r.exists(keys.gallery_log("sface"))  # no unsharded log for a sharded engine
+    assert not r.exists(keys.gallery_log("sface", _version(r, "sface")))  # no unsharded log for a sharded engine
     sizes = []
     for sh in range(SHARDS):
-        entries = r.xrange(keys.gallery_log("sface", sh, SHARDS))
+        entries = r.xrange(keys.gallery_log("sface", _version(r, "sface"), sh, SHARDS))
         subjects = {keys.as_str(f[b"subject"]) for _, f in entries}
         assert subjects and all(shard_of(sj, SHARDS) == sh for sj in subjects)
         sizes.append(len(entries))
@@ -212,8 +218,8 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
     # No template twice: one log entry per (subject, image) of the manifest, over all of sface's shards.
     wanted = {x.subject_id for x in items}
     for engine, logs in (
-        ("sface", [keys.gallery_log("sface", i, SHARDS) for i in range(SHARDS)]),
-        ("dlib", [keys.gallery_log("dlib")]),
+        ("sface", [keys.gallery_log("sface", _version(r, "sface"), i, SHARDS) for i in range(SHARDS)]),
+        ("dlib", [keys.gallery_log("dlib", _version(r, "dlib"))]),
     ):
         pairs = [
             (keys.as_str(f[b"subject"]), keys.as_str(f[b"image"]))

@@ -287,6 +287,16 @@ def test_liveness_is_a_heartbeat_that_still_holds_by_the_redis_clock(w):
     assert liveness.live(w.redis, key) == 2 and w.redis.zscore(key, "dead-node") is None  # dropped on a beat
     liveness.leave(w.redis, key, "node-1")
     assert liveness.live(w.redis, key) == 1
+    # The version each live worker runs is kept beside the set; a node that left takes its version along.
+    liveness.heartbeat(w.redis, key, "node-2", ttl_s=12, version="sface-v2")
+    liveness.heartbeat(w.redis, key, "node-3", ttl_s=12, version="sface-v3")
+    assert liveness.members(w.redis, key) == {"node-2": "sface-v2", "node-3": "sface-v3"}
+    liveness.leave(w.redis, key, "node-3")
+    assert liveness.members(w.redis, key) == {"node-2": "sface-v2"}
+    w.redis.zadd(key, {"node-2": liveness.server_time(w.redis) - 1})  # node-2's beat runs out
+    liveness.heartbeat(w.redis, key, "node-4", ttl_s=12)
+    assert liveness.members(w.redis, key) == {"node-4": ""}
+    assert w.redis.hkeys("quorum:alive:versions:engine:e2") == []  # node-2's version went with it
 
 
 def test_a_missing_engine_with_a_live_worker_gets_another_deadline(w):
@@ -367,29 +377,42 @@ def test_the_watchdog_does_nothing_once_intake_ran_and_a_deadline_without_a_face
 # ---- enrolment --------------------------------------------------------------------------------------------
 
 
-def test_enrolment_logs_templates_once_and_reports_failures_by_code(w, monkeypatch):
-    logged: list[tuple] = []
-    monkeypatch.setattr(
-        "workers.gallery.log_add_entries",
-        lambda r, eng, ver, subjects, vectors, images, **kw: logged.append((subjects, images)),
-    )
+def _record(w, *subjects: str) -> None:
+    """Subjects' records, as bulk enrolment writes them before their images reach the engines."""
+    for sj in subjects:
+        w.redis.hset(keys.GALLERY_SUBJECTS, sj, "{}")
+
+
+def _logged(w, engine: str) -> list[tuple[str, str]]:
+    """(subject, image) of every add in the engine's (unsharded) log."""
+    entries = w.redis.xrange(keys.gallery_log(engine, f"{engine}-v1"))
+    return [(keys.as_str(f[b"subject"]), keys.as_str(f[b"image"])) for _, f in entries if f[b"op"] == b"add"]
+
+
+def test_enrolment_logs_templates_once_and_reports_failures_by_code(w):
     items = [{"subject_id": "p1", "image_key": "g/1.jpg"}, {"subject_id": "p2", "image_key": "g/2.jpg"}]
+    _record(w, "p1", "p2")
     res = stages.enroll(w.ctx(), engine="e1", items=items)
-    assert res.detail == {"engine": "e1", "enrolled": 2, "skipped": 0, "failed": [], "detected_here": 2}
-    assert logged == [(["p1", "p2"], ["g/1.jpg", "g/2.jpg"])]
+    assert res.detail == {
+        "engine": "e1",
+        "version": "e1-v1",
+        "enrolled": 2,
+        "expunged_meanwhile": 0,
+        "skipped": 0,
+        "failed": [],
+        "detected_here": 2,
+    }
+    assert _logged(w, "e1") == [("p1", "g/1.jpg"), ("p2", "g/2.jpg")]
     again = stages.enroll(w.ctx(), engine="e1", items=items)
     assert again.detail["enrolled"] == 0 and again.detail["skipped"] == 2
+    assert len(_logged(w, "e1")) == 2
     w.faces = []
     bad = stages.enroll(w.ctx(), engine="e1", items=[{"subject_id": "p3", "image_key": "g/3.jpg"}])
     assert bad.detail["failed"] == [{"subject_id": "p3", "image_key": "g/3.jpg", "code": Code.NO_FACE.value}]
 
 
-def test_bulk_enrolment_detects_each_face_once_for_every_engine(w, monkeypatch):
-    logged: list[tuple] = []
-    monkeypatch.setattr(
-        "workers.gallery.log_add_entries",
-        lambda r, eng, ver, subjects, vectors, images, **kw: logged.append((eng, subjects, images)),
-    )
+def test_bulk_enrolment_detects_each_face_once_for_every_engine(w):
+    _record(w, "p1", "p2", "p3")
     detections: list[int] = []
     w_detect = w.ctx().detect
     ctx = StageContext(**{**w.ctx().__dict__, "detect": lambda image: detections.append(1) or w_detect(image)})
@@ -404,7 +427,7 @@ def test_bulk_enrolment_detects_each_face_once_for_every_engine(w, monkeypatch):
         out = stages.enroll(ctx, **m.kwargs)
         assert out.detail["enrolled"] == 2 and out.detail["detected_here"] == 0
     assert len(detections) == 2  # the engines used the faces found once
-    assert [e for e, *_ in logged] == list(ENGINES)
+    assert all(_logged(w, e) == [("p1", "g/1.jpg"), ("p2", "g/2.jpg")] for e in ENGINES)
     # An image without a face is reported by every engine with its code, and embedded by none.
     w.faces = []
     none = stages.enrol_detect(ctx, items=[{"subject_id": "p3", "image_key": "g/3.jpg"}], engines=["e1"], task_ids=ids)

@@ -127,7 +127,7 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
-_cache: dict[tuple[str, str], Engine] = {}
+_cache: dict[tuple[str, str, str], Engine] = {}
 _lock = threading.Lock()
 
 
@@ -164,7 +164,8 @@ def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> En
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"unknown device {device!r}; use auto, cpu or gpu")
     check_licence(spec, s or settings())
-    key = (name, device)
+    suffix = (s or settings()).engine_version_suffix
+    key = (name, device, suffix)
     with _lock:
         engine = _cache.get(key)
         if engine is None:
@@ -183,6 +184,9 @@ def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> En
                     "not the weights this engine was measured with",
                     engine=name,
                 )
+            if suffix:  # QUORUM_ENGINE_VERSION_SUFFIX: tests simulating an engine upgrade (core.config)
+                engine.version = f"{engine.version}+{suffix}"
+                log.warning("engine.version_suffixed_for_tests", engine=name, version=engine.version)
             log.info("engine_loaded", engine=name, version=engine.version, device=device, weights_sha256=spec.sha256)
             _cache[key] = engine
         return engine
