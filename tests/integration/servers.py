@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -127,3 +129,33 @@ class S3Server:
 
     def stop(self) -> None:
         subprocess.run(["bash", str(S3_TOOL), "down", str(self.dir)], capture_output=True, timeout=120)
+
+    # The S3 endpoint alone (radosgw), Ceph's monitor and OSD left running: a store outage as an agency
+    # sees it (connections refused), and its return with every object it held.
+    _RGW = "client.rgw.a"
+
+    def stop_gateway(self) -> None:
+        pidfile = self.dir / "run" / f"{self._RGW}.pid"
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("radosgw did not stop")
+
+    def start_gateway(self, timeout: float = 60.0) -> None:
+        subprocess.run(["radosgw", "-c", str(self.dir / "ceph.conf"), "-n", self._RGW], check=True, timeout=60)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{self.env['S3_ENDPOINT']}/", timeout=1):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answers (anonymous requests get 4xx): up
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"radosgw did not come back within {timeout}s")
