@@ -161,7 +161,7 @@ def parse_tensor(buf: bytes) -> np.ndarray:
 def parse_attr(buf: bytes) -> Any:
     """AttrValue -> python value: bytes (s), int (i, type), float (f), bool (b), list[int] (shape),
     ndarray (tensor), or a list of those (list)."""
-    for num, wt, val in fields(buf):
+    for num, _wt, val in fields(buf):
         if num == 1:  # ListValue
             out: list[Any] = []
             for n2, w2, v2 in fields(val):

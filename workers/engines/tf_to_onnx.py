@@ -163,6 +163,22 @@ class _Converter:
         if fmt != "NHWC":
             raise ConversionError(f"{node.name}: data_format {fmt} not supported")
 
+    def _static_value(self, ref: str) -> np.ndarray | None:
+        """A value known before running (a Const or folded phase_train, through Identity chains)."""
+        name = _ref(ref)[0]
+        for _ in range(len(self.nodes)):
+            if name in self.consts:
+                return self.consts[name]
+            node = self.by_name.get(name)
+            if node is None:
+                return None
+            if node.op == "Const":
+                return np.asarray(node.attr["value"])
+            if node.op not in ("Identity", "PlaceholderWithDefault") or not node.inputs:
+                return None
+            name = _ref(node.inputs[0])[0]
+        return None
+
     # -- training switches --------------------------------------------------------------------------
     def _fold_training_switches(self) -> None:
         """phase_train -> False; Switch on a constant predicate and Merge resolved (cv2.dnn's behaviour)."""
@@ -174,7 +190,7 @@ class _Converter:
         aliases: dict[str, str] = {}
         for n in self.nodes:
             if n.op == "Switch":
-                pred = self.consts.get(_ref(n.inputs[1])[0])
+                pred = self._static_value(n.inputs[1])
                 if pred is None:
                     raise ConversionError(f"{n.name}: Switch on a non-constant predicate")
                 port = 1 if bool(pred) else 0
