@@ -110,10 +110,13 @@ def conv2d_nhwc(x: np.ndarray, w: np.ndarray, stride: int, padding: str) -> np.n
 
 
 def maxpool_nhwc(x: np.ndarray, k: int, s: int) -> np.ndarray:  # VALID
-    n, h, w, c = x.shape
+    _n, h, w, _c = x.shape
     oh, ow = (h - k) // s + 1, (w - k) // s + 1
     return np.stack(
-        [np.stack([x[:, i * s : i * s + k, j * s : j * s + k, :].max(axis=(1, 2)) for j in range(ow)], 1) for i in range(oh)],
+        [
+            np.stack([x[:, i * s : i * s + k, j * s : j * s + k, :].max(axis=(1, 2)) for j in range(ow)], 1)
+            for i in range(oh)
+        ],
         1,
     )
 
@@ -151,7 +154,9 @@ def _graph(
     g += _node("bn/cond/switch_t", "Identity", ["bn/cond/Switch:1"])
     g += _node("bn/cond/FusedBatchNorm/Switch", "Switch", ["relu1", "bn/cond/pred_id"])
     g += _node(
-        "bn/cond/FusedBatchNorm", "FusedBatchNorm", ["bn/cond/FusedBatchNorm/Switch:1", "gamma", "beta", "^bn/cond/switch_t"]
+        "bn/cond/FusedBatchNorm",
+        "FusedBatchNorm",
+        ["bn/cond/FusedBatchNorm/Switch:1", "gamma", "beta", "^bn/cond/switch_t"],
     )  # the training branch (batch statistics): must be dropped
     g += _node("bn/cond/FusedBatchNorm_1/Switch", "Switch", ["relu1", "bn/cond/pred_id"])
     g += _node(
