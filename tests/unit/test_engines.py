@@ -222,3 +222,19 @@ def test_facenet_runtime_setting() -> None:
     assert load_settings(env={"QUORUM_FACENET_RUNTIME": "cv2"}).facenet_runtime == "cv2"
     with pytest.raises(ValueError):
         load_settings(env={"QUORUM_FACENET_RUNTIME": "tf"})
+
+
+def test_quorum_models_convert_facenet(tmp_path: Path) -> None:
+    """The CLI writes the same bytes as the engine's first-load conversion (deterministic), and leaves a
+    cached conversion alone."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    eng = get_engine("facenet", "cpu")
+    res = CliRunner().invoke(main, ["models", "convert-facenet"])
+    assert res.exit_code == 0 and "already converted" in res.output, res.output
+    out = tmp_path / "facenet.onnx"
+    res = CliRunner().invoke(main, ["models", "convert-facenet", "--out", str(out)])
+    assert res.exit_code == 0 and "Conv2D -> Conv" in res.output, res.output
+    assert out.read_bytes() == Path(eng.onnx_file).read_bytes()  # type: ignore[attr-defined]

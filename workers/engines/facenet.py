@@ -69,13 +69,19 @@ def models_dir() -> Path:
     return Path(s.models_dir) if s.models_dir else Path(s.home) / "models"
 
 
+def onnx_cache_name(pb: str) -> str:
+    """The cached conversion's file name: the graph's SHA-256 and the converter's version."""
+    from workers.engines.tf_to_onnx import CONVERTER_VERSION
+
+    return f"facenet-{file_sha256(pb)}-c{CONVERTER_VERSION}.onnx"
+
+
 def onnx_model(pb: str, cache_dir: Path | None = None) -> Path:
     """The ONNX conversion of ``pb``, converted now unless cached already (keyed by the .pb's SHA-256
     and the converter's version; written atomically, so concurrent first loads are harmless)."""
-    from workers.engines.tf_to_onnx import CONVERTER_VERSION, convert_file
+    from workers.engines.tf_to_onnx import convert_file
 
-    cache_dir = cache_dir or models_dir()
-    out = cache_dir / f"facenet-{file_sha256(pb)}-c{CONVERTER_VERSION}.onnx"
+    out = (cache_dir or models_dir()) / onnx_cache_name(pb)
     if not out.exists():
         report = convert_file(pb, out)
         log.info("facenet.converted_to_onnx", pb=pb, out=str(out), seconds=round(report.seconds, 2), bytes=report.bytes)
