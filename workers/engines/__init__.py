@@ -1,7 +1,7 @@
 """The embedding-engine interface and registry.
 
 Engines of different architectures, training sets and runtimes (SFace and ArcFace/onnxruntime,
-dlib ResNet, FaceNet/cv2.dnn) so that their errors are as independent as possible. Each is loaded
+dlib ResNet, FaceNet converted from TensorFlow to ONNX) so that their errors are as independent as possible. Each is loaded
 lazily, once per process (models take seconds and hundreds of MB), and every failure inside a model
 call is turned into ``ServiceError(ENGINE_FAILED)`` here so callers see one stable, retryable code.
 """
