@@ -1,9 +1,11 @@
 """The embedding-engine interface and registry.
 
-Engines of different architectures, training sets and runtimes (SFace and ArcFace/onnxruntime,
-dlib ResNet, FaceNet converted from TensorFlow to ONNX) so that their errors are as independent as possible. Each is loaded
-lazily, once per process (models take seconds and hundreds of MB), and every failure inside a model
-call is turned into ``ServiceError(ENGINE_FAILED)`` here so callers see one stable, retryable code.
+Engines of different architectures, training sets and runtimes (SFace and ArcFace on onnxruntime,
+dlib ResNet, FaceNet converted from TensorFlow to ONNX) so that their errors are as independent as
+possible. The onnxruntime engines share :func:`providers_for`, :func:`ort_session` and :func:`ort_run`
+(CUDA with IO binding where present). Each is loaded lazily, once per process (models take seconds
+and hundreds of MB), and every failure inside a model call is turned into
+``ServiceError(ENGINE_FAILED)`` here so callers see one stable, retryable code.
 """
 
 from __future__ import annotations
