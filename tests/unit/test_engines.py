@@ -238,3 +238,16 @@ def test_quorum_models_convert_facenet(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["models", "convert-facenet", "--out", str(out)])
     assert res.exit_code == 0 and "Conv2D -> Conv" in res.output, res.output
     assert out.read_bytes() == Path(eng.onnx_file).read_bytes()  # type: ignore[attr-defined]
+
+
+def test_facenet_converts_in_memory_when_the_models_dir_cannot_be_written(
+    tmp_path: Path, ci_faces: list[tuple[np.ndarray, Face]]
+) -> None:
+    from workers.engines.facenet import FaceNetEngine
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the models folder should be")
+    eng = FaceNetEngine("cpu", cache_dir=blocker / "models")
+    assert eng.onnx_file == "" and eng.provider == "CPUExecutionProvider"
+    ref = get_engine("facenet", "cpu").embed(*ci_faces[0])
+    assert float(eng.embed(*ci_faces[0]) @ ref) > 0.9999

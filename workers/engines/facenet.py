@@ -154,9 +154,19 @@ class FaceNetEngine(BaseEngine):
         elif self.runtime == "onnx":
             import onnxruntime as ort
 
-            self.onnx_file = str(onnx_model(self.weights_file, cache_dir))
+            model: str | bytes
+            try:
+                model = self.onnx_file = str(onnx_model(self.weights_file, cache_dir))
+            except OSError as exc:  # a read-only or full models dir: convert in memory, every load
+                from workers.engines.tf_to_onnx import convert_graphdef
+
+                log.warning("facenet.onnx_cache_unwritable", models_dir=str(cache_dir or models_dir()), error=str(exc))
+                model, self.onnx_file = (
+                    convert_graphdef(Path(self.weights_file).read_bytes())[0].SerializeToString(),
+                    "",
+                )
             self.providers = providers_for(device)
-            self._session = ort_session(self.onnx_file, device)
+            self._session = ort_session(model, device)
             self._input = self._session.get_inputs()[0].name
             self.provider = ort_provider(self._session)
             self.provenance = (
