@@ -2,8 +2,8 @@
 
 Each group lives in its own module: ``processes`` (gateway, worker), ``local`` (up, down, status),
 ``gallery`` (enroll, gallery), ``search``, ``sheet``, ``review``, ``demo``, ``db``, ``deploy``, ``registry``,
-``audit`` (audit, report), ``dispositions``, ``retention`` (case, probes) and ``evaluate`` (eval,
-calibrate). Errors a user can act on are turned into messages by :class:`cli.common.QuorumGroup`.
+``audit`` (audit, report), ``dispositions``, ``retention`` (case, probes), ``models`` (convert-facenet) and
+``evaluate`` (eval, calibrate). Errors a user can act on are turned into messages by :class:`cli.common.QuorumGroup`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from cli import (
     dispositions,
     gallery,
     local,
+    models,
     processes,
     registry,
     retention,
@@ -51,6 +52,7 @@ for _module in (
     audit,
     dispositions,
     retention,
+    models,
 ):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -113,7 +113,11 @@ class Settings(BaseSettings):
     # In the environment "sface=4,dlib=2"; an engine not named has one shard (its workers hold it all).
     # Changing an engine's count moves subjects between shards: re-enrol that engine after changing it.
     shards: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()  # (engine, count) pairs; hashable
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the ONNX engine
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the onnxruntime engines
+    # FaceNet runs as ONNX converted from its TF graph (workers/engines/tf_to_onnx.py) on onnxruntime,
+    # or on cv2.dnn as before (kept for comparison: same templates, BENCHMARKS.md "FaceNet on ONNX").
+    facenet_runtime: Literal["onnx", "cv2"] = "onnx"
+    models_dir: str = ""  # models converted at first load (FaceNet's ONNX); empty: <home>/models
     # Micro-batching (workers.batching): an engine worker runs this many search tasks at once and
     # embeds their faces in shared model calls of at most this many faces; a face waits for others
     # only while another of the worker's tasks is still preparing one, and at most embed_batch_wait_ms.

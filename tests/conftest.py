@@ -5,6 +5,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# FaceNet's ONNX conversion (workers/engines/facenet.py) is cached here once for every test, and for
+# the processes integration tests start (they pass os.environ on), not again in each temporary home.
+os.environ.setdefault("QUORUM_MODELS_DIR", str(REPO / ".quorum" / "models"))
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -41,6 +41,7 @@ TOP_LEVEL = {
     "probes",
     "eval",
     "calibrate",
+    "models",
     "stack-supervise",
 }  # hidden: the local stack's supervisor process
 

@@ -133,3 +133,121 @@ def test_a_research_only_engine_needs_the_operators_acceptance_in_production() -
     check_licence(engine_spec("dlib"), load_settings(env={}, deployment="production"))
     with pytest.raises(ServiceError):
         get_engine("facenet", "cpu", load_settings(env={}, deployment="production", accept_research_licences="sface"))
+
+
+@pytest.fixture(scope="module")
+def ci_faces(data_dir: Path) -> list[tuple[np.ndarray, Face]]:
+    """24 real ci faces (the first 24 gallery images of split.csv, the central face of each)."""
+    import csv
+
+    det = Detector()
+    out = []
+    with open(data_dir / "ci" / "split.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["role"] == "gallery"][:24]
+    for r in rows:
+        img = decode_image((data_dir / "ci" / "faces" / r["identity"] / r["file"]).read_bytes(), **LIMITS)
+        faces = det.detect(img)
+        assert faces, r["file"]
+        h, w = img.shape[:2]
+        face = min(faces, key=lambda f: abs(f.box[0] + f.box[2] / 2 - w / 2) + abs(f.box[1] + f.box[3] / 2 - h / 2))
+        out.append((img, face))
+    return out
+
+
+def test_facenet_runs_the_converted_onnx_on_onnxruntime_and_says_so() -> None:
+    from workers.engines.facenet import FaceNetEngine
+
+    eng = get_engine("facenet", "cpu")
+    assert isinstance(eng, FaceNetEngine) and eng.runtime == "onnx"
+    assert eng.provider == "CPUExecutionProvider" and eng.providers == ["CPUExecutionProvider"]
+    assert "onnxruntime==" in eng.provenance and "tf_to_onnx" in eng.provenance
+    session = eng._session
+    assert session.get_inputs()[0].shape == ["N", 3, 160, 160]
+    assert session.get_outputs()[0].shape == ["N", 512]
+
+
+def test_facenet_onnx_matches_cv2_dnn_on_real_faces(ci_faces: list[tuple[np.ndarray, Face]]) -> None:
+    """The equality check of the conversion: every one of 24 real faces, cosine >= 0.9999 between the
+    converted ONNX on onnxruntime and the original TF graph on cv2.dnn (same crops, no flip), and the
+    full engines (flip-averaged) agree as well, so both runtimes share one engine version."""
+    from workers.engines.facenet import FaceNetEngine
+
+    onnx_eng = get_engine("facenet", "cpu")
+    cv2_eng = FaceNetEngine("cpu", runtime="cv2")
+    assert onnx_eng.version == cv2_eng.version
+    crops = [onnx_eng._crop(img, face) for img, face in ci_faces]  # type: ignore[attr-defined]
+    ours = onnx_eng._forward(crops)  # type: ignore[attr-defined]
+    ref = cv2_eng._forward(crops)
+    cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    assert len(cos) >= 20 and float(cos.min()) >= 0.9999, (float(cos.min()), float(np.median(cos)))
+    full = (onnx_eng.embed_batch(ci_faces) * cv2_eng.embed_batch(ci_faces)).sum(1)
+    assert float(full.min()) >= 0.9999
+
+
+def test_facenet_onnx_batch_equals_one_at_a_time(ci_faces: list[tuple[np.ndarray, Face]]) -> None:
+    from workers.engines import ort_run
+
+    eng = get_engine("facenet", "cpu")
+    crops = [eng._crop(img, face) for img, face in ci_faces[:16]]  # type: ignore[attr-defined]
+    batch = eng._forward(crops)  # type: ignore[attr-defined]
+    one_by_one = np.concatenate([eng._forward([c]) for c in crops])  # type: ignore[attr-defined]
+    np.testing.assert_allclose(batch, one_by_one, rtol=1e-4, atol=1e-5)
+    # the IO-binding path (taken on CUDA) gives the same, exercised here with the output bound on the CPU
+    from workers.engines.facenet import prewhiten
+
+    blob = np.ascontiguousarray(prewhiten(np.stack(crops[:4])).transpose(0, 3, 1, 2), dtype=np.float32)
+    bound = ort_run(eng._session, eng._input, blob, bind="cpu")  # type: ignore[attr-defined]
+    np.testing.assert_allclose(bound, batch[:4], rtol=1e-4, atol=1e-5)
+
+
+def test_facenet_conversion_is_cached_by_the_graphs_sha256(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.engines import facenet, file_sha256, tf_to_onnx
+
+    eng = get_engine("facenet", "cpu")
+    path = Path(eng.onnx_file)  # type: ignore[attr-defined]
+    assert file_sha256(eng.weights_file) in path.name and path.parent == facenet.models_dir()  # type: ignore[attr-defined]
+
+    def no_conversion(*_a: object) -> None:
+        raise AssertionError("converted again although cached")
+
+    monkeypatch.setattr(tf_to_onnx, "convert_file", no_conversion)
+    assert facenet.onnx_model(eng.weights_file) == path  # type: ignore[attr-defined]
+    assert facenet.FaceNetEngine("cpu").onnx_file == str(path)
+
+
+def test_facenet_runtime_setting() -> None:
+    from core.config import load_settings
+
+    assert load_settings(env={}).facenet_runtime == "onnx"
+    assert load_settings(env={"QUORUM_FACENET_RUNTIME": "cv2"}).facenet_runtime == "cv2"
+    with pytest.raises(ValueError):
+        load_settings(env={"QUORUM_FACENET_RUNTIME": "tf"})
+
+
+def test_quorum_models_convert_facenet(tmp_path: Path) -> None:
+    """The CLI writes the same bytes as the engine's first-load conversion (deterministic), and leaves a
+    cached conversion alone."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    eng = get_engine("facenet", "cpu")
+    res = CliRunner().invoke(main, ["models", "convert-facenet"])
+    assert res.exit_code == 0 and "already converted" in res.output, res.output
+    out = tmp_path / "facenet.onnx"
+    res = CliRunner().invoke(main, ["models", "convert-facenet", "--out", str(out)])
+    assert res.exit_code == 0 and "Conv2D -> Conv" in res.output, res.output
+    assert out.read_bytes() == Path(eng.onnx_file).read_bytes()  # type: ignore[attr-defined]
+
+
+def test_facenet_converts_in_memory_when_the_models_dir_cannot_be_written(
+    tmp_path: Path, ci_faces: list[tuple[np.ndarray, Face]]
+) -> None:
+    from workers.engines.facenet import FaceNetEngine
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the models folder should be")
+    eng = FaceNetEngine("cpu", cache_dir=blocker / "models")
+    assert eng.onnx_file == "" and eng.provider == "CPUExecutionProvider"
+    ref = get_engine("facenet", "cpu").embed(*ci_faces[0])
+    assert float(eng.embed(*ci_faces[0]) @ ref) > 0.9999

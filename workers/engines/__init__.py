@@ -1,9 +1,11 @@
 """The embedding-engine interface and registry.
 
-Engines of different architectures, training sets and runtimes (SFace and ArcFace/onnxruntime,
-dlib ResNet, FaceNet/cv2.dnn) so that their errors are as independent as possible. Each is loaded
-lazily, once per process (models take seconds and hundreds of MB), and every failure inside a model
-call is turned into ``ServiceError(ENGINE_FAILED)`` here so callers see one stable, retryable code.
+Engines of different architectures, training sets and runtimes (SFace and ArcFace on onnxruntime,
+dlib ResNet, FaceNet converted from TensorFlow to ONNX) so that their errors are as independent as
+possible. The onnxruntime engines share :func:`providers_for`, :func:`ort_session` and :func:`ort_run`
+(CUDA with IO binding where present). Each is loaded lazily, once per process (models take seconds
+and hundreds of MB), and every failure inside a model call is turned into
+``ServiceError(ENGINE_FAILED)`` here so callers see one stable, retryable code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import structlog
@@ -65,6 +67,50 @@ def package_version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "unknown"
+
+
+def providers_for(device: str) -> list[str]:
+    """onnxruntime providers: CUDA first where asked for (gpu) or allowed (auto) and present; CPU always
+    as the fallback. Every onnxruntime engine picks its providers here."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device in ("gpu", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(model: bytes | str, device: str, threads: int = 0) -> Any:
+    """An onnxruntime session (all graph optimisations) on :func:`providers_for`'s providers;
+    ``threads``: intra-op threads on the CPU (0: onnxruntime's default, one per core)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model, opts, providers=providers_for(device))
+
+
+def ort_provider(session: Any) -> str:
+    """The provider a session actually runs on (onnxruntime falls back to CPU if CUDA fails to load)."""
+    return str(session.get_providers()[0])
+
+
+def ort_run(session: Any, input_name: str, blob: np.ndarray, bind: str | None = None) -> np.ndarray:
+    """The first output for one input. On the CUDA provider through IO binding (the output stays on the
+    device until the one copy back, the input is copied once): ``bind`` is the output's device, by
+    default ``cuda`` when the session runs on CUDA, else a plain ``run``; ``bind="cpu"`` exercises the
+    binding path on a CPU session (tests)."""
+    if bind is None and ort_provider(session) == "CUDAExecutionProvider":
+        bind = "cuda"
+    if bind is None:
+        return np.asarray(session.run(None, {input_name: blob})[0])
+    binding = session.io_binding()
+    binding.bind_cpu_input(input_name, np.ascontiguousarray(blob))
+    output = session.get_outputs()[0].name
+    binding.bind_output(output, bind)
+    session.run_with_iobinding(binding)
+    return np.asarray(binding.copy_outputs_to_cpu()[0])
 
 
 class BaseEngine(ABC):
@@ -187,6 +233,13 @@ def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> En
             if suffix:  # QUORUM_ENGINE_VERSION_SUFFIX: tests simulating an engine upgrade (core.config)
                 engine.version = f"{engine.version}+{suffix}"
                 log.warning("engine.version_suffixed_for_tests", engine=name, version=engine.version)
-            log.info("engine_loaded", engine=name, version=engine.version, device=device, weights_sha256=spec.sha256)
+            log.info(
+                "engine_loaded",
+                engine=name,
+                version=engine.version,
+                device=device,
+                provider=getattr(engine, "provider", spec.runtime),
+                weights_sha256=spec.sha256,
+            )
             _cache[key] = engine
         return engine

@@ -21,8 +21,7 @@ import numpy as np
 import onnx
 
 from workers.detect import Face, align_arcface
-from workers.engines import BaseEngine, package_dir, package_version
-from workers.engines.sface import providers_for
+from workers.engines import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
 
 MODEL_FILE = "w600k_mbf.onnx"
 
@@ -65,10 +64,9 @@ class ArcFaceEngine(BaseEngine):
             f"onnxruntime=={ort.__version__}"
         )
         model = batch_symbolic(onnx.load(self.weights_file))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = providers_for(device)
-        self._session = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+        self._session = ort_session(model.SerializeToString(), device)
+        self.provider = ort_provider(self._session)  # what it runs on: CUDAExecutionProvider or CPU
         self._input = self._session.get_inputs()[0].name
         self._lock = threading.Lock()
 
@@ -76,5 +74,5 @@ class ArcFaceEngine(BaseEngine):
         return np.ascontiguousarray(align_arcface(image_bgr, face, 112)[..., ::-1])  # BGR -> RGB
 
     def _forward(self, crops: list[np.ndarray]) -> np.ndarray:
-        out = self._session.run(None, {self._input: arcface_blob(crops)})[0]
+        out = ort_run(self._session, self._input, arcface_blob(crops))
         return np.asarray(out, dtype=np.float32).reshape(len(crops), -1)

