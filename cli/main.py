@@ -27,7 +27,7 @@ from cli import (
     sheet,
 )
 from cli.common import QuorumGroup, load_settings_or_fail
-from cli.evaluate import calibrate_command, eval_command
+from cli.evaluate import calibrate_command, eval_command, eval_subsets_command
 from core.logs import configure_logging
 
 
@@ -58,6 +58,7 @@ for _module in (
         main.add_command(_command)
 main.add_command(eval_command)
 main.add_command(calibrate_command)
+main.add_command(eval_subsets_command)
 
 if __name__ == "__main__":
     main()
