@@ -510,6 +510,7 @@ def eval_subsets_command(
         n_boot=bootstrap,
         seed=seed,
         cost_ms=None if cost is None else {e: c["ms_per_face"] for e, c in cost.items()},
+        jobs=jobs,
         echo=echo,
     )
     full = {

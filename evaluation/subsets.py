@@ -38,6 +38,29 @@ def set_name(engines: Sequence[str]) -> str:
     return "+".join(engines)
 
 
+_FORKED: tuple = ()  # (run, calibration) inherited by forked fusion workers
+
+
+def _fuse_one(task: tuple[tuple[str, ...], str]) -> Outcome:
+    run, calibration = _FORKED
+    return fusion_outcome(run, task[1], calibration, engines=list(task[0]))
+
+
+def _fuse_all(run: Run, calibration, tasks: list[tuple[tuple[str, ...], str]], jobs: int) -> list[Outcome]:
+    """:func:`evaluation.runs.fusion_outcome` of every (engine set, method), in ``jobs`` forked processes."""
+    global _FORKED
+    _FORKED = (run, calibration)
+    try:
+        if jobs <= 1 or len(tasks) <= 1:
+            return [_fuse_one(t) for t in tasks]
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            return pool.map(_fuse_one, tasks, chunksize=1)
+    finally:
+        _FORKED = ()
+
+
 def _paired(o: Outcome, mi: np.ndarray, ni: np.ndarray) -> Paired:
     return Paired(o.mate_rank[mi] == 1, o.mate_score[mi], o.top_score[ni])
 
@@ -58,6 +81,7 @@ def subset_rows(
     seed: int = 0,
     cost_ms: Mapping[str, float] | None = None,
     sizes: Sequence[int] | None = None,
+    jobs: int = 1,
     echo: Callable[[str], None] = lambda m: None,
 ) -> dict:
     """Rows (one per engine set and method) with metrics on ``part`` and significance against the
@@ -75,6 +99,7 @@ def subset_rows(
     rows: list[dict] = []
     outcomes: dict[tuple[tuple[str, ...], str], Outcome] = {}
     skipped: dict[str, list[str]] = {}
+    tasks: list[tuple[tuple[str, ...], str]] = []
     for es in engine_sets(engines, sizes):
         if len(es) == 1:
             outcomes[(es, "engine")] = engine_outcome(run, es[0])
@@ -87,8 +112,10 @@ def subset_rows(
                 if problems:
                     skipped[f"{set_name(es)}/{meth}"] = problems
                     continue
-            echo(f"fusing {set_name(es)} with {meth} ...")
-            outcomes[(es, meth)] = fusion_outcome(run, meth, calibration, engines=list(es))
+            tasks.append((es, meth))
+    echo(f"fusing: {len(tasks)} engine set / method pairs over {len(run.probes)} probes, {jobs} process(es) ...")
+    for task, o in zip(tasks, _fuse_all(run, calibration, tasks, jobs), strict=True):
+        outcomes[task] = o
 
     metrics = {k: outcome_metrics(o, mi, ni, fpir_targets=fpirs) for k, o in outcomes.items()}
     fit_metrics = {k: outcome_metrics(o, fmi, fni, fpir_targets=fpirs) for k, o in outcomes.items()}

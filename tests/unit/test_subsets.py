@@ -86,3 +86,10 @@ def test_subset_rows_against_the_best_single_engine():
     assert rep["fit_picks"]["A+B+C"] in ("zsum", "rrf")
     table = format_table(rep)
     assert "(best single engine)" in table and "A+B+C" in table
+
+
+def test_subset_rows_same_with_forked_fusion_workers():
+    run = _toy_run()
+    one = subset_rows(run, None, ["A", "B", "C"], ["zsum", "rrf"], n_boot=20, jobs=1)
+    two = subset_rows(run, None, ["A", "B", "C"], ["zsum", "rrf"], n_boot=20, jobs=2)
+    assert one == two
