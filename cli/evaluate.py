@@ -1,6 +1,6 @@
-"""``quorum eval`` and ``quorum calibrate``: 1:N accuracy on a labelled folder, and fitting fusion.
+"""``quorum eval``, ``quorum calibrate`` and ``quorum eval-subsets``: 1:N accuracy, fitting fusion, engine sets.
 
-Both run the protocol of :mod:`evaluation.protocol` in process (the production detector, engines,
+All three run the protocol of :mod:`evaluation.protocol` in process (the production detector, engines,
 gallery index and fusion code); embeddings are cached (``--cache``) so re-runs and fusion experiments
 cost seconds. See BENCHMARKS.md for the numbers on lfw-dev and the exact commands.
 """

@@ -3,7 +3,8 @@
 Each group lives in its own module: ``processes`` (gateway, worker), ``local`` (up, down, status),
 ``gallery`` (enroll, gallery), ``search``, ``sheet``, ``review``, ``demo``, ``db``, ``deploy``, ``registry``,
 ``audit`` (audit, report), ``dispositions``, ``retention`` (case, probes), ``models`` (convert-facenet) and
-``evaluate`` (eval, calibrate). Errors a user can act on are turned into messages by :class:`cli.common.QuorumGroup`.
+``evaluate`` (eval, calibrate, eval-subsets). Errors a user can act on are turned into messages by
+:class:`cli.common.QuorumGroup`.
 """
 
 from __future__ import annotations
