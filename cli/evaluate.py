@@ -1,6 +1,6 @@
-"""``quorum eval`` and ``quorum calibrate``: 1:N accuracy on a labelled folder, and fitting fusion.
+"""``quorum eval``, ``quorum calibrate`` and ``quorum eval-subsets``: 1:N accuracy, fitting fusion, engine sets.
 
-Both run the protocol of :mod:`evaluation.protocol` in process (the production detector, engines,
+All three run the protocol of :mod:`evaluation.protocol` in process (the production detector, engines,
 gallery index and fusion code); embeddings are cached (``--cache``) so re-runs and fusion experiments
 cost seconds. See BENCHMARKS.md for the numbers on lfw-dev and the exact commands.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -397,3 +398,139 @@ def calibrate_command(
         f"default method: {best} ({metrics[best]['rank1_misses']} rank-1 misses on the fit part; "
         f"best single engine {best_single}: {metrics[best_single]['rank1_misses']}); wrote {out}"
     )
+
+
+@click.command("eval-subsets")
+@_protocol_options
+@click.option(
+    "--methods",
+    default="zsum,rrf,zsum_cal,llr,logit",
+    show_default=True,
+    help="fusion methods for every set of two or more engines",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="calibration JSON to use; default: fit one on the fit part of this run, as quorum calibrate "
+    "does (written to --out, never over the shipped file)",
+)
+@click.option(
+    "--part",
+    type=click.Choice(["test", "fit", "all"]),
+    default="test",
+    show_default=True,
+    help="probe part that is reported and tested (the fit-part pick of each set's method is marked)",
+)
+@click.option("--fpir", default=0.01, show_default=True, help="FPIR of the FNIR@FPIR column and its bootstrap")
+@click.option("--bootstrap", default=1000, show_default=True, help="bootstrap replicates (people resampled)")
+@click.option("--time-faces", default=32, show_default=True, help="faces to time each engine's embed on (0: skip)")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="report folder [default: $QUORUM_HOME/eval-reports/<time>]",
+)
+def eval_subsets_command(
+    data,
+    engines,
+    seed,
+    holdout,
+    gallery_size,
+    max_identities,
+    max_images_per_identity,
+    top_n,
+    cache,
+    jobs,
+    progress,
+    methods,
+    calibration,
+    part,
+    fpir,
+    bootstrap,
+    time_faces,
+    out,
+) -> None:
+    """Every engine alone, every 3-subset and all engines fused with every method, each tested against
+    the best single engine (exact McNemar on rank-1; people-clustered bootstrap of the differences).
+
+    Use with all engines, e.g. --engines sface,dlib,facenet,arcface. Writes subsets.json (and the
+    calibration fitted on the fit part, unless --calibration is given) to --out and prints the table.
+    """
+    from evaluation.cost import embed_ms_per_face
+    from evaluation.subsets import format_table, subset_rows
+    from workers import fusion
+
+    t0 = time.monotonic()
+    data, engine_list, proto, cache = _setup(
+        data, engines, seed, holdout, gallery_size, max_identities, max_images_per_identity, cache
+    )
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        if m not in fusion.METHODS:
+            raise click.ClickException(f"unknown fusion method {m!r}; known: {', '.join(fusion.METHODS)}")
+    out = out or _default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    summ = proto.summary()
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    echo(
+        f"protocol: gallery {summ['gallery_identities']} identities ({summ['gallery_distractors']} distractors); "
+        f"{part} part: {summ[part]['mated_probes']} mated, {summ[part]['nonmated_probes']} non-mated probes"
+    )
+    run = run_searches(proto, engine_list, cache, top_n=top_n, jobs=jobs, progress=progress, echo=echo)
+    if calibration is not None:
+        cal = fusion.load_calibration(calibration)
+        cal_info = {"path": str(calibration), "fitted_here": False}
+    else:
+        echo("fitting the calibration on the fit part (as quorum calibrate does) ...")
+        meta = {
+            "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(["quorum", "eval-subsets", *sys.argv[2:]]),
+            "data": data.name,
+            "protocol": {
+                k: summ[k] for k in ("seed", "holdout_fraction", "gallery_identities", "gallery_distractors", "fit")
+            },
+            "part": "fit",
+            "top_n": top_n,
+        }
+        cal = fit_calibration(run, part="fit", meta=meta)
+        cal.save(out / "calibration.json")
+        cal_info = {"path": str(out / "calibration.json"), "fitted_here": True}
+    cost = None
+    if time_faces > 0:
+        echo(f"timing each engine's embed on {time_faces} faces ...")
+        cost = embed_ms_per_face([im.path for im in proto.gallery], engine_list, cache, n=time_faces)
+    report = subset_rows(
+        run,
+        cal,
+        engine_list,
+        method_list,
+        part=part,
+        fpir=fpir,
+        n_boot=bootstrap,
+        seed=seed,
+        cost_ms=None if cost is None else {e: c["ms_per_face"] for e, c in cost.items()},
+        jobs=jobs,
+        echo=echo,
+    )
+    full = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["quorum", "eval-subsets", *sys.argv[2:]]),
+        "machine": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "data": str(data),
+        "protocol": summ,
+        "top_n": top_n,
+        "engines": {e: {"version": run.engines[e].version, **failures(run, e)} for e in engine_list},
+        "calibration": cal_info,
+        "embed_cost": cost,
+        **report,
+        "elapsed_s": round(time.monotonic() - t0, 1),
+    }
+    (out / "subsets.json").write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
+    click.echo(format_table(report))
+    click.echo(f"report: {out / 'subsets.json'}")

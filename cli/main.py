@@ -3,7 +3,8 @@
 Each group lives in its own module: ``processes`` (gateway, worker), ``local`` (up, down, status),
 ``gallery`` (enroll, gallery), ``search``, ``sheet``, ``review``, ``demo``, ``db``, ``deploy``, ``registry``,
 ``audit`` (audit, report), ``dispositions``, ``retention`` (case, probes), ``models`` (convert-facenet) and
-``evaluate`` (eval, calibrate). Errors a user can act on are turned into messages by :class:`cli.common.QuorumGroup`.
+``evaluate`` (eval, calibrate, eval-subsets). Errors a user can act on are turned into messages by
+:class:`cli.common.QuorumGroup`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cli import (
     sheet,
 )
 from cli.common import QuorumGroup, load_settings_or_fail
-from cli.evaluate import calibrate_command, eval_command
+from cli.evaluate import calibrate_command, eval_command, eval_subsets_command
 from core.logs import configure_logging
 
 
@@ -58,6 +59,7 @@ for _module in (
         main.add_command(_command)
 main.add_command(eval_command)
 main.add_command(calibrate_command)
+main.add_command(eval_subsets_command)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,11 @@ modules; this package re-exports nothing:
 * :mod:`evaluation.calibration`: genuine / impostor scores and fitting fusion on the ``fit`` part.
 * :mod:`evaluation.demographics`: per-group differentials with people-clustered bootstrap CIs.
 * :mod:`evaluation.plots`: CMC and DET plots (matplotlib).
+* :mod:`evaluation.significance`: exact McNemar on paired rank-1 outcomes and the paired,
+  people-clustered bootstrap of the differences between two systems.
+* :mod:`evaluation.subsets`: every engine alone and fused in engine subsets, tested against the
+  best single engine (``quorum eval-subsets``).
+* :mod:`evaluation.cost`: embed time per face of each engine.
 * :mod:`evaluation.queue_run`: the ``--via-queue`` run through a live stack.
 * :mod:`evaluation.ci_split`: the labelled ci split and how a run of it is scored (demo, bench, tests).
 

@@ -113,3 +113,45 @@ def test_calibrate_then_eval_writes_report_and_plots(workdir):
     assert "not in the cache" not in res.output
     again = json.loads((d / "again" / "report.json").read_text())
     assert again["parts"]["test"]["sface"] == systems["sface"]
+
+
+@pytest.mark.timeout(600)
+def test_eval_subsets_tests_every_set_against_the_best_engine(workdir):
+    d, faces, _ = workdir
+    out = d / "subsets"
+    res = CliRunner().invoke(
+        main,
+        [
+            "eval-subsets",
+            str(faces),
+            *SMALL,
+            "--cache",
+            str(d / "cache"),
+            "--out",
+            str(out),
+            "--bootstrap",
+            "50",
+            "--time-faces",
+            "4",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "McNemar p" in res.output and "sface+facenet" in res.output
+    rep = json.loads((out / "subsets.json").read_text())
+    # fitted on this run's fit part, written beside the report (the shipped file is not touched)
+    assert rep["calibration"]["fitted_here"] and (out / "calibration.json").exists()
+    rows = {("+".join(r["engines"]), r["method"]) for r in rep["rows"]}
+    assert rows == {("sface", "engine"), ("facenet", "engine")} | {
+        ("sface+facenet", m) for m in ("zsum", "rrf", "zsum_cal", "llr", "logit")
+    }
+    best = rep["best_single_engine"]
+    for r in rep["rows"]:
+        if r["engines"] == [best]:
+            assert r["vs_best_single"] is None
+            continue
+        v = r["vs_best_single"]
+        assert v["baseline"] == best and 0 <= v["mcnemar_p"] <= 1
+        assert v["bootstrap"]["replicates"] == 50
+        assert r["embed_ms_per_face"] > 0
+    assert sum(r["fit_pick"] for r in rep["rows"]) == 1
+    assert set(rep["embed_cost"]) == {"sface", "facenet"}

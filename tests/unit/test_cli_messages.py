@@ -41,6 +41,7 @@ TOP_LEVEL = {
     "probes",
     "eval",
     "calibrate",
+    "eval-subsets",
     "models",
     "stack-supervise",
 }  # hidden: the local stack's supervisor process
