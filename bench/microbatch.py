@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
 from broker.app import engine_queue
@@ -40,12 +41,10 @@ from workers.enrolment import enrol
 
 
 def _metric(port: int, name: str) -> float:
-    total = 0.0
+    """A sample (e.g. ``quorum_embed_batch_faces_count``) summed over its label sets, from /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+        families = text_string_to_metric_families(resp.read().decode())
+        return sum(smp.value for fam in families for smp in fam.samples if smp.name == name)
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import json
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
 from broker import keys
@@ -97,26 +97,23 @@ def queue_waits(base: int, ports: int) -> dict[str, tuple[float, float, float]]:
     p50 interpolated within its histogram bucket as Prometheus's histogram_quantile does."""
     buckets: dict[str, dict[float, float]] = {}
     sums: dict[str, float] = {}
-    pat = re.compile(
-        r'^quorum_task_queue_wait_seconds_(bucket|sum)\{(?:le="([^"]+)",)?task="([^"]+)"(?:,le="([^"]+)")?\} (\S+)$'
-    )
     for port in range(base, base + ports):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
                 text = resp.read().decode()
         except OSError:
             continue
-        for line in text.splitlines():
-            m = pat.match(line)
-            if not m:
+        for fam in text_string_to_metric_families(text):
+            if fam.name != "quorum_task_queue_wait_seconds":
                 continue
-            kind, le1, task, le2, value = m.groups()
-            if kind == "sum":
-                sums[task] = sums.get(task, 0.0) + float(value)
-            else:
-                le = float(le1 or le2)
-                b = buckets.setdefault(task, {})
-                b[le] = b.get(le, 0.0) + float(value)
+            for smp in fam.samples:
+                task = smp.labels["task"]
+                if smp.name.endswith("_sum"):
+                    sums[task] = sums.get(task, 0.0) + smp.value
+                elif smp.name.endswith("_bucket"):
+                    b = buckets.setdefault(task, {})
+                    le = float(smp.labels["le"])
+                    b[le] = b.get(le, 0.0) + smp.value
     out = {}
     for task, b in buckets.items():
         edges = sorted(b)

@@ -125,11 +125,13 @@ def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member
 
 
 def _gauge(port: int, name: str, **labels: str) -> float | None:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(f"{name}{{{want}}} "):
-                return float(line.rsplit(" ", 1)[1])
+        for fam in text_string_to_metric_families(resp.read().decode()):
+            for smp in fam.samples:
+                if smp.name == name and smp.labels == labels:
+                    return smp.value
     return None
 
 
