@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from cli.stack import ROLES, Stack, stack_roles
@@ -28,6 +34,50 @@ def _stack(tmp_path_factory, name, metrics_base=0, **overrides):
         redis_server.stop()
         raise
     return s, stack, redis_server
+
+
+@dataclass
+class OwnStack:
+    """A stack a fault test may break: its own redis-server (AOF on), settings, processes, an agency."""
+
+    s: Any
+    stack: Stack
+    redis_server: RedisServer
+    client: Any  # broker.client.QuorumClient of the agency
+    probes: list[Path]  # ci probes of people enrolled in the gallery
+
+
+@contextmanager
+def own_stack(home: Path, data_dir: Path, *, agency: str, gallery: int, **overrides: Any) -> Iterator[OwnStack]:
+    """Start a stack of its own under ``home`` (``overrides``: settings), enrol the first ``gallery`` ci
+    gallery images, register ``agency`` with one investigator, and stop it all on the way out. The
+    services open agency secrets with the key file this process uses, as a deployment points every
+    service at one file."""
+    from accountability import db, registry, sealing
+    from broker.client import QuorumClient
+    from core.objectstore import open_store
+    from evaluation.ci_split import read_split
+    from workers.enrolment import enrol
+
+    redis_server = RedisServer(home / "redis", aof=True).start()
+    s = load_settings(env={}, home=str(home), redis_url=redis_server.url, **overrides)
+    s = s.model_copy(update={"secrets_key_file": str(sealing.key_file_for(db.get_engine(s)))})
+    st = Stack(s)
+    try:
+        st.up(timeout=300)
+        rows = read_split(data_dir / "ci")
+        enrolled = [r for r in rows if r.role == "gallery"][:gallery]
+        enrol(s, open_store(s), [(r.identity, r.path) for r in enrolled])
+        user = f"{agency}-inv"
+        secret = registry.provision(
+            db.get_engine(s), agency, users={user: "investigator"}, offences=("PC211",), purposes=("investigation",)
+        )
+        known = {r.identity for r in enrolled}
+        probes = [r.path for r in rows if r.role == "probe" and r.identity in known]
+        yield OwnStack(s, st, redis_server, QuorumClient(s.redis_url, agency, user, secret), probes)
+    finally:
+        st.down()
+        redis_server.stop()
 
 
 @pytest.fixture(scope="session")

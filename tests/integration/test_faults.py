@@ -20,14 +20,9 @@ from collections import Counter
 
 import pytest
 
-from cli.stack import Stack
-from core.config import load_settings
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
 from schemas import CandidateList
-from tests.integration.servers import RedisServer
+from tests.integration.conftest import own_stack
 from tests.unit.accountability_db import pg_database  # noqa: F401  (fixture)
-from workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -55,46 +50,18 @@ def pg(pg_database):  # noqa: F811
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, data_dir, pg):
     """A stack of its own (its processes get killed): short visibility timeout and fusion deadline."""
-    from accountability import db, registry
-    from broker.client import QuorumClient
-
-    home = tmp_path_factory.mktemp("faults")
-    redis_server = RedisServer(home / "redis", aof=True).start()
-    s = load_settings(
-        env={},
-        home=str(home),
-        redis_url=redis_server.url,
+    with own_stack(
+        tmp_path_factory.mktemp("faults"),
+        data_dir,
+        agency="fault-agency",
+        gallery=40,
         database_url=pg[0],
         task_visibility_timeout_s=VISIBILITY_S,
         fusion_deadline_s=10.0,
         search_timeout_s=300.0,
-    )
-    # The services and this process must open agency secrets with one key file (a deployment sets
-    # QUORUM_SECRETS_KEY_FILE for every service; here: the file this process uses).
-    from accountability import sealing
-
-    s = s.model_copy(update={"secrets_key_file": str(sealing.key_file_for(db.get_engine(s)))})
-    st = Stack(s)
-    try:
-        st.up(timeout=300)
-        rows = read_split(data_dir / "ci")
-        gallery = [r for r in rows if r.role == "gallery"][:40]
-        enrol(s, open_store(s), [(r.identity, r.path) for r in gallery])
-        secret = registry.provision(
-            db.get_engine(s),
-            "fault-agency",
-            users={"fault-inv": "investigator"},
-            offences=("PC211",),
-            purposes=("investigation",),
-        )
-        client = QuorumClient(s.redis_url, "fault-agency", "fault-inv", secret)
-        known = {r.identity for r in gallery}
-        probes = [r.path for r in rows if r.role == "probe" and r.identity in known]
-        assert len(probes) >= BURST
-        yield st, client, probes, redis_server, s
-    finally:
-        st.down()
-        redis_server.stop()
+    ) as own:
+        assert len(own.probes) >= BURST
+        yield own.stack, own.client, own.probes, own.redis_server, own.s
 
 
 def _wait(cond, timeout: float, what: str):

@@ -18,12 +18,9 @@ from collections import Counter
 
 import pytest
 
-from cli.stack import Stack
-from core.config import load_settings
 from core.objectstore import open_store
-from evaluation.ci_split import read_split
 from schemas import CandidateList
-from tests.integration.servers import RedisServer
+from tests.integration.conftest import own_stack
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +30,11 @@ BURST = 6
 
 @pytest.fixture(scope="module")
 def s3_outage_stack(tmp_path_factory, s3_server, data_dir):
-    from accountability import db, registry, sealing
-    from broker.client import QuorumClient
-
-    home = tmp_path_factory.mktemp("store-outage")
-    redis_server = RedisServer(home / "redis", aof=True).start()
-    s = load_settings(
-        env={},
-        home=str(home),
-        redis_url=redis_server.url,
+    with own_stack(
+        tmp_path_factory.mktemp("store-outage"),
+        data_dir,
+        agency="outage-agency",
+        gallery=20,  # its own stack: any slice
         engines="sface",
         s3_endpoint=s3_server.env["S3_ENDPOINT"],
         s3_access_key=s3_server.env["S3_ACCESS_KEY"],
@@ -49,31 +42,9 @@ def s3_outage_stack(tmp_path_factory, s3_server, data_dir):
         s3_bucket="quorum-outage",
         gateway_claim_idle_ms=10_000,  # the gateway retries its own pending entries every 5 s
         search_timeout_s=300.0,
-    )
-    s = s.model_copy(update={"secrets_key_file": str(sealing.key_file_for(db.get_engine(s)))})
-    st = Stack(s)
-    try:
-        st.up(timeout=300)
-        rows = read_split(data_dir / "ci")
-        gallery = [r for r in rows if r.role == "gallery"][:20]  # its own stack: any slice
-        from workers.enrolment import enrol
-
-        enrol(s, open_store(s), [(r.identity, r.path) for r in gallery])
-        secret = registry.provision(
-            db.get_engine(s),
-            "outage-agency",
-            users={"outage-inv": "investigator"},
-            offences=("PC211",),
-            purposes=("investigation",),
-        )
-        client = QuorumClient(s.redis_url, "outage-agency", "outage-inv", secret)
-        known = {r.identity for r in gallery}
-        probes = [r.path for r in rows if r.role == "probe" and r.identity in known]
-        assert len(probes) >= 2 * BURST + 1, len(probes)
-        yield s, st, client, probes
-    finally:
-        st.down()
-        redis_server.stop()
+    ) as own:
+        assert len(own.probes) >= 2 * BURST + 1, len(own.probes)
+        yield own.s, own.stack, own.client, own.probes
 
 
 def test_the_store_away_for_30_s_loses_no_probe_and_stores_nothing_half_way(s3_outage_stack, s3_server):
