@@ -285,9 +285,11 @@ class Stack:
         """Stop one process (SIGTERM, then SIGKILL after a grace period). True if it was running."""
         pidfile = self._pidfile(role, i)
         pid = self._alive(pidfile)
+        # The pid file goes before the signal: the supervisor restarts a dead process whose pid file is
+        # still there, so removing it after the process exits would race a restart of what was stopped.
+        pidfile.unlink(missing_ok=True)
         if pid:
             _terminate(pid)
-        pidfile.unlink(missing_ok=True)
         return pid is not None
 
     def down(self) -> list[str]:
