@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from core.engines import DEFAULT_ENGINES
 from evaluation.cache import default_cache_dir
 from evaluation.calibration import fit_calibration
 from evaluation.demographics import demographics, read_group_labels
@@ -37,7 +38,9 @@ from evaluation.runs import (
 def _protocol_options(f):
     opts = [
         click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)),
-        click.option("--engines", default="sface,dlib,facenet", show_default=True, help="comma-separated engines"),
+        click.option(
+            "--engines", default=",".join(DEFAULT_ENGINES), show_default=True, help="comma-separated engines"
+        ),
         click.option("--seed", default=0, show_default=True, help="seed of every random choice of the protocol"),
         click.option(
             "--holdout",

@@ -75,8 +75,11 @@ ENGINES: dict[str, EngineSpec] = {
 }
 ENGINE_NAMES: tuple[str, ...] = tuple(ENGINES)
 
-# The engines a deployment runs unless QUORUM_ENGINES says otherwise (see BENCHMARKS.md).
-DEFAULT_ENGINES: tuple[str, ...] = ("sface", "dlib", "facenet")
+# The engines a deployment runs unless QUORUM_ENGINES says otherwise. Chosen by measurement (BENCHMARKS.md
+# "The whole of lfw-dev, four engines" and "The default engine set"): the design's sface+dlib+facenet
+# missed significantly more mates than ArcFace alone; every set with ArcFace did as well as ArcFace, and
+# of those this is the cheapest, and all three run on onnxruntime (the CUDA provider where present).
+DEFAULT_ENGINES: tuple[str, ...] = ("sface", "facenet", "arcface")
 
 
 def engine_spec(name: str) -> EngineSpec:

@@ -309,7 +309,7 @@ def test_expunge_removes_the_subject_from_every_engine(world):
 
     rid = client.submit(probe, case_number="2026-888", offence_code="PC211", purpose="criminal-investigation")
     before = client.wait(rid, timeout=120)
-    assert engines_listing(before) == {"sface", "dlib", "facenet"}
+    assert engines_listing(before) == {"sface", "facenet", "arcface"}
     assert before.candidates[0].subject_id == person.name
     # The probe can never be enrolled (refused and audited), not even under another name.
     with pytest.raises(InputError) as exc:

@@ -185,7 +185,7 @@ def test_engine_down_gives_degraded_list_after_deadline(env):
         res = client.wait(rid, timeout=120)
         assert isinstance(res, CandidateList)
         assert res.degraded and res.engines_failed == {"facenet": "ENGINE_TIMEOUT"}
-        assert res.engines_contributed == ["dlib", "sface"]
+        assert res.engines_contributed == ["arcface", "sface"]
         assert res.candidates[0].subject_id == subjects[7].name
         assert res.duration_ms >= s.fusion_deadline_s * 1000 * 0.9
     finally:

@@ -39,8 +39,8 @@ ENTRY_POINTS = {("quorum", "gateway")} | {
 QUEUE_ROLES = {
     "intake": "intake",
     "engine.sface": "sface",
-    "engine.dlib": "dlib",
     "engine.facenet": "facenet",
+    "engine.arcface": "arcface",
     "fusion": "fusion",
     "gallery": "gallery",
 }
@@ -480,7 +480,7 @@ def deploy_dir(tmp_path_factory) -> Path:
     env = (ROOT / "deploy" / "quorum.env.example").read_text()
     env = env.replace("QUORUM_SECRETS_DIR=./deploy/secrets", f"QUORUM_SECRETS_DIR={base / 'secrets'}")
     env = env.replace("QUORUM_REDIS_PUBLISH=6379", "QUORUM_REDIS_PUBLISH=10.1.2.3:6380")
-    env = env.replace("QUORUM_ACCEPT_RESEARCH_LICENCES=", "QUORUM_ACCEPT_RESEARCH_LICENCES=sface,facenet")
+    env = env.replace("QUORUM_ACCEPT_RESEARCH_LICENCES=", "QUORUM_ACCEPT_RESEARCH_LICENCES=sface,facenet,arcface")
     env += "QUORUM_S3_BUCKET=faces\nQUORUM_RUNBOOK_BASE=https://ops.example/quorum/README.md\n"
     (base / ".env").write_text(env.replace("QUORUM_ENV_FILE=.env", f"QUORUM_ENV_FILE={base / '.env'}"))
     return base

@@ -105,7 +105,7 @@ def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member
             "sum(quorum_probes_received_total)": 1,
             'sum(quorum_searches_completed_total{outcome="ok"})': 1,
             'sum(quorum_engine_duration_seconds_count{engine="sface",stage="embed"})': 1,
-            'sum(quorum_engine_duration_seconds_count{engine="dlib",stage="search"})': 1,
+            'sum(quorum_engine_duration_seconds_count{engine="arcface",stage="search"})': 1,
             "count(quorum_gallery_templates)": 3,
             "count(quorum_queue_length)": 1,
             "count(quorum_queue_oldest_message_age_seconds)": 1,

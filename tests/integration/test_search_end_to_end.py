@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cli.demo import enrol_and_search
+from core.engines import DEFAULT_ENGINES
 from evaluation.ci_split import read_split
 from schemas import CandidateList
 
@@ -24,7 +25,7 @@ def test_every_gallery_image_enrolled_in_every_engine(run):
     _, extra = run
     report = extra["enrol"]
     assert report.images == 320
-    for engine in ("sface", "dlib", "facenet"):
+    for engine in DEFAULT_ENGINES:
         failed = len(report.failed.get(engine, []))
         assert report.enrolled[engine] + failed == 320
         assert failed <= 3, report.failed[engine]  # LFW deep-funneled: a face is found in nearly all
@@ -35,10 +36,10 @@ def test_fused_rank1_hit_rate(run):
     assert card.mated == 442 and card.non_mated == 100
     assert not card.errors, card.errors
     assert card.degraded == 0
-    print({who: round(card.rate(who), 3) for who in ("sface", "dlib", "facenet", "fused")})
+    print({who: round(card.rate(who), 3) for who in (*DEFAULT_ENGINES, "fused")})
     assert card.rate("fused") >= 0.95
     # Each engine is a working face recogniser on its own (a broken one would sit near 1/320).
-    for engine in ("sface", "dlib", "facenet"):
+    for engine in DEFAULT_ENGINES:
         assert card.rate(engine) >= 0.80, engine
 
 
@@ -62,7 +63,7 @@ def test_candidate_list_contract(run):
     res = next(r for r in extra["results"].values() if isinstance(r, CandidateList))
     assert res.notice.startswith("INVESTIGATIVE LEAD ONLY")
     assert [c.rank for c in res.candidates] == list(range(1, 251))
-    assert res.engines_contributed == ["dlib", "facenet", "sface"]
+    assert res.engines_contributed == sorted(DEFAULT_ENGINES) == ["arcface", "facenet", "sface"]
     # Production runs the fusion the shipped calibration measured best: had the calibration not
     # matched the running engines' versions, fusion would have fallen back to zsum.
     from workers.fusion import load_calibration

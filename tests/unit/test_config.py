@@ -8,7 +8,7 @@ from core.engines import ENGINE_NAMES
 def test_defaults_run_locally():
     s = load_settings(env={})
     assert s.store_kind == "disk" and s.redis_url.startswith("redis://127.0.0.1")
-    assert s.engines == ("sface", "dlib", "facenet")
+    assert s.engines == ("sface", "facenet", "arcface")
 
 
 def test_env_file_and_overrides_precedence(tmp_path):
