@@ -329,7 +329,8 @@ SERVICE_ACL: dict[str, str] = {
     "gateway": f"~quorum:* {_CELERY_KEYS} +@all -@admin -@dangerous",
     "worker": (
         "~quorum:job:* ~quorum:results:* ~quorum:result:* ~quorum:request:* ~quorum:gallery:* ~quorum:alive:* "
-        f"~{keys.DEADLINES} ~{keys.GATEWAY_ALIVE_PREFIX}* {_CELERY_KEYS} +@all -@admin -@dangerous"
+        f"~{keys.TASK_OVERRUNS} ~{keys.DEADLINES} ~{keys.GATEWAY_ALIVE_PREFIX}* {_CELERY_KEYS} "
+        "+@all -@admin -@dangerous"
     ),
     # `quorum review` (the reviewers' web app): reads results and the gallery's subject records, keeps its
     # sign-in tokens and sessions; nothing else.

@@ -84,6 +84,22 @@ def gallery_versions(engine: str) -> str:
     return f"quorum:gallery:versions:{engine}"
 
 
+# Hash task name -> how many times it ran past the task time limit (workers.watchdog); the gateway
+# exports it as quorum_task_time_limit_exceeded.
+TASK_OVERRUNS = "quorum:stats:task_overruns"
+
+
+def job_overruns_key(request_id: str) -> str:
+    """Hash task part (:func:`overrun_part`) -> how often it ran past the task time limit (workers.watchdog)."""
+    return f"quorum:job:{request_id}:overruns"
+
+
+def overrun_part(task: str, engine: str | None = None, shard: int | None = None) -> str:
+    """The field of :func:`job_overruns_key` for one task of a probe: ``quorum.engine.search:sface``,
+    ``quorum.shard.search:sface:2``."""
+    return ":".join(str(p) for p in (task, engine, shard) if p is not None)
+
+
 def job_vector_key(request_id: str, engine: str) -> str:
     """A sharded engine's embedding of the probe (float32 bytes), read by every shard's search."""
     return f"quorum:job:{request_id}:vector:{engine}"

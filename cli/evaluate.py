@@ -38,9 +38,7 @@ from evaluation.runs import (
 def _protocol_options(f):
     opts = [
         click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)),
-        click.option(
-            "--engines", default=",".join(DEFAULT_ENGINES), show_default=True, help="comma-separated engines"
-        ),
+        click.option("--engines", default=",".join(DEFAULT_ENGINES), show_default=True, help="comma-separated engines"),
         click.option("--seed", default=0, show_default=True, help="seed of every random choice of the protocol"),
         click.option(
             "--holdout",

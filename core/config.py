@@ -141,6 +141,15 @@ class Settings(BaseSettings):
     # was delivered: longer than any task runs (engine search < 2 s, an enrolment chunk < 30 s on one
     # CPU core), short enough that a killed engine's searches run again well before the search timeout.
     task_visibility_timeout_s: int = 120
+    # How long a probe-path or enrolment task may run in a worker (workers.watchdog): past it the worker
+    # process exits (its supervisor restarts it) and the task's message returns after the visibility
+    # timeout, so it must be shorter than that (a task still running would otherwise be handed to a
+    # second worker). 0: three quarters of the visibility timeout. Celery's own time limits do nothing in
+    # the solo and threads pools these workers run.
+    task_time_limit_s: float = 0.0
+    # An engine or shard search that ran past the limit this many times for one probe is not run again:
+    # that engine is recorded as ENGINE_TIMEOUT and the list is fused without it.
+    task_overrun_max: int = 2
     # The gateway's name in the intake consumer group (empty: host-pid). Entries a dead gateway had
     # read are taken back by the gateway of the same name when it starts, or claimed by any other
     # once idle for gateway_claim_idle_ms.
@@ -216,6 +225,20 @@ class Settings(BaseSettings):
             if not 1 <= count <= 1024:
                 raise ValueError(f"shards: {name}={count} is outside 1..1024")
         return shards
+
+    @model_validator(mode="after")
+    def _time_limit_below_visibility(self) -> Settings:
+        if self.task_time_limit_s and self.task_time_limit_s >= self.task_visibility_timeout_s:
+            raise ValueError(
+                f"task_time_limit_s ({self.task_time_limit_s:g}) must be shorter than task_visibility_timeout_s "
+                f"({self.task_visibility_timeout_s}): a task still running would be handed to a second worker"
+            )
+        return self
+
+    @property
+    def task_time_limit(self) -> float:
+        """The task time limit in force (``task_time_limit_s``, or 3/4 of the visibility timeout)."""
+        return self.task_time_limit_s or 0.75 * self.task_visibility_timeout_s
 
     def shards_of(self, engine: str) -> int:
         """How many gallery shards ``engine`` is split into (1: not sharded)."""

@@ -77,6 +77,12 @@ TASK_QUEUE_WAIT = Histogram(
     ["task"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+TASK_OVERRUNS = Gauge(
+    "quorum_task_time_limit_exceeded",
+    "Tasks that ran past the task time limit, whose worker then exited (workers.watchdog); a running count "
+    "kept in Redis, so read its rise over a window (max_over_time - min_over_time)",
+    ["task"],
+)
 TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
 
 READY = Gauge("quorum_ready", "1 once this process has loaded what it needs and takes work (GET /ready)")

@@ -171,7 +171,8 @@ class Gateway:
             pipe.zcard(keys.DEADLINES)
             pipe.zrange(keys.DEADLINES, 0, 0, withscores=True)
             pipe.hlen(UNACKED_HASH)
-            *per_queue, timers, first, unacked = pipe.execute()
+            pipe.hgetall(keys.TASK_OVERRUNS)
+            *per_queue, timers, first, unacked, overruns = pipe.execute()
         now = time.time()
         for i, q in enumerate(queues):
             metrics.QUEUE_LENGTH.labels(q).set(per_queue[2 * i])
@@ -179,6 +180,8 @@ class Gateway:
         metrics.TIMERS_PENDING.set(timers)
         metrics.TIMER_OVERDUE.set(max(0.0, time.time() - float(first[0][1])) if first else 0.0)
         metrics.TASKS_UNACKED.set(unacked)
+        for task, n in overruns.items():
+            metrics.TASK_OVERRUNS.labels(as_str(task)).set(int(n))
         if self.settings.audit_anchor_interval_s > 0:
             metrics.AUDIT_ANCHOR_AGE.set(time.monotonic() - self._last_anchor_ok)
 

@@ -54,6 +54,9 @@ def run_worker(role: str, concurrency: int = 1) -> None:
 
     hooks.install()
     runtime.role = role
+    from workers import watchdog
+
+    watchdog.install(runtime.redis, s.task_time_limit, ttl_s=s.result_ttl_s)  # bounds each task's run time
     _start_metrics()
     node = f"{role}@{socket.gethostname()}-{os.getpid()}"
     reindexing = parse_reindex_role(role)

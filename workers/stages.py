@@ -55,7 +55,7 @@ from core.errors import Code, InputError, QuorumError, ServiceError
 from schemas import CandidateList, EngineCandidate, EngineResult, ErrorResult, FusedCandidate
 from schemas.job import Job, SearchedFace
 from schemas.messages import MAX_CANDIDATES
-from workers import fusion
+from workers import fusion, watchdog
 from workers.detect import Face, choose_face
 from workers.gallery import Hit
 from workers.shards import merge
@@ -352,6 +352,22 @@ def _record(ctx: StageContext, job: Job, engine: str, result: EngineResult | Non
     return send
 
 
+def _gave_up(ctx: StageContext, job: Job, engine: str, shard: int | None = None) -> EngineResult | None:
+    """ENGINE_TIMEOUT for an engine (or shard) search of this probe that already ran past the task time
+    limit ``task_overrun_max`` times (``workers.watchdog``): it is not run again."""
+    task = TASK_SEARCH if shard is None else TASK_SHARD_SEARCH
+    n = watchdog.overruns(ctx.redis, job.request_id, keys.overrun_part(task, engine, shard))
+    if n < ctx.settings.task_overrun_max:
+        return None
+    where = engine if shard is None else f"{engine} shard {shard}"
+    err = ServiceError(
+        Code.ENGINE_TIMEOUT,
+        f"the {where} search of this probe ran past the task time limit ({ctx.settings.task_time_limit:g}s) "
+        f"{n} times; it is not run again",
+    )
+    return _engine_error(job, engine, "unknown", err)
+
+
 def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
     """Record one engine's result for a job (once), and ask for fusion when the job needs it.
 
@@ -361,6 +377,9 @@ def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
     job = load_job(r, request_id)
     if job is None or r.exists(keys.job_published_key(request_id)):
         return StageResult("engine", "gone", job)
+    if not r.hexists(keys.job_results_key(request_id), engine) and (gave_up := _gave_up(ctx, job, engine)):
+        send = tuple(_record(ctx, job, engine, gave_up))
+        return StageResult("engine", "gave_up", job, send=send, engine_result=gave_up)
     if ctx.settings.shards_of(engine) > 1:
         return scatter(ctx, job, engine)
     result: EngineResult | None = None
@@ -487,7 +506,12 @@ def shard_search(ctx: StageContext, *, request_id: str, engine: str, shard: int,
     shards_key = keys.job_shards_key(request_id, engine)
     answer: dict[str, Any] | None = None
     if not r.hexists(shards_key, shard):  # a redelivery does not search again
-        answer = _run_shard(ctx, job, engine, shard, shards)
+        gave_up = _gave_up(ctx, job, engine, shard)
+        answer = (
+            {"status": "error", "code": gave_up.error_code, "message": gave_up.error_message}
+            if gave_up
+            else _run_shard(ctx, job, engine, shard, shards)
+        )
         pipe = r.pipeline(transaction=True)
         pipe.hsetnx(shards_key, shard, json.dumps(answer))
         pipe.hlen(shards_key)

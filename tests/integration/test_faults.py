@@ -148,7 +148,8 @@ def _burst_and_kill(stack, role: str, *, freeze: bool, timeout: float = 240.0) -
 @pytest.mark.parametrize(
     ("role", "freeze"),
     [
-        ("facenet", False),  # the slowest default engine, mid-work: its taken searches return after the visibility timeout
+        # the slowest default engine, mid-work: its taken searches return after the visibility timeout
+        ("facenet", False),
         ("facenet", True),
         ("fusion", True),
         ("intake", True),
@@ -270,3 +271,68 @@ def test_the_audit_database_away_holds_answers_back_and_loses_none(stack, pg):
     assert report["lost"] == 0 and report["candidate_lists"] == len(rids), report
     assert counts == {rid: 1 for rid in rids}, report
     assert audit.verify(eng).ok
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_fusion_stuck_on_a_held_audit_lock_is_ended_by_its_watchdog_and_loses_no_probe(stack, pg):
+    """A transaction somewhere holds the audit database's write lock and never ends: the fusion
+    worker's answers block on it (a real hang, not a crash). Its watchdog (``workers.watchdog``) ends
+    the worker once a task has run past the time limit (15 s here: 3/4 of the 20 s visibility timeout);
+    the supervisor restarts it, the messages come back after the visibility timeout, and once the lock
+    is released every probe is answered, none published before its audit record."""
+    import psycopg
+    import redis as redis_lib
+
+    from accountability.db import WRITE_LOCK_KEY
+    from broker import keys
+    from broker.app import TASK_FUSE
+
+    st, client, probes, _, s = stack
+    r = redis_lib.Redis.from_url(s.redis_url)
+    limit = s.task_time_limit
+    assert limit == 15.0
+    before = int(r.hget(keys.TASK_OVERRUNS, TASK_FUSE) or 0)
+    pidfile = st._pidfile("fusion")
+    victim = int(pidfile.read_text())
+    os.kill(victim, signal.SIGSTOP)  # so that fuse tasks are queued for it when the lock is taken
+    t0 = time.monotonic()
+    rids = [
+        client.submit(p, case_number="F-4", offence_code="PC211", purpose="investigation", candidates=10)
+        for p in probes[:6]
+    ]
+    _wait(lambda: _work_waiting(st, client, "fusion", rids), 60, "every engine to answer")
+    holder = psycopg.connect(pg[0].replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    try:
+        holder.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK_KEY,))
+        os.kill(victim, signal.SIGCONT)
+        _wait(lambda: _pid_gone(victim), limit + 30, "the watchdog to end the stuck fusion worker")
+        ended_after_s = round(time.monotonic() - t0, 1)
+        _wait(lambda: (pid := st._alive(pidfile)) and pid != victim, 60, "fusion to be restarted")
+        published_while_locked = sum(bool(r.exists(keys.result_key(client.agency_id, rid))) for rid in rids)
+    finally:
+        holder.execute("SELECT pg_advisory_unlock(%s)", (WRITE_LOCK_KEY,))
+        holder.close()
+    answers = client.wait_all(rids, timeout=180)
+    log_text = (st.log_dir / "fusion-0.log").read_text(errors="replace")
+    report = {
+        "fault": "audit write lock held, fusion stuck",
+        "sent": len(rids),
+        "worker_ended_after_s": ended_after_s,
+        "published_while_locked": published_while_locked,
+        "answered": len(answers),
+        "candidate_lists": sum(isinstance(a, CandidateList) for a in answers.values()),
+        "overruns_recorded": int(r.hget(keys.TASK_OVERRUNS, TASK_FUSE) or 0) - before,
+        "lost": len(rids) - len(answers),
+        "last_answer_s": round(time.monotonic() - t0, 1),
+    }
+    print(f"\nfault: {report}")
+    assert "task.time_limit_exceeded" in log_text, report
+    assert report["overruns_recorded"] >= 1, report
+    assert published_while_locked == 0, report  # no answer without its audit record
+    assert report["lost"] == 0 and report["candidate_lists"] == len(rids), report
