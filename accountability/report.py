@@ -5,6 +5,9 @@ For a period ``[from, to)`` (UTC), it counts
 * submissions (``search.submitted``) per agency, purpose, offence code and outcome (``accepted`` or
   ``refused:<CODE>``);
 * published results (``search.result``) per agency and outcome (``ok``, ``degraded``, ``error:<CODE>``);
+* an accepted search or a result once per request id: a request an agency submitted again under the same
+  id because Redis lost it (``QuorumClient.resubmit_lost``) has a second ``accepted`` record in the
+  trail (the trail keeps every event), but it is one search;
 * dispositions recorded in the period, per agency, disposition and status (``final``, ``pending``,
   ``confirmed``),
 
@@ -50,7 +53,14 @@ def usage(eng: Engine, since: str, until: str) -> UsageReport:
     with eng.connect() as conn:
         q = (
             select(
-                t.c.action, t.c.agency, t.c.purpose, t.c.offence_code, t.c.outcome, t.c.code, func.count().label("n")
+                t.c.action,
+                t.c.agency,
+                t.c.purpose,
+                t.c.offence_code,
+                t.c.outcome,
+                t.c.code,
+                func.count().label("n"),
+                func.count(func.distinct(t.c.request_id)).label("requests"),
             )
             .where(t.c.ts >= lo, t.c.ts < hi, t.c.action.in_([audit.SEARCH_SUBMITTED, audit.SEARCH_RESULT]))
             .group_by(t.c.action, t.c.agency, t.c.purpose, t.c.offence_code, t.c.outcome, t.c.code)
@@ -58,9 +68,12 @@ def usage(eng: Engine, since: str, until: str) -> UsageReport:
         for r in conn.execute(q):
             outcome = r.outcome if not r.code else f"{r.outcome}:{r.code}"
             if r.action == audit.SEARCH_SUBMITTED:
-                rep.searches[(r.agency, r.purpose, r.offence_code, outcome)] += r.n
+                # Refusals count every attempt (a replay refused twice was tried twice); an accepted
+                # request counts once however often it was resubmitted.
+                n = r.requests if r.outcome == "accepted" else r.n
+                rep.searches[(r.agency, r.purpose, r.offence_code, outcome)] += n
             else:
-                rep.results[(r.agency, outcome)] += r.n
+                rep.results[(r.agency, outcome)] += r.requests
         q = (
             select(d.c.agency_id, d.c.outcome, d.c.status, func.count().label("n"))
             .where(d.c.recorded_at >= lo, d.c.recorded_at < hi)

@@ -190,6 +190,7 @@ def test_usage_report_counts_what_happened(eng):  # noqa: F811
     _search(eng, "r1")
     _search(eng, "r2", outcome="degraded")
     _search(eng, "r3", agency="b")
+    _search(eng, "r3", agency="b")  # submitted again under its id after a Redis loss: one search
     audit.append(
         eng,
         AuditEvent(
