@@ -340,7 +340,12 @@ class Stack:
                 if not self._alive(self._pidfile(role)):
                     tail = (self.log_dir / f"{role}-0.log").read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"the {role} process exited during start:\n{tail}")
-            replies = app.control.ping(timeout=1.0) or []
+            try:
+                replies = app.control.ping(timeout=1.0) or []
+            except (redis_lib.ConnectionError, OSError):
+                # A connection kept by this process from a Redis since restarted (a `down` and `up` in one
+                # process: kombu's pidbox keeps it) fails once, then reconnects.
+                replies = []
             ready = {next(iter(rep)).split("@", 1)[0] for rep in replies}
             gateway_ok = "gateway" not in roles or any(True for _ in r.scan_iter(keys.GATEWAY_ALIVE_PREFIX + "*"))
             if want <= ready and gateway_ok:
