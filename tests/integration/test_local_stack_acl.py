@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +215,28 @@ def test_secrets_are_private_and_in_no_argument_environment_or_log(acl_stack):
         env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
         assert "QUORUM_REDIS_URL" not in env
         assert env["QUORUM_REDIS_URL_FILE"] == str(local_redis.url_file(home, user))
+
+
+def test_a_process_the_supervisor_restarts_logs_in_as_its_own_user_again(acl_stack):
+    s, st, port, _, _ = acl_stack
+    pidfile = st.run_dir / "fusion-0.pid"
+    first = int(pidfile.read_text())
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # the supervisor (logged in as admin) starts it again, as `worker`
+        pid = st._alive(pidfile)
+        if pid and pid != first and _local_ports(_descendants(pid), port):
+            break
+        assert time.monotonic() < deadline, "fusion was not restarted with a Redis connection"
+        time.sleep(0.5)
+    environ = Path(f"/proc/{pid}/environ").read_text()
+    assert f"QUORUM_REDIS_URL_FILE={local_redis.url_file(s.home, 'worker')}\0" in environ
+    users = {
+        c["user"]
+        for c in redis.Redis.from_url(s.redis_url).client_list()
+        if int(c["addr"].rsplit(":", 1)[1]) in _local_ports(_descendants(pid), port)
+    }
+    assert users == {"worker"}, users
 
 
 def test_a_suspended_agency_is_locked_out_at_once(acl_stack):
