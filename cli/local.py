@@ -131,9 +131,11 @@ def stack_supervise() -> None:
     show_default=True,
     help="which service user of the local stack's Redis",
 )
-def redis_url(user: str) -> None:
-    """Print the URL (with its password) of a service user of the Redis `quorum up` started, for redis-cli:
-    redis-cli -u "$(quorum redis-url)" ..."""
+@click.option("--password", "password_only", is_flag=True, help="print the password alone (for REDISCLI_AUTH)")
+def redis_url(user: str, password_only: bool) -> None:
+    """Print the URL (with its password) of a service user of the Redis `quorum up` started. For redis-cli,
+    keep the password out of its arguments: REDISCLI_AUTH="$(quorum redis-url --password)" redis-cli
+    -p PORT --user admin"""
     from core import local_redis
 
     s = settings()
@@ -143,7 +145,7 @@ def redis_url(user: str) -> None:
             f"no Redis started by the local stack of {s.home} runs at {redacted(s.redis_url)}: "
             "this prints only the local stack's credentials (quorum up)"
         )
-    click.echo(url)
+    click.echo(local_redis.read_passwords(s.home)[user] if password_only else url)
 
 
 COMMANDS = (up, down, status, stack_supervise, redis_url)

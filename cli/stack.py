@@ -98,14 +98,17 @@ class Stack:
     def _redis_answer(self, url: str | None = None) -> str:
         """``ok`` (PING answered), ``refused`` (a Redis answers but refuses these credentials: NOAUTH,
         WRONGPASS) or ``down`` (nothing answers)."""
+        client = redis_lib.Redis.from_url(url or self.s.redis_url, socket_connect_timeout=0.5)
         try:
-            redis_lib.Redis.from_url(url or self.s.redis_url, socket_connect_timeout=0.5).ping()
+            client.ping()
         except redis_lib.AuthenticationError:
             return "refused"
         except redis_lib.ResponseError:  # NOPERM: it answers, this user just may not PING
             return "ok"
         except redis_lib.RedisError:
             return "down"
+        finally:
+            client.close()
         return "ok"
 
     def _redis_reachable(self) -> bool:
@@ -129,6 +132,7 @@ class Stack:
         off; the service users' passwords are made once under ``<home>/secrets`` (:mod:`core.local_redis`).
         A Redis that answers is used as it is, one that refuses a login without credentials included (it
         is not started a second time on the same port)."""
+        self._use_local_admin()  # settings made without load_settings: still this home's admin on its server
         answer = self._redis_answer()
         if answer == "ok":
             if self.owns_redis():  # started by an earlier `up` of this home: keep its ACL file current

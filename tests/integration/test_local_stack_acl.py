@@ -217,6 +217,31 @@ def test_secrets_are_private_and_in_no_argument_environment_or_log(acl_stack):
         assert env["QUORUM_REDIS_URL_FILE"] == str(local_redis.url_file(home, user))
 
 
+def test_the_review_user_reads_results_and_keeps_its_sessions_only(acl_stack):
+    """What `quorum review` does on the local stack (it logs in as `review`: cli/review.py)."""
+    from review import signin
+
+    s, _, port, creds, probes = acl_stack
+    url = local_redis.service_url(s.home, s.redis_url, "review")
+    assert url and local_redis.url_user(url) == "review"
+    r = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+    eng = db.get_engine(s)
+    _, rid, result = _search(
+        _agency_url(port, creds["lapd"]), "lapd", registry.agency_secret(eng, "lapd") or "", probes[1]
+    )
+    assert isinstance(result, CandidateList)
+    assert r.get(keys.result_key("lapd", rid))
+    assert r.hmget(keys.GALLERY_SUBJECTS, [result.candidates[0].subject_id])[0]
+    admin = redis.Redis.from_url(s.redis_url)
+    token = signin.issue_token(admin, eng, "lapd-inv", actor="test", ttl_s=60)  # the operator's command
+    session, _ = signin.sign_in(r, eng, token)
+    assert signin.reviewer(r, eng, session).user_id == "lapd-inv"
+    signin.sign_out(r, session)
+    for attempt in (lambda: r.hgetall(keys.GALLERY_SUBJECTS), lambda: r.set(keys.result_key("lapd", rid), "x")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+
+
 def test_a_process_the_supervisor_restarts_logs_in_as_its_own_user_again(acl_stack):
     s, st, port, _, _ = acl_stack
     pidfile = st.run_dir / "fusion-0.pid"
