@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select, update
@@ -346,15 +347,23 @@ SERVICE_ACL: dict[str, str] = {
 }
 
 
+# ``default`` off: every connection must log in (NOAUTH), and no one can log in as ``default`` (off, and no
+# password). Its rights are not for clients but for Redis's own: the AOF replay at start runs as ``default``,
+# and Redis 7.0 checks the commands of each MULTI/EXEC in the AOF again against that user's rights
+# (redis/redis#14541), so a ``default`` with ``-@all`` silently drops every transaction and script of the
+# AOF at each restart (the gallery, jobs, kombu's bookkeeping): seen on the local stack.
+DEFAULT_USER_OFF = "user default off resetpass resetkeys resetchannels ~* &* +@all"
+
+
 def render_service_acl(services: Mapping[str, str]) -> str:
     """The services' ACL lines (``{user: sha256 of its password}``; rights from :data:`SERVICE_ACL`), a
-    ``healthcheck`` user that may only PING, and ``default`` off."""
+    ``healthcheck`` user that may only PING, and ``default`` off (:data:`DEFAULT_USER_OFF`)."""
     unknown = set(services) - set(SERVICE_ACL)
     if unknown:
         raise ValueError(f"no Redis rights defined for service user(s) {sorted(unknown)}; known: {sorted(SERVICE_ACL)}")
     lines = [f"user {u} on #{digest} resetkeys resetchannels {SERVICE_ACL[u]}" for u, digest in services.items()]
     lines.append("user healthcheck on nopass resetkeys resetchannels -@all +ping")
-    lines.append("user default off resetkeys resetchannels -@all")
+    lines.append(DEFAULT_USER_OFF)
     return "\n".join(lines) + "\n"
 
 
@@ -396,7 +405,7 @@ def render_redis_acl(
         return "\n".join(lines) + "\n" + render_service_acl(services)
     if service_user:
         lines.append(f"user {service_user} on #{service_password_sha256} ~* &* +@all")
-        lines.append("user default off")
+        lines.append(DEFAULT_USER_OFF)
     else:
         lines.append("user default on nopass ~* &* +@all")
     return "\n".join(lines) + "\n"
@@ -422,8 +431,10 @@ def acl_rules(line: str) -> list[str]:
 
 def apply_redis_acl(eng: Engine, redis_client: Any) -> list[str]:
     """Load every agency's Redis user into a running Redis with ``ACL SETUSER <user> reset <rules>``:
-    for a server started without an ACL file (the local stack, where ``ACL LOAD`` cannot work). Only
-    the agency users are touched (never ``default``). Returns the user names applied."""
+    for a server started without an ACL file, where ``ACL LOAD`` cannot work, and for the local stack's
+    (:func:`sync_local_redis`), where ``ACL LOAD`` would also close every service's connections (Redis 7.0
+    disconnects the clients of the users it replaces). Only the agency users are touched (never ``default``
+    or a service user). Returns the user names applied."""
     done = []
     for line in render_redis_acl(eng).splitlines():
         words = acl_rules(line)
@@ -431,6 +442,46 @@ def apply_redis_acl(eng: Engine, redis_client: Any) -> list[str]:
             redis_client.execute_command("ACL", "SETUSER", words[1], "reset", *words[2:])
             done.append(words[1])
     return done
+
+
+def write_local_acl(eng: Engine, home: str | Path, passwords: Mapping[str, str]) -> Path:
+    """The local stack's ACL file (``core.local_redis.acl_file``): the agencies' users from the registry,
+    the service users ``passwords`` names (rights from :data:`SERVICE_ACL`; hashes only) and ``default`` off."""
+    from core import local_redis
+
+    path = local_redis.acl_file(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    services = {u: p for u, p in passwords.items() if u in local_redis.SERVICE_USERS}
+    tmp.write_text(render_redis_acl(eng, services=local_redis.password_hashes(services)))
+    tmp.replace(path)
+    return path
+
+
+def sync_local_redis(s: Settings) -> list[str] | None:
+    """When ``s.redis_url`` is the Redis this home's local stack started (and it runs): write its ACL file
+    again from the registry (the next start loads it) and apply the agency users to the running server as
+    its ``admin`` user (:func:`apply_redis_acl`). Returns the agency users applied; None when there is no
+    such server (a deployment's Redis: ``quorum registry redis-acl``, then ``ACL LOAD``)."""
+    import redis as redis_lib
+
+    from core import local_redis
+
+    admin_url = local_redis.service_url(s.home, s.redis_url, local_redis.ADMIN)
+    if admin_url is None:
+        return None
+    eng = db.get_engine(s)
+    write_local_acl(eng, s.home, local_redis.read_passwords(s.home))
+    client = redis_lib.Redis.from_url(admin_url, socket_connect_timeout=5)
+    try:
+        applied = apply_redis_acl(eng, client)
+        # A user turned off keeps the connections it has: close them, so that a suspension takes effect now.
+        for agency in snapshot(eng).agencies.values():
+            if agency.status != "active":
+                client.execute_command("CLIENT", "KILL", "USER", redis_user(agency.id))
+        return applied
+    finally:
+        client.close()
 
 
 # ---- convenience for the demo and tests ------------------------------------------------------------------
@@ -474,8 +525,9 @@ DEMO_USER = "demo-user"
 
 def provision_demo(s: Settings) -> str:
     """Register the demo agency, a certified investigator, the offence code and purpose the demo
-    uses (idempotent); returns the agency's signing secret."""
-    return provision(
+    uses (idempotent), and apply its Redis user to the local stack's Redis if that runs; returns the
+    agency's signing secret."""
+    secret = provision(
         db.get_engine(s),
         DEMO_AGENCY,
         users={DEMO_USER: "investigator"},
@@ -483,3 +535,5 @@ def provision_demo(s: Settings) -> str:
         purposes=("demo",),
         actor="demo",
     )
+    sync_local_redis(s)
+    return secret

@@ -75,6 +75,7 @@ def pipeline(engine: str, items: list[tuple[str, Path]], workers: int, port: int
     s = load_settings(home=home, redis_url=f"redis://127.0.0.1:{port}/0", engines=engine)
     stack = Stack(s)
     stack.up()
+    s = stack.s  # logged in as the admin user of the Redis the stack started (core.local_redis)
     try:
         for i in range(1, workers):
             stack.start_process("intake", i)

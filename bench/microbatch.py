@@ -70,6 +70,7 @@ def main() -> None:
         f"{args.probes} probes x {args.rounds} rounds, settings {args.batch}, {when}"
     )
     stack.up(supervise=False)
+    s = stack.s  # logged in as the admin user of the Redis the stack started (core.local_redis)
     try:
         secret = provision_demo(s)
         rows = read_split(args.data / "ci")

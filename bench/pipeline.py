@@ -49,6 +49,7 @@ def main() -> None:
     print(f"# pipeline bench: {platform.machine()}, {platform.python_version()}, store={s.store_kind}, home={home}")
     t0 = time.monotonic()
     stack.up()
+    s = stack.s  # logged in as the admin user of the Redis the stack started (core.local_redis)
     print(f"stack up in {time.monotonic() - t0:.1f}s")
     try:
         secret = provision_demo(s)

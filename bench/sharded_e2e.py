@@ -158,6 +158,7 @@ def main() -> None:
     version = get_engine("sface", device="cpu").version
     stack = Stack(s)
     stack.start_redis()
+    s = stack.s  # logged in as the admin user of the Redis the stack started (core.local_redis)
     build_s = write_shard_snapshots(s, version, args.synthetic, args.shards)
     t0 = time.monotonic()
     stack.up(timeout=1800, metrics_base=args.metrics_base)

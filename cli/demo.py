@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
-from cli.common import stack_failures, tqdm_bar
+from cli.common import redacted, stack_failures, tqdm_bar
 from core.config import settings
 from evaluation.ci_split import Scorecard, SplitRow, format_scorecard, score_results
 
@@ -38,10 +38,11 @@ def demo(data: Path | None, keep_running: bool) -> None:
     if not (ci / "split.csv").exists():
         raise click.ClickException(f"no split.csv under {ci}; set QUORUM_DATA_DIR or pass --data")
     stack = Stack(s)
-    click.echo(f"[1/4] starting the stack under {s.home} (redis {s.redis_url}, store: {s.store_kind}) ...")
+    click.echo(f"[1/4] starting the stack under {s.home} (redis {redacted(s.redis_url)}, store: {s.store_kind}) ...")
     t0 = time.monotonic()
     with stack_failures():
         stack.up()
+    s = stack.s  # logged in as the admin user when the stack started its own Redis (core.local_redis)
     try:
         enrol_and_search(s, read_split(ci), echo=click.echo, bar_factory=tqdm_bar)
         click.echo(f"total {time.monotonic() - t0:.0f}s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.common import stack_failures
+from cli.common import redacted, stack_failures
 from core.config import settings
 
 
@@ -19,12 +19,19 @@ from core.config import settings
 def up(metrics_base: int, timeout: float) -> None:
     """Start the local stack (Redis, gateway, one worker per queue) in the background."""
     from cli.stack import Stack
+    from core import local_redis
 
     s = settings()
-    click.echo(f"starting Quorum under {s.home} (redis {s.redis_url}, store: {s.store_kind})")
+    click.echo(f"starting Quorum under {s.home} (redis {redacted(s.redis_url)}, store: {s.store_kind})")
+    stack = Stack(s)
     with stack_failures():
-        Stack(s).up(metrics_base=metrics_base, timeout=timeout)
-    _first_registrations(s)
+        stack.up(metrics_base=metrics_base, timeout=timeout)
+    _first_registrations(stack.s)  # logged in as the admin user when the stack started its own Redis
+    if stack.owns_redis():
+        click.echo(
+            f"redis: default user off; one ACL user per service and agency (passwords of the services: "
+            f"{local_redis.passwords_file(s.home)}; `quorum redis-url` prints the admin URL)"
+        )
     click.echo("ready")
 
 
@@ -116,4 +123,29 @@ def stack_supervise() -> None:
     Stack(settings()).supervise(stop)
 
 
-COMMANDS = (up, down, status, stack_supervise)
+@click.command("redis-url")
+@click.option(
+    "--user",
+    type=click.Choice(["admin", "gateway", "worker", "review"]),
+    default="admin",
+    show_default=True,
+    help="which service user of the local stack's Redis",
+)
+@click.option("--password", "password_only", is_flag=True, help="print the password alone (for REDISCLI_AUTH)")
+def redis_url(user: str, password_only: bool) -> None:
+    """Print the URL (with its password) of a service user of the Redis `quorum up` started. For redis-cli,
+    keep the password out of its arguments: REDISCLI_AUTH="$(quorum redis-url --password)" redis-cli
+    -p PORT --user admin"""
+    from core import local_redis
+
+    s = settings()
+    url = local_redis.service_url(s.home, s.redis_url, user)
+    if url is None:
+        raise click.ClickException(
+            f"no Redis started by the local stack of {s.home} runs at {redacted(s.redis_url)}: "
+            "this prints only the local stack's credentials (quorum up)"
+        )
+    click.echo(local_redis.read_passwords(s.home)[user] if password_only else url)
+
+
+COMMANDS = (up, down, status, stack_supervise, redis_url)

@@ -37,6 +37,22 @@ def main() -> None:
     """Quorum: multi-engine face search. Every candidate list is an investigative lead only."""
     s = load_settings_or_fail()
     configure_logging(s.log_level, s.log_json)
+    _log_local_redis_user(s)
+
+
+def _log_local_redis_user(s) -> None:
+    """Say so when this command logs in to the local stack's Redis as its admin user (core.local_redis)."""
+    from core import local_redis
+
+    if local_redis.url_user(s.redis_url) == local_redis.ADMIN and local_redis.owns(s.home, s.redis_url):
+        import structlog
+
+        structlog.get_logger().info(
+            "redis.local_admin",
+            user=local_redis.ADMIN,
+            server=local_redis.server_address(s.redis_url),
+            passwords=str(local_redis.passwords_file(s.home)),
+        )
 
 
 for _module in (

@@ -13,6 +13,19 @@ import click
 from cli.common import actor_option, db_engine, emit, operator_name
 
 
+def _apply_to_local_redis() -> bool:
+    """Apply the agency users to the local stack's Redis when it runs (``registry.sync_local_redis``).
+    True if it did; False when the configured Redis is not one the local stack started."""
+    from accountability import registry
+    from core.config import settings
+
+    users = registry.sync_local_redis(settings())
+    if users is None:
+        return False
+    click.echo(f"applied {len(users)} agency users to the local stack's Redis: {' '.join(users) or '(none)'}")
+    return True
+
+
 @click.group("registry")
 def registry_group() -> None:
     """Member agencies, users, offence codes and purposes."""
@@ -36,10 +49,11 @@ def agency_add(agency_id: str, name: str, daily_quota: int, actor: str | None) -
     click.echo(f"agency {agency_id} registered. Give these to the agency now; they are not shown again.")
     click.echo(f"signing secret (HMAC-SHA256): {c.secret}")
     click.echo(f"redis user: {c.redis_user}  password: {c.redis_password}")
-    click.echo(
-        "then re-render the Redis ACL: quorum registry redis-acl --out <aclfile> && redis-cli ACL LOAD "
-        "(a Redis without an ACL file, such as the local stack: quorum registry redis-acl --apply)"
-    )
+    if not _apply_to_local_redis():
+        click.echo(
+            "then re-render the Redis ACL: quorum registry redis-acl --out <aclfile> && redis-cli ACL LOAD "
+            "(a Redis without an ACL file: quorum registry redis-acl --apply)"
+        )
 
 
 @agency_group.command("suspend")
@@ -51,6 +65,7 @@ def agency_suspend(agency_id: str, reason: str, actor: str | None) -> None:
 
     registry.set_agency_status(db_engine(), agency_id, "suspended", actor=operator_name(actor), reason=reason)
     click.echo(f"agency {agency_id} suspended")
+    _apply_to_local_redis()
 
 
 @agency_group.command("activate")
@@ -62,6 +77,7 @@ def agency_activate(agency_id: str, reason: str, actor: str | None) -> None:
 
     registry.set_agency_status(db_engine(), agency_id, "active", actor=operator_name(actor), reason=reason)
     click.echo(f"agency {agency_id} active")
+    _apply_to_local_redis()
 
 
 @agency_group.command("quota")
@@ -85,6 +101,7 @@ def agency_rotate(agency_id: str, actor: str | None) -> None:
     c = registry.rotate_credentials(db_engine(), agency_id, actor=operator_name(actor))
     click.echo(f"signing secret (HMAC-SHA256): {c.secret}")
     click.echo(f"redis user: {c.redis_user}  password: {c.redis_password}")
+    _apply_to_local_redis()
 
 
 @registry_group.group("user")
@@ -207,7 +224,7 @@ def registry_list() -> None:
     "apply_live",
     is_flag=True,
     help="load the agency users into the running Redis (QUORUM_REDIS_URL) with ACL SETUSER instead: "
-    "for a Redis started without an ACL file, such as the local stack's",
+    "for a Redis started without an ACL file, or the local stack's (whose ACL file is written again too)",
 )
 @click.option(
     "--services",
@@ -225,6 +242,9 @@ def redis_acl(
 
     if apply_live:
         import redis as redis_lib
+
+        if _apply_to_local_redis():
+            return
 
         from cli.common import load_settings_or_fail, require_redis
 

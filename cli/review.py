@@ -32,7 +32,16 @@ def review(host: str, port: int, allow_remote: bool) -> None:
     if not _loopback(host) and not allow_remote:
         raise click.UsageError(f"{host} is not a loopback address: pass --allow-remote (and put TLS in front)")
     click.echo(f"quorum review on http://{host}:{port}/  (sign in with: quorum registry user review-token USER)")
-    uvicorn.run(create_app(settings()), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(_review_settings()), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _review_settings():
+    """The settings, logged in as the ``review`` user (its rights only) on the local stack's own Redis."""
+    from core import local_redis
+
+    s = settings()
+    url = local_redis.service_url(s.home, s.redis_url, "review")
+    return s.model_copy(update={"redis_url": url}) if url else s
 
 
 COMMANDS = (review,)

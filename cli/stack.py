@@ -10,6 +10,10 @@ what ``up`` started, using those pid files.
 compose's restart policy does for a deployment: a process whose pid file is still there but whose
 process is gone (it crashed, or was killed) is started again, with a back-off that doubles up to 30 s
 while it keeps dying. A process stopped on purpose (``stop_process`` removes its pid file) stays stopped.
+
+The redis-server ``up`` starts is not open (:mod:`core.local_redis`): ``default`` is off, each agency and
+each service has its own ACL user, and each process logs in as its role's user (the gateway as
+``gateway``, the workers as ``worker``, the supervisor as ``admin``), reading its URL from a 0600 file.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import structlog
 
 from broker import keys
 from broker.app import ROLE_QUEUES, parse_reindex_role, parse_shard_role, shard_role
+from cli.common import redacted
+from core import local_redis
 from core.config import Settings
 
 log = structlog.get_logger()
@@ -56,16 +62,24 @@ def _known_role(s: Settings, role: str) -> bool:
     return role in ROLES or role in shard_roles(s)
 
 
-def settings_env(s: Settings) -> dict[str, str]:
-    """The environment that makes a child process see exactly the settings of this one."""
+def settings_env(s: Settings, *, redis_url_file: Path | None = None) -> dict[str, str]:
+    """The environment that makes a child process see exactly the settings of this one; with
+    ``redis_url_file``, the child reads its Redis URL (its own user's credentials) from that file
+    (``QUORUM_REDIS_URL_FILE``) instead of this process's URL."""
     env = dict(os.environ)
-    for name in type(s).model_fields:
+    fields = type(s).model_fields
+    for name in fields:
         value = getattr(s, name)
         if isinstance(value, tuple):
             value = ",".join(f"{x[0]}={x[1]}" if isinstance(x, tuple) else x for x in value)
         elif isinstance(value, bool):
             value = str(value).lower()
         env["QUORUM_" + name.upper()] = str(value)
+        if f"{name}_file" not in fields:  # the value is set: a QUORUM_<NAME>_FILE beside it would be refused
+            env.pop(f"QUORUM_{name.upper()}_FILE", None)
+    if redis_url_file is not None:
+        env.pop("QUORUM_REDIS_URL")
+        env["QUORUM_REDIS_URL_FILE"] = str(redis_url_file)
     env.pop("QUORUM_SETTINGS", None)  # already folded into the values above
     env["PYTHONUNBUFFERED"] = "1"
     # Engines run one per process; keep each from spawning a thread per core on a small machine.
@@ -81,19 +95,60 @@ class Stack:
         self.log_dir = self.home / "logs"
 
     # ---- redis ------------------------------------------------------------------------------
-    def _redis_reachable(self) -> bool:
+    def _redis_answer(self, url: str | None = None) -> str:
+        """``ok`` (PING answered), ``refused`` (a Redis answers but refuses these credentials: NOAUTH,
+        WRONGPASS) or ``down`` (nothing answers)."""
+        client = redis_lib.Redis.from_url(url or self.s.redis_url, socket_connect_timeout=0.5)
         try:
-            return bool(redis_lib.Redis.from_url(self.s.redis_url, socket_connect_timeout=0.5).ping())
+            client.ping()
+        except redis_lib.AuthenticationError:
+            return "refused"
+        except redis_lib.ResponseError:  # NOPERM: it answers, this user just may not PING
+            return "ok"
         except redis_lib.RedisError:
-            return False
+            return "down"
+        finally:
+            client.close()
+        return "ok"
+
+    def _redis_reachable(self) -> bool:
+        return self._redis_answer() != "down"
+
+    def _use_local_admin(self) -> None:
+        """Log in as the local Redis's admin user from now on (it was started after these settings were read)."""
+        admin = local_redis.service_url(self.home, self.s.redis_url, local_redis.ADMIN)
+        if admin and admin != self.s.redis_url:
+            self.s = self.s.model_copy(update={"redis_url": admin})
+
+    def owns_redis(self) -> bool:
+        """Whether the configured Redis is the one this home's stack started (and it runs)."""
+        return local_redis.owns(self.home, self.s.redis_url)
 
     def start_redis(self) -> bool:
-        """Start a local redis-server for the configured URL if none answers. True if started."""
-        if self._redis_reachable():
+        """Start a local redis-server for the configured URL if none answers. True if started.
+
+        The server started has an ACL file (``<home>/run/redis.acl``, rendered from the registry): one user
+        per agency, one per service with its rights (``accountability.registry.SERVICE_ACL``), ``default``
+        off; the service users' passwords are made once under ``<home>/secrets`` (:mod:`core.local_redis`).
+        A Redis that answers is used as it is, one that refuses a login without credentials included (it
+        is not started a second time on the same port)."""
+        self._use_local_admin()  # settings made without load_settings: still this home's admin on its server
+        answer = self._redis_answer()
+        if answer == "ok":
+            if self.owns_redis():  # started by an earlier `up` of this home: keep its ACL file current
+                from accountability.registry import sync_local_redis
+
+                sync_local_redis(self.s)
             return False
+        if answer == "refused":
+            raise RuntimeError(
+                f"a Redis answers at {local_redis.server_address(self.s.redis_url)} but refuses these credentials "
+                "(NOAUTH/WRONGPASS), and it is not the one this home's stack started: give its user and password "
+                "in QUORUM_REDIS_URL, or choose another port"
+            )
         url = urlparse(self.s.redis_url)
         if url.hostname not in {"127.0.0.1", "localhost", "::1"}:
-            raise RuntimeError(f"Redis at {self.s.redis_url} does not answer, and it is not local to start")
+            raise RuntimeError(f"Redis at {redacted(self.s.redis_url)} does not answer, and it is not local to start")
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
@@ -101,6 +156,11 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        from accountability import db
+        from accountability.registry import write_local_acl
+
+        passwords = local_redis.ensure_passwords(self.home)
+        aclfile = write_local_acl(db.get_engine(self.s), self.home, passwords)
         subprocess.run(
             [
                 exe,
@@ -111,7 +171,7 @@ class Stack:
                 "--daemonize",
                 "yes",
                 "--pidfile",
-                str(self.run_dir / "redis.pid"),
+                str(local_redis.pid_file(self.home)),
                 "--dir",
                 str(data),
                 "--logfile",
@@ -120,11 +180,24 @@ class Stack:
                 "",
                 "--appendonly",
                 "yes",
+                "--aclfile",
+                str(aclfile),
             ],
             check=True,
         )
+        # Recorded at once (``down`` stops it even if it never answers); from now on this home's
+        # commands log in as its admin user.
+        local_redis.record_started(self.home, self.s.redis_url)
+        log.info(
+            "stack.redis_started",
+            server=local_redis.server_address(self.s.redis_url),
+            aclfile=str(aclfile),
+            users=",".join(local_redis.SERVICE_USERS),
+            passwords=str(local_redis.passwords_file(self.home)),
+        )
         for _ in range(100):
-            if self._redis_reachable():
+            self._use_local_admin()  # once the pid file is there
+            if self._redis_answer() == "ok":
                 return True
             time.sleep(0.05)
         raise RuntimeError("redis-server did not start; see " + str(self.log_dir / "redis.log"))
@@ -168,7 +241,11 @@ class Stack:
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = settings_env(self.s)
+        url_file = None
+        if self.owns_redis():  # each process logs in as its own user (core.local_redis.role_user)
+            user = local_redis.role_user(role)
+            url_file = local_redis.write_url_file(self.home, self.s.redis_url, user)
+        env = settings_env(self.s, redis_url_file=url_file)
         env["QUORUM_METRICS_PORT"] = str(metrics_port)
         if role == SUPERVISOR:
             args = [sys.executable, "-m", "cli", "stack-supervise"]
@@ -204,9 +281,7 @@ class Stack:
         supervise: bool = True,
     ) -> None:
         roles = stack_roles(self.s) if roles is None else roles
-        started_redis = self.start_redis()
-        if started_redis:
-            (self.run_dir / "redis.started").write_text("1")
+        self.start_redis()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "metrics_base").write_text(str(metrics_base))
         for role in roles:
@@ -269,7 +344,12 @@ class Stack:
                 if not self._alive(self._pidfile(role)):
                     tail = (self.log_dir / f"{role}-0.log").read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"the {role} process exited during start:\n{tail}")
-            replies = app.control.ping(timeout=1.0) or []
+            try:
+                replies = app.control.ping(timeout=1.0) or []
+            except (redis_lib.ConnectionError, OSError):
+                # A connection kept by this process from a Redis since restarted (a `down` and `up` in one
+                # process: kombu's pidbox keeps it) fails once, then reconnects.
+                replies = []
             ready = {next(iter(rep)).split("@", 1)[0] for rep in replies}
             gateway_ok = "gateway" not in roles or any(True for _ in r.scan_iter(keys.GATEWAY_ALIVE_PREFIX + "*"))
             if want <= ready and gateway_ok:
@@ -302,9 +382,9 @@ class Stack:
             role, _, i = pidfile.stem.rpartition("-")
             if self.stop_process(role, int(i)):
                 stopped.append(pidfile.stem)
-        marker = self.run_dir / "redis.started"
+        marker = local_redis.started_file(self.home)
         if marker.exists():
-            pid = self._alive(self.run_dir / "redis.pid")
+            pid = self._alive(local_redis.pid_file(self.home))
             if pid:
                 _terminate(pid)
                 stopped.append("redis")

@@ -315,9 +315,18 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     Raises ``ValueError`` (a pydantic ``ValidationError``) for a value that does not validate or a key
     that names no setting (in the file: a plain ``ValueError`` naming it), and ``FileNotFoundError`` when
     ``QUORUM_SETTINGS`` names no file.
+
+    A ``redis_url`` without credentials that names the Redis this home's local stack started (while it
+    runs) comes back with the credentials of that stack's ``admin`` user (:mod:`core.local_redis`).
     """
     with _reading(dict(env) if env is not None else None):
-        return Settings(**overrides)  # type: ignore[arg-type]
+        s = Settings(**overrides)  # type: ignore[arg-type]
+    # The local stack's own Redis admits no one without credentials (core.local_redis): a URL without any
+    # that names the server this home's stack started logs in as its admin user (cli.main logs that).
+    from core import local_redis
+
+    admin_url = local_redis.local_credentials(s.home, s.redis_url)
+    return s.model_copy(update={"redis_url": admin_url}) if admin_url else s
 
 
 @lru_cache(maxsize=1)
