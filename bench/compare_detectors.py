@@ -145,6 +145,9 @@ def main() -> None:
             "failure_to_enrol": f["failure_to_enrol"],
             "elapsed_s": round(time.monotonic() - t0, 1),
         }
+        rows[kind]["test_rank1_misses"] = sorted(
+            (proto.mated[int(i)].rel, int(o.mate_rank[int(i)])) for i in mi if o.mate_rank[int(i)] != 1
+        )
         paired[kind] = Paired(o.mate_rank[mi] == 1, o.mate_score[mi], o.top_score[ni])
         print(f"{kind}: done in {rows[kind]['elapsed_s']} s", file=sys.stderr)
     tests = []

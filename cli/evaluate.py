@@ -2,7 +2,9 @@
 
 All three run the protocol of :mod:`evaluation.protocol` in process (the production detector, engines,
 gallery index and fusion code); embeddings are cached (``--cache``) so re-runs and fusion experiments
-cost seconds. See BENCHMARKS.md for the numbers on lfw-dev and the exact commands.
+cost seconds. The detector is the configured one (``QUORUM_DETECTOR``); the cache keys include it, so
+runs under different detectors never share faces or embeddings. See BENCHMARKS.md for the numbers on
+lfw-dev and the exact commands.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import click
 
 from core.engines import DEFAULT_ENGINES
-from evaluation.cache import default_cache_dir
+from evaluation.cache import default_cache_dir, detector_id
 from evaluation.calibration import fit_calibration
 from evaluation.demographics import demographics, read_group_labels
 from evaluation.plots import plot_cmc, plot_det
@@ -38,9 +40,7 @@ from evaluation.runs import (
 def _protocol_options(f):
     opts = [
         click.argument("data", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path)),
-        click.option(
-            "--engines", default=",".join(DEFAULT_ENGINES), show_default=True, help="comma-separated engines"
-        ),
+        click.option("--engines", default=",".join(DEFAULT_ENGINES), show_default=True, help="comma-separated engines"),
         click.option("--seed", default=0, show_default=True, help="seed of every random choice of the protocol"),
         click.option(
             "--holdout",
@@ -214,7 +214,7 @@ def eval_command(
     click.echo(
         f"protocol: gallery {summ['gallery_identities']} identities ({summ['gallery_distractors']} "
         f"distractors); {part} part: {summ[part]['mated_probes']} mated, {summ[part]['nonmated_probes']} "
-        f"non-mated probes; cache {cache}",
+        f"non-mated probes; detector {settings().detector}; cache {cache}",
         err=True,
     )
     run = run_searches(
@@ -259,6 +259,7 @@ def eval_command(
         "data": str(data),
         "protocol": summ,
         "top_n": top_n,
+        "detector": detector_id(),
         "engines": {e: {"version": run.engines[e].version, **failures(run, e)} for e in engine_list},
         "calibration": None
         if cal is None
@@ -528,6 +529,7 @@ def eval_subsets_command(
         "data": str(data),
         "protocol": summ,
         "top_n": top_n,
+        "detector": detector_id(),
         "engines": {e: {"version": run.engines[e].version, **failures(run, e)} for e in engine_list},
         "calibration": cal_info,
         "embed_cost": cost,
