@@ -2,7 +2,9 @@
 
 All three run the protocol of :mod:`evaluation.protocol` in process (the production detector, engines,
 gallery index and fusion code); embeddings are cached (``--cache``) so re-runs and fusion experiments
-cost seconds. See BENCHMARKS.md for the numbers on lfw-dev and the exact commands.
+cost seconds. The detector is the configured one (``QUORUM_DETECTOR``); the cache keys include it, so
+runs under different detectors never share faces or embeddings. See BENCHMARKS.md for the numbers on
+lfw-dev and the exact commands.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import click
 
 from core.engines import DEFAULT_ENGINES
-from evaluation.cache import default_cache_dir
+from evaluation.cache import default_cache_dir, detector_id
 from evaluation.calibration import fit_calibration
 from evaluation.demographics import demographics, read_group_labels
 from evaluation.plots import plot_cmc, plot_det
@@ -212,7 +214,7 @@ def eval_command(
     click.echo(
         f"protocol: gallery {summ['gallery_identities']} identities ({summ['gallery_distractors']} "
         f"distractors); {part} part: {summ[part]['mated_probes']} mated, {summ[part]['nonmated_probes']} "
-        f"non-mated probes; cache {cache}",
+        f"non-mated probes; detector {settings().detector}; cache {cache}",
         err=True,
     )
     run = run_searches(
@@ -257,6 +259,7 @@ def eval_command(
         "data": str(data),
         "protocol": summ,
         "top_n": top_n,
+        "detector": detector_id(),
         "engines": {e: {"version": run.engines[e].version, **failures(run, e)} for e in engine_list},
         "calibration": None
         if cal is None
@@ -526,6 +529,7 @@ def eval_subsets_command(
         "data": str(data),
         "protocol": summ,
         "top_n": top_n,
+        "detector": detector_id(),
         "engines": {e: {"version": run.engines[e].version, **failures(run, e)} for e in engine_list},
         "calibration": cal_info,
         "embed_cost": cost,

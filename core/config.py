@@ -131,6 +131,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     min_face_pixels: int = 20  # smaller boxes are refused as FACE_TOO_SMALL
+    # The face detector (workers.detect.make_detector): YuNet (OpenCV), SCRFD-500M (InsightFace, on
+    # onnxruntime), or YuNet with SCRFD asked only when YuNet finds no face. Every engine's templates are
+    # computed from the detected face's landmarks: changing this changes templates of the images whose
+    # face changes, so a gallery enrolled under one detector must be re-enrolled (and the fusion
+    # re-calibrated) after a switch. BENCHMARKS.md "Detectors: YuNet and SCRFD".
+    detector: Literal["yunet", "scrfd", "yunet+scrfd"] = "yunet"
     default_candidates: int = 250
     # Once the first engine has answered, fusion waits at most this long for the others, then fuses
     # what arrived and marks the list degraded. Measured from the first answer, not from receipt, so

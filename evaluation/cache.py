@@ -43,13 +43,17 @@ def detector_id() -> str:
     """Everything that decides which face an embedding is computed from."""
     from core.config import settings
     from workers.detect import Detector
+    from workers.scrfd import MODEL_FILE, ScrfdDetector
 
     d = Detector.__init__.__defaults__  # (score_threshold, nms_threshold, top_k, max_side)
+    c = ScrfdDetector.__init__.__defaults__  # (score_threshold, nms_threshold, max_side, ...)
+    assert d is not None and c is not None
     s = settings()
-    return (
-        f"yunet-2023mar-int8bq/score{d[0]:g}/nms{d[1]:g}/max{d[3]}/minface{s.min_face_pixels}/largest/"
-        f"maxpx{s.max_image_pixels}"
-    )
+    yunet = f"yunet-2023mar-int8bq/score{d[0]:g}/nms{d[1]:g}/max{d[3]}"
+    scrfd = f"{MODEL_FILE.removesuffix('.onnx')}/score{c[0]:g}/nms{c[1]:g}/max{c[2]}"
+    # YuNet's id is the one caches were keyed by before SCRFD existed (its rows stay valid).
+    det = {"yunet": yunet, "scrfd": scrfd, "yunet+scrfd": f"{yunet}/else-{scrfd}"}[s.detector]
+    return f"{det}/minface{s.min_face_pixels}/largest/maxpx{s.max_image_pixels}"
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -1,4 +1,4 @@
-"""Filling the embedding cache: decode, detect (production YuNet, largest face) and embed every image.
+"""Filling the embedding cache: decode, detect (the configured detector, largest face) and embed every image.
 
 :func:`fill_cache` does one shard in process (resumable); :func:`fill_cache_parallel` spreads the
 shards over spawned processes, engine by engine. The detector and the engines are imported lazily.
@@ -31,7 +31,7 @@ def fill_cache(
 
     from core.config import settings
     from core.errors import QuorumError
-    from workers.detect import Detector, Face, choose_face, decode_image
+    from workers.detect import Face, choose_face, decode_image, make_detector
     from workers.engines import get_engine
 
     if threads:
@@ -46,7 +46,7 @@ def fill_cache(
     versions = {e.name: _embed_version(e.version, det_id) for e in engs}
     done = {e.name: cache.done(e.name, versions[e.name]) for e in engs}
     todo = [i for i, k in enumerate(keys) if k not in faces or any(k not in done[e.name] for e in engs)]
-    detector: Detector | None = None
+    detector = None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -79,7 +79,7 @@ def fill_cache(
             decoded[k] = img
             if k not in faces:
                 if detector is None:
-                    detector = Detector()
+                    detector = make_detector(s.detector, s.device)
                 try:
                     _, face = choose_face(detector.detect(img), None, min_face_pixels=s.min_face_pixels)
                     rec = (OK, json.dumps(face.to_dict()))

@@ -396,11 +396,11 @@ def newest_booking_first(record: dict) -> list[str]:
 
 
 @cache
-def _detector() -> Any:
-    """YuNet, loaded once per process (``quorum review`` renders many sheets); it locks around each call."""
-    from workers.detect import Detector
+def _detector(kind: str = "yunet") -> Any:
+    """The detector ``kind`` (the settings' ``detector``), loaded once per process and kind."""
+    from workers.detect import make_detector
 
-    return Detector()
+    return make_detector(kind, "cpu")
 
 
 def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[int, int] | None, list, str]:
@@ -416,7 +416,7 @@ def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[i
             return None, None, [], "the probe image is no longer stored (purged under the retention policy)"
         raise
     image = decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-    faces = _detector().detect(image)
+    faces = _detector(getattr(s, "detector", "yunet")).detect(image)
     h, w = image.shape[:2]
     return probe_uri(image), (w, h), [f.box for f in faces], ""
 

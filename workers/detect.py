@@ -1,4 +1,4 @@
-"""Image decoding, face detection (YuNet), face choice and ArcFace-style alignment.
+"""Image decoding, face detection (YuNet; SCRFD in :mod:`workers.scrfd`), face choice and ArcFace-style alignment.
 
 Decoding untrusted bytes (:func:`decode_image`) is done with Pillow, which reads an image's format and
 dimensions from its header before any pixel is decoded (a small file claiming 100000x100000 pixels is
@@ -322,6 +322,42 @@ class Detector:
             )
         faces.sort(key=lambda f: f.area, reverse=True)
         return faces
+
+
+class FallbackDetector:
+    """``primary``'s faces; ``fallback``'s only when ``primary`` finds none (so every image the primary
+    detects keeps exactly the face, and so the templates, it had without the fallback)."""
+
+    def __init__(self, primary: Any, fallback: Any) -> None:
+        self.primary = primary
+        self.fallback = fallback
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        return self.primary.detect(image) or self.fallback.detect(image)
+
+
+DETECTORS = ("yunet", "scrfd", "yunet+scrfd")
+
+
+def make_detector(kind: str | None = None, device: str | None = None) -> Any:
+    """The configured detector: ``kind`` (default ``settings().detector``) is ``yunet`` (:class:`Detector`),
+    ``scrfd`` (:class:`workers.scrfd.ScrfdDetector` on ``device``, default ``settings().device``) or
+    ``yunet+scrfd`` (YuNet, and SCRFD where YuNet finds no face). Each has ``detect(image) -> list[Face]``,
+    largest face first."""
+    if kind is None or device is None:
+        from core.config import settings
+
+        kind = kind or settings().detector
+        device = device or settings().device
+    if kind == "yunet":
+        return Detector()
+    from workers.scrfd import ScrfdDetector
+
+    if kind == "scrfd":
+        return ScrfdDetector(device=device)
+    if kind == "yunet+scrfd":
+        return FallbackDetector(Detector(), ScrfdDetector(device=device))
+    raise ValueError(f"unknown detector {kind!r}; known: {', '.join(DETECTORS)}")
 
 
 def choose_face(faces: Sequence[Face], index: int | None, *, min_face_pixels: int | None = None) -> tuple[int, Face]:

@@ -40,9 +40,9 @@ class Runtime:
 
     @cached_property
     def detector(self):
-        from workers.detect import Detector
+        from workers.detect import make_detector
 
-        return Detector()
+        return make_detector(self.settings.detector, self.settings.device)
 
     @cached_property
     def calibration(self):
