@@ -181,3 +181,44 @@ def test_fit_can_skip_the_quality_models():
     probes, scores = _quality_synthetic(0, probes=60)
     cal = fit(probes, scores, {"a": "va", "b": "vb"}, fit_quality=False)
     assert cal.logit and not cal.logit_q
+
+
+def test_production_assemble_passes_the_job_faces_quality_to_logit_q():
+    """workers.stages.assemble fuses with the quality of the face intake chose (box and detector score)."""
+    from dataclasses import replace
+
+    from schemas import EngineCandidate, EngineResult
+    from tests.unit.test_stages import FACE, World
+    from workers import stages
+
+    probes, scores = _quality_synthetic(0, probes=120)
+    # engine names of the stage tests' world
+    ren = {"a": "e1", "b": "e2"}
+    probes = [
+        FitProbe({ren[e]: v for e, v in p.lists.items()}, p.mate, {"detector_score": p.quality["detector_score"]})
+        for p in probes
+    ]
+    cal = fit(probes, {ren[e]: v for e, v in scores.items()}, {"e1": "e1-v1", "e2": "e2-v1"})
+    w = World(fusion_method="logit_q")
+    job = w.prepared()
+    ctx = replace(w.ctx(), calibration=lambda: cal)
+    p = probes[1]
+    ok = {
+        e: EngineResult(
+            request_id=job.request_id,
+            engine=e,
+            engine_version=f"{e}-v1",
+            status="ok",
+            candidates=[EngineCandidate(subject_id=r.subject_id, rank=r.rank, score=r.score) for r in lst],
+        )
+        for e, lst in p.lists.items()
+    }
+    out = stages.assemble(ctx, job, ok, {})
+    assert out.fusion_method == "logit_q"
+    quality = probe_quality(FACE.box, FACE.score)
+    lists = {e: [Ranked(c.subject_id, c.rank, c.score) for c in r.candidates] for e, r in ok.items()}
+    expect = fuse(lists, job.candidates, "logit_q", calibration=cal, quality=quality)
+    assert [(c.subject_id, c.fused_score) for c in out.candidates] == [(f.subject_id, f.fused_score) for f in expect]
+    # the face's score (0.9) is not the fit mean: without it the fused scores would differ
+    fill = fuse(lists, job.candidates, "logit_q", calibration=cal)
+    assert [f.fused_score for f in fill] != [f.fused_score for f in expect]
