@@ -229,6 +229,8 @@ def eval_command(
                 if cal is None
                 else cal.mismatches(engine_list, {e: run.engines[e].version for e in engine_list})
             )
+            if not problems and cal is not None and m in ("logit", "logit_q") and cal.model_for(m, engine_list) is None:
+                problems = [f"no {m} model for {'+'.join(sorted(engine_list))}"]
             if problems:
                 skipped[m] = problems
                 click.echo(f"skipping {m}: calibration unusable: {'; '.join(problems)}", err=True)
@@ -408,7 +410,7 @@ def calibrate_command(
 @_protocol_options
 @click.option(
     "--methods",
-    default="zsum,rrf,zsum_cal,llr,logit",
+    default="zsum,rrf,zsum_cal,llr,logit,tnorm,logit_q",
     show_default=True,
     help="fusion methods for every set of two or more engines",
 )

@@ -61,7 +61,8 @@ def fit_calibration(run: Run, *, part: str = "fit", default_method: str | None =
     for i in list(mi) + [nm + int(j) for j in ni]:
         i = int(i)
         mate = run.mate_of(i)
-        probes.append(fusion.FitProbe(run.lists_for(i), None if mate is None else run.subjects[mate]))
+        quality = run.quality[i] if run.quality is not None else None
+        probes.append(fusion.FitProbe(run.lists_for(i), None if mate is None else run.subjects[mate], quality))
     versions = {e: r.version for e, r in run.engines.items()}
     return fusion.fit(
         probes, scores, versions, default_method=default_method or fusion.FALLBACK_METHOD, meta=dict(meta or {})

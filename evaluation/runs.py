@@ -54,6 +54,9 @@ class Run:
     subjects: list[str]  # gallery subject ids (identity names), index = subject index
     engines: dict[str, EngineRun]
     top_n: int
+    # per probe: ``workers.fusion.probe_quality`` of the face the detector chose (None: unknown); set by
+    # :func:`run_searches` from the face cache (not part of the cached searches)
+    quality: list[dict[str, float] | None] | None = None
 
     @property
     def probes(self) -> list[Image]:
@@ -144,6 +147,7 @@ def run_searches(
             with open(run_file, "rb") as fh:
                 cached = pickle.load(fh)
             cached.protocol = protocol
+            cached.quality = probe_qualities(cache, det, keys[len(protocol.gallery) :])
             echo(f"searches from the cache: {run_file}")
             return cached
         except Exception:  # a stale or unreadable file: search again
@@ -186,7 +190,24 @@ def run_searches(
     with open(tmp, "wb") as fh:
         pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, run_file)
+    result.quality = probe_qualities(cache, det, keys[ng:])
     return result
+
+
+def probe_qualities(cache: EmbeddingCache, det: str, keys: Sequence[str]) -> list[dict[str, float] | None]:
+    """Per image key: ``workers.fusion.probe_quality`` of its cached face (None: no face cached)."""
+    from workers.fusion import probe_quality
+
+    faces = cache.faces(det, keys)
+    out: list[dict[str, float] | None] = []
+    for k in keys:
+        row = faces.get(k)
+        if row is None or row[0] != OK or not row[1]:
+            out.append(None)
+            continue
+        face = json.loads(row[1])
+        out.append(probe_quality(face.get("box"), face.get("score")))
+    return out
 
 
 def engine_outcome(run: Run, engine: str) -> Outcome:
@@ -226,7 +247,8 @@ def fusion_outcome(
         lists = run.lists_for(i, engines)
         if not lists:
             continue
-        fused = fuse(lists, run.top_n, method, calibration=calibration, versions=versions)
+        quality = run.quality[i] if run.quality is not None else None
+        fused = fuse(lists, run.top_n, method, calibration=calibration, versions=versions, quality=quality)
         if i < nm:
             mate = run.subjects[run.mate_of(i)]
             for f in fused:

@@ -107,8 +107,8 @@ def subset_rows(
         for meth in methods:
             if meth in fusion.CALIBRATED:
                 problems = ["no calibration"] if calibration is None else calibration.mismatches(list(es), versions)
-                if not problems and meth == "logit" and "+".join(sorted(es)) not in calibration.logit:
-                    problems = [f"no logit model for {'+'.join(sorted(es))}"]
+                if not problems and meth in ("logit", "logit_q") and calibration.model_for(meth, es) is None:
+                    problems = [f"no {meth} model for {'+'.join(sorted(es))}"]
                 if problems:
                     skipped[f"{set_name(es)}/{meth}"] = problems
                     continue

@@ -10,8 +10,13 @@ no calibration:
   normalisation). The fused score is the weighted sum of the standardised scores.
 * ``rrf`` — reciprocal-rank fusion, sum of ``w / (60 + rank)``; uses ranks only (60 is the constant
   of Cormack et al. 2009, not tuned here).
+* ``tnorm`` — cohort ("T-norm") normalisation: each engine's scores standardised by the mean and
+  standard deviation of a cohort, then summed. The cohort is the probe's own list beyond rank
+  ``TNORM_SKIP`` (ranks 11-250 of the engine's 250: with a large gallery these are other people,
+  scored against this probe by this engine), so no extra search is needed; with fewer than
+  ``TNORM_MIN_COHORT`` cohort scores the whole list is the cohort.
 
-Three methods use a :class:`Calibration` learned from data by :func:`fit` (``quorum calibrate``),
+Four methods use a :class:`Calibration` learned from data by :func:`fit` (``quorum calibrate``),
 stored as JSON with each engine's name and version (OpenBR style: normalisation parameters are
 trained, saved next to the model, never written into code):
 
@@ -25,6 +30,13 @@ trained, saved next to the model, never written into code):
   candidate is the probe's mate. One model is fitted for every subset of engines, so an engine
   missing for a whole probe is handled by the model fitted without it (marginalised by refitting,
   not by imputing the engine).
+* ``logit_q`` — the same, over more features (:data:`FEATURES_Q`): per engine also the T-norm score,
+  the rank (``1 / rank``), the gap to the engine's top score (fixed z) and the fixed z times each
+  probe quality measure; and per probe the quality measures themselves (:data:`QUALITY`: YuNet's
+  detector score and the log of the face box's size, from :func:`probe_quality`; both are in the job,
+  so production computes the same features). Quality only changes the order of candidates through the
+  interactions; alone it shifts every candidate of a probe alike (it moves the open-set threshold).
+  A probe without quality gets the fit data's mean quality.
 
 Missing data, the same for every method:
 
@@ -56,12 +68,14 @@ import structlog
 
 log = structlog.get_logger()
 
-METHODS = ("zsum", "rrf", "zsum_cal", "llr", "logit")
-CALIBRATED = frozenset({"zsum_cal", "llr", "logit"})
+METHODS = ("zsum", "rrf", "zsum_cal", "llr", "logit", "tnorm", "logit_q")
+CALIBRATED = frozenset({"zsum_cal", "llr", "logit", "logit_q"})
 FALLBACK_METHOD = "zsum"
 RRF_K = 60.0
 _MAD_TO_SIGMA = 1.4826
 CALIBRATION_FORMAT = 1
+TNORM_SKIP = 10  # the top ranks of a list are left out of its cohort (they may hold the mate)
+TNORM_MIN_COHORT = 20  # below this many cohort scores, the whole list is the cohort
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration.json"
 
 
@@ -78,6 +92,32 @@ class Fused:
     rank: int
     fused_score: float
     engines: dict[str, tuple[int, float]]  # engine -> (rank, raw score)
+
+
+def probe_quality(box: Sequence[float] | None, detector_score: float | None) -> dict[str, float]:
+    """The probe quality measures of ``logit_q`` from the searched face (box: x, y, width, height)."""
+    q: dict[str, float] = {}
+    if detector_score is not None and math.isfinite(float(detector_score)):
+        q["detector_score"] = float(detector_score)
+    if box is not None and len(box) == 4:
+        w, h = float(box[2]), float(box[3])
+        if w > 0 and h > 0:
+            q["log_face_px"] = math.log(max(1.0, math.sqrt(w * h)))
+    return q
+
+
+def tnorm(scores: np.ndarray, skip: int = TNORM_SKIP, min_cohort: int = TNORM_MIN_COHORT) -> np.ndarray:
+    """Standardise scores against a cohort: the list's scores below its ``skip`` best (all of them when
+    that leaves fewer than ``min_cohort``); mean and standard deviation (falls back to 1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return scores
+    ordered = np.sort(scores)[::-1]
+    cohort = ordered[skip:] if ordered.size - skip >= min_cohort else ordered
+    spread = float(np.std(cohort))
+    if spread <= 1e-9:
+        spread = 1.0
+    return (scores - float(np.mean(cohort))) / spread
 
 
 def robust_z(scores: np.ndarray) -> np.ndarray:
@@ -134,6 +174,31 @@ class LogitModel:
 
 
 FEATURES = ("z", "probe_z", "present")
+QUALITY = ("detector_score", "log_face_px")
+FEATURES_Q = (*FEATURES, "tnorm", "inv_rank", "z_gap", *(f"z_x_{q}" for q in QUALITY))
+
+
+@dataclass
+class QualityLogitModel:
+    """``logit_q``'s logistic regression: :data:`FEATURES_Q` per engine (``engines`` sorted), then
+    :data:`QUALITY` once per probe (see :func:`_features_q`). ``quality_fill``: the fit data's mean of
+    each quality measure, used for a probe that lacks it."""
+
+    engines: tuple[str, ...]
+    coef: list[float]
+    intercept: float
+    quality_fill: dict[str, float] = field(default_factory=dict)
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        return feats @ np.asarray(self.coef) + self.intercept
+
+    def quality_vector(self, quality: Mapping[str, float] | None) -> np.ndarray:
+        q = quality or {}
+        out = []
+        for name in QUALITY:
+            v = q.get(name)
+            out.append(float(v) if v is not None and math.isfinite(float(v)) else self.quality_fill.get(name, 0.0))
+        return np.asarray(out, dtype=np.float64)
 
 
 @dataclass
@@ -143,6 +208,12 @@ class Calibration:
     logit: dict[str, LogitModel] = field(default_factory=dict)  # "+".join(sorted engines) -> model
     default_method: str = FALLBACK_METHOD
     meta: dict[str, Any] = field(default_factory=dict)  # how, when and on what it was fitted
+    logit_q: dict[str, QualityLogitModel] = field(default_factory=dict)  # as ``logit``; absent in older files
+
+    def model_for(self, method: str, engines: Sequence[str]) -> LogitModel | QualityLogitModel | None:
+        """The ``logit`` / ``logit_q`` model for this set of engines (None: not fitted)."""
+        models: Mapping[str, LogitModel | QualityLogitModel] = self.logit_q if method == "logit_q" else self.logit
+        return models.get(_subset_key(engines))
 
     # ---- checks ----------------------------------------------------------------------------------
     def mismatches(self, engines: Sequence[str], versions: Mapping[str, str] | None) -> list[str]:
@@ -167,6 +238,23 @@ class Calibration:
                 k: {"engines": list(m.engines), "features": list(FEATURES), "coef": m.coef, "intercept": m.intercept}
                 for k, m in sorted(self.logit.items())
             },
+            **(
+                {
+                    "logit_q": {
+                        k: {
+                            "engines": list(m.engines),
+                            "features": list(FEATURES_Q),
+                            "probe_features": list(QUALITY),
+                            "coef": m.coef,
+                            "intercept": m.intercept,
+                            "quality_fill": dict(m.quality_fill),
+                        }
+                        for k, m in sorted(self.logit_q.items())
+                    }
+                }
+                if self.logit_q
+                else {}
+            ),
             "meta": self.meta,
         }
 
@@ -180,11 +268,29 @@ class Calibration:
             if list(m.get("features", FEATURES)) != list(FEATURES):
                 raise ValueError(f"logit model {k} uses features {m.get('features')}, this code {FEATURES}")
             logit[k] = LogitModel(tuple(m["engines"]), [float(c) for c in m["coef"]], float(m["intercept"]))
+        logit_q = {}
+        for k, m in d.get("logit_q", {}).items():
+            if list(m.get("features", [])) != list(FEATURES_Q) or list(m.get("probe_features", [])) != list(QUALITY):
+                raise ValueError(
+                    f"logit_q model {k} uses features {m.get('features')} + {m.get('probe_features')}, "
+                    f"this code {FEATURES_Q} + {QUALITY}"
+                )
+            logit_q[k] = QualityLogitModel(
+                tuple(m["engines"]),
+                [float(c) for c in m["coef"]],
+                float(m["intercept"]),
+                {q: float(v) for q, v in m.get("quality_fill", {}).items()},
+            )
         method = d.get("default_method", FALLBACK_METHOD)
         if method not in METHODS:
             raise ValueError(f"calibration names unknown default method {method!r}")
         return cls(
-            engines, {k: float(v) for k, v in d.get("weights", {}).items()}, logit, method, dict(d.get("meta", {}))
+            engines,
+            {k: float(v) for k, v in d.get("weights", {}).items()},
+            logit,
+            method,
+            dict(d.get("meta", {})),
+            logit_q,
         )
 
     def save(self, path: Path | str) -> None:
@@ -235,18 +341,47 @@ def _features(
     return np.column_stack(cols) if cols else np.zeros((len(subjects), 0))
 
 
+def _features_q(
+    lists: Mapping[str, Sequence[Ranked]],
+    subjects: Sequence[str],
+    engines: Sequence[str],
+    cal: Calibration,
+    quality: np.ndarray,
+) -> np.ndarray:
+    """Per candidate: for each engine (in ``engines`` order) :data:`FEATURES_Q`, then :data:`QUALITY`
+    (``quality``, one value per measure, the same for every candidate of the probe)."""
+    cols = []
+    for e in engines:
+        ranked = lists[e]
+        raw = np.asarray([r.score for r in ranked], dtype=np.float64)
+        by_s = {r.subject_id: i for i, r in enumerate(ranked)}
+        floor_i = int(np.argmin(raw))
+        idx = np.asarray([by_s.get(s, floor_i) for s in subjects])
+        present = np.asarray([s in by_s for s in subjects], dtype=np.float64)
+        z = cal.engines[e].z(raw[idx])
+        inv_rank = np.asarray([1.0 / ranked[by_s[s]].rank if s in by_s else 0.0 for s in subjects])
+        z_gap = z - cal.engines[e].z(float(raw.max()))
+        cols += [z, robust_z(raw)[idx], present, tnorm(raw)[idx], inv_rank, z_gap]
+        cols += [z * qv for qv in quality]
+    cols += [np.full(len(subjects), qv) for qv in quality]
+    return np.column_stack(cols)
+
+
 def _calibrated_totals(
     method: str,
     lists: Mapping[str, Sequence[Ranked]],
     subjects: list[str],
     cal: Calibration,
     weights: Mapping[str, float],
+    quality: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     engines = sorted(lists)
-    if method == "logit":
-        model = cal.logit.get(_subset_key(engines))
+    if method in ("logit", "logit_q"):
+        model = cal.model_for(method, engines)
         if model is None:
-            raise KeyError(f"no logit model for engines {engines}")
+            raise KeyError(f"no {method} model for engines {engines}")
+        if isinstance(model, QualityLogitModel):
+            return model.score(_features_q(lists, subjects, model.engines, cal, model.quality_vector(quality)))
         return model.score(_features(lists, subjects, model.engines, cal))
     total = np.zeros(len(subjects))
     wsum = 0.0
@@ -275,8 +410,8 @@ def effective_method(
     if method not in CALIBRATED:
         return method
     problems = ["no calibration loaded"] if calibration is None else calibration.mismatches(list(engines), versions)
-    if method == "logit" and not problems and _subset_key(engines) not in calibration.logit:
-        problems = [f"no logit model for {_subset_key(engines)}"]
+    if method in ("logit", "logit_q") and not problems and calibration.model_for(method, engines) is None:
+        problems = [f"no {method} model for {_subset_key(engines)}"]
     if problems:
         log.warning("fusion.calibration_mismatch", method=method, fallback=FALLBACK_METHOD, problems=problems)
         return FALLBACK_METHOD
@@ -291,12 +426,14 @@ def fuse(
     *,
     calibration: Calibration | None = None,
     versions: Mapping[str, str] | None = None,
+    quality: Mapping[str, float] | None = None,
 ) -> list[Fused]:
     """Merge engine lists into the top ``n`` subjects, best first (ties broken by subject id).
 
-    ``calibration`` is needed by ``zsum_cal``, ``llr`` and ``logit``; ``versions`` (engine ->
-    version of the engine that produced the list) is checked against it. Without a usable
-    calibration those methods fall back to ``zsum`` with a warning.
+    ``calibration`` is needed by ``zsum_cal``, ``llr``, ``logit`` and ``logit_q``; ``versions``
+    (engine -> version of the engine that produced the list) is checked against it. Without a usable
+    calibration those methods fall back to ``zsum`` with a warning. ``quality`` (the probe's
+    :func:`probe_quality`) is used by ``logit_q`` only.
     """
     if method not in METHODS:
         raise ValueError(f"unknown fusion method {method!r}; known: {', '.join(METHODS)}")
@@ -309,15 +446,16 @@ def fuse(
         return []
     if method in CALIBRATED:
         assert calibration is not None
-        values = _calibrated_totals(method, present, subjects, calibration, weights)
+        values = _calibrated_totals(method, present, subjects, calibration, weights, quality)
         totals = dict(zip(subjects, values.tolist(), strict=True))
     else:
         contrib: dict[str, dict[str, float]] = {}
         floor: dict[str, float] = {}
         for engine, ranked in present.items():
             w = float(weights.get(engine, 1.0))
-            if method == "zsum":
-                z = robust_z(np.asarray([r.score for r in ranked], dtype=np.float64))
+            if method in ("zsum", "tnorm"):
+                norm = robust_z if method == "zsum" else tnorm
+                z = norm(np.asarray([r.score for r in ranked], dtype=np.float64))
                 contrib[engine] = {r.subject_id: w * float(zi) for r, zi in zip(ranked, z, strict=True)}
                 floor[engine] = w * float(z.min())
             else:
@@ -347,6 +485,7 @@ class FitProbe:
 
     lists: dict[str, list[Ranked]]
     mate: str | None  # the enrolled subject of the probe's identity; None for a non-mated probe
+    quality: dict[str, float] | None = None  # :func:`probe_quality` of the probe's face (``logit_q``)
 
 
 def fit_logistic(
@@ -390,6 +529,7 @@ def fit(
     default_method: str = FALLBACK_METHOD,
     l2: float = 1e-3,
     meta: Mapping[str, Any] | None = None,
+    fit_quality: bool = True,
 ) -> Calibration:
     """Learn a :class:`Calibration` from fit data.
 
@@ -398,7 +538,8 @@ def fit(
     not one gallery's tail). ``probes``: the fit searches (lists + mate) for the logistic model; one
     model is fitted per non-empty subset of the engines, on the same searches with the other engines'
     lists removed. Mated and non-mated searches both contribute negatives; each search's candidates
-    are weighted to sum to 1 so that long lists do not dominate.
+    are weighted to sum to 1 so that long lists do not dominate. ``logit_q`` models (``fit_quality``)
+    are fitted on the same searches, with each probe's ``quality`` (missing measures: the fit mean).
     """
     engines: dict[str, EngineCalibration] = {}
     for e, (gen, imp) in engine_scores.items():
@@ -417,22 +558,35 @@ def fit(
             int(gen.size),
         )
     cal = Calibration(engines, {e: 1.0 for e in engines}, {}, default_method, dict(meta or {}))
+    fill = {}
+    for name in QUALITY:
+        vals = [float(p.quality[name]) for p in probes if p.quality and p.quality.get(name) is not None]
+        vals = [v for v in vals if math.isfinite(v)]
+        fill[name] = float(np.mean(vals)) if vals else 0.0
     names = sorted(engines)
     for k in range(1, len(names) + 1):
         for subset in itertools.combinations(names, k):
-            xs, ys, ws = [], [], []
+            key = _subset_key(subset)
+            shell = QualityLogitModel(tuple(subset), [], 0.0, fill)
+            xs, xqs, ys, ws = [], [], [], []
             for p in probes:
                 lists = {e: p.lists[e] for e in subset if p.lists.get(e)}
                 if set(lists) != set(subset):
                     continue
                 subjects = sorted(set().union(*({r.subject_id for r in v} for v in lists.values())))
                 xs.append(_features(lists, subjects, subset, cal))
+                if fit_quality:
+                    xqs.append(_features_q(lists, subjects, subset, cal, shell.quality_vector(p.quality)))
                 ys.append(np.asarray([s == p.mate for s in subjects], dtype=np.float64))
                 ws.append(np.full(len(subjects), 1.0 / len(subjects)))
             if not xs or not any(y.any() for y in ys):
                 continue
-            coef, intercept = fit_logistic(np.vstack(xs), np.concatenate(ys), l2=l2, sample_weight=np.concatenate(ws))
-            cal.logit[_subset_key(subset)] = LogitModel(tuple(subset), [float(c) for c in coef], intercept)
+            y, w = np.concatenate(ys), np.concatenate(ws)
+            coef, intercept = fit_logistic(np.vstack(xs), y, l2=l2, sample_weight=w)
+            cal.logit[key] = LogitModel(tuple(subset), [float(c) for c in coef], intercept)
+            if fit_quality:
+                coef, intercept = fit_logistic(np.vstack(xqs), y, l2=l2, sample_weight=w)
+                cal.logit_q[key] = QualityLogitModel(tuple(subset), [float(c) for c in coef], intercept, dict(fill))
     return cal
 
 

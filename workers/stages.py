@@ -666,7 +666,8 @@ def assemble(ctx: StageContext, job: Job, ok: dict[str, EngineResult], failed: d
     method = fusion.effective_method(
         fusion.resolve_method(ctx.settings.fusion_method, cal), [e for e, lst in lists.items() if lst], cal, versions
     )
-    fused = fusion.fuse(lists, job.candidates, method=method, calibration=cal, versions=versions)
+    quality = fusion.probe_quality(job.face.box, job.face.detector_score)
+    fused = fusion.fuse(lists, job.candidates, method=method, calibration=cal, versions=versions, quality=quality)
     partial = {
         e: list(res.shards_answered)
         for e, res in ok.items()

@@ -51,8 +51,8 @@ def test_calibrate_then_eval_writes_report_and_plots(workdir):
     assert res.exit_code == 0, res.output
     c = json.loads(cal.read_text())
     assert set(c["engines"]) == {"sface", "facenet"}
-    assert c["default_method"] in ("zsum", "rrf", "zsum_cal", "llr", "logit")
-    assert set(c["logit"]) == {"facenet", "sface", "facenet+sface"}
+    assert c["default_method"] in ("zsum", "rrf", "zsum_cal", "llr", "logit", "tnorm", "logit_q")
+    assert set(c["logit"]) == set(c["logit_q"]) == {"facenet", "sface", "facenet+sface"}
     assert c["engines"]["sface"]["version"] and c["engines"]["sface"]["impostor_std"] > 0
 
     out = d / "report"
@@ -142,7 +142,7 @@ def test_eval_subsets_tests_every_set_against_the_best_engine(workdir):
     assert rep["calibration"]["fitted_here"] and (out / "calibration.json").exists()
     rows = {("+".join(r["engines"]), r["method"]) for r in rep["rows"]}
     assert rows == {("sface", "engine"), ("facenet", "engine")} | {
-        ("sface+facenet", m) for m in ("zsum", "rrf", "zsum_cal", "llr", "logit")
+        ("sface+facenet", m) for m in ("zsum", "rrf", "zsum_cal", "llr", "logit", "tnorm", "logit_q")
     }
     best = rep["best_single_engine"]
     for r in rep["rows"]:
