@@ -358,7 +358,8 @@ def calibrate_command(
     """Fit score normalisation and fusion on the fit part of DATA; pick the default method.
 
     The default method is the fusion method with the fewest rank-1 misses on the fit part (ties:
-    lower FNIR at FPIR 1%). Report on the identity-disjoint test part with ``quorum eval``.
+    lower FNIR at FPIR 1%), of those eligible (``workers.fusion.DEFAULT_ELIGIBLE``: not logit_q, which
+    that in-sample rule favours). Report on the identity-disjoint test part with ``quorum eval``.
     """
     from workers import fusion
 
@@ -390,11 +391,12 @@ def calibrate_command(
     def key(m):
         return (metrics[m]["rank1_misses"], metrics[m]["fnir_at_fpir"][1]["fnir"], m)
 
-    best = min(fusion.METHODS, key=key)
+    best = min(fusion.DEFAULT_ELIGIBLE, key=key)
     best_single = min(engine_list, key=key)
     cal.default_method = best
     cal.meta["selection"] = {
-        "rule": "fewest rank-1 misses on the fit part, then lowest FNIR at FPIR 1%",
+        "rule": "fewest rank-1 misses on the fit part, then lowest FNIR at FPIR 1%, among "
+        + ", ".join(fusion.DEFAULT_ELIGIBLE),
         "fit_rank1_misses": {m: metrics[m]["rank1_misses"] for m in metrics},
         "best_single_engine": best_single,
         "beats_best_single_engine_on_fit": metrics[best]["rank1_misses"] < metrics[best_single]["rank1_misses"],

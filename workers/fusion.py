@@ -70,6 +70,11 @@ log = structlog.get_logger()
 
 METHODS = ("zsum", "rrf", "zsum_cal", "llr", "logit", "tnorm", "logit_q")
 CALIBRATED = frozenset({"zsum_cal", "llr", "logit", "logit_q"})
+# The methods `quorum calibrate` may make the default by its in-sample rule (fewest rank-1 misses on the
+# fit part). logit_q is left out: with the most parameters it wins on the data it was fitted on, and on
+# the held-out part it was no better than logit (BENCHMARKS.md "Fusion methods for the default set");
+# choose it explicitly with QUORUM_FUSION_METHOD=logit_q.
+DEFAULT_ELIGIBLE = tuple(m for m in METHODS if m != "logit_q")
 FALLBACK_METHOD = "zsum"
 RRF_K = 60.0
 _MAD_TO_SIGMA = 1.4826
