@@ -43,6 +43,7 @@ TOP_LEVEL = {
     "calibrate",
     "eval-subsets",
     "models",
+    "redis-url",
     "stack-supervise",
 }  # hidden: the local stack's supervisor process
 
