@@ -134,8 +134,9 @@ class Settings(BaseSettings):
     # The face detector (workers.detect.make_detector): YuNet (OpenCV), SCRFD-500M (InsightFace, on
     # onnxruntime), or YuNet with SCRFD asked only when YuNet finds no face. Every engine's templates are
     # computed from the detected face's landmarks: changing this changes templates of the images whose
-    # face changes, so a gallery enrolled under one detector must be re-enrolled (and the fusion
-    # re-calibrated) after a switch. BENCHMARKS.md "Detectors: YuNet and SCRFD".
+    # face changes, so a gallery enrolled under one detector must be re-indexed (and the fusion
+    # re-calibrated) after a switch: under scrfd every engine's version ends in /det-scrfd
+    # (workers.engines.DETECTOR_VERSION_TAGS), so templates never mix. BENCHMARKS.md "Detectors: YuNet and SCRFD".
     detector: Literal["yunet", "scrfd", "yunet+scrfd"] = "yunet"
     default_candidates: int = 250
     # Once the first engine has answered, fusion waits at most this long for the others, then fuses

@@ -135,6 +135,20 @@ def test_a_research_only_engine_needs_the_operators_acceptance_in_production() -
         get_engine("facenet", "cpu", load_settings(env={}, deployment="production", accept_research_licences="sface"))
 
 
+def test_an_engine_version_names_a_detector_whose_faces_differ_from_yunets() -> None:
+    """Templates from SCRFD's faces must not mix with YuNet's in one gallery: the version says which
+    detector made them (a switch then starts a new gallery version and invalidates the calibration).
+    The fallback only adds faces YuNet missed, so YuNet's templates and versions stay."""
+    from core.config import load_settings
+
+    yunet = get_engine("sface", "cpu", load_settings(env={})).version
+    assert "det-" not in yunet
+    assert get_engine("sface", "cpu", load_settings(env={}, detector="yunet+scrfd")).version == yunet
+    scrfd = get_engine("sface", "cpu", load_settings(env={}, detector="scrfd"))
+    assert scrfd.version == f"{yunet}/det-scrfd"
+    assert get_engine("sface", "cpu", load_settings(env={})).version == yunet  # each its own cached engine
+
+
 @pytest.fixture(scope="module")
 def ci_faces(data_dir: Path) -> list[tuple[np.ndarray, Face]]:
     """24 real ci faces (the first 24 gallery images of split.csv, the central face of each)."""

@@ -173,7 +173,14 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
-_cache: dict[tuple[str, str, str], Engine] = {}
+_cache: dict[tuple[str, str, str, str], Engine] = {}
+# What a detector adds to every engine's version (QUORUM_DETECTOR). Templates are computed on the
+# detected face's landmarks, so a detector that finds faces differently makes templates that must not be
+# mixed with YuNet's in one gallery: the version names it, so a switch starts a new gallery version
+# (``quorum gallery reindex``) and the calibration no longer matches (fusion falls back to zsum until
+# ``quorum calibrate``). The fallback asks SCRFD only where YuNet finds no face, which had no template:
+# YuNet's templates stay valid, so it keeps YuNet's versions.
+DETECTOR_VERSION_TAGS: dict[str, str] = {"yunet": "", "yunet+scrfd": "", "scrfd": "det-scrfd"}
 _lock = threading.Lock()
 
 
@@ -211,7 +218,8 @@ def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> En
         raise ValueError(f"unknown device {device!r}; use auto, cpu or gpu")
     check_licence(spec, s or settings())
     suffix = (s or settings()).engine_version_suffix
-    key = (name, device, suffix)
+    detector_tag = DETECTOR_VERSION_TAGS[(s or settings()).detector]
+    key = (name, device, suffix, detector_tag)
     with _lock:
         engine = _cache.get(key)
         if engine is None:
@@ -230,6 +238,8 @@ def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> En
                     "not the weights this engine was measured with",
                     engine=name,
                 )
+            if detector_tag:  # templates computed on another detector's faces are another version
+                engine.version = f"{engine.version}/{detector_tag}"
             if suffix:  # QUORUM_ENGINE_VERSION_SUFFIX: tests simulating an engine upgrade (core.config)
                 engine.version = f"{engine.version}+{suffix}"
                 log.warning("engine.version_suffixed_for_tests", engine=name, version=engine.version)
