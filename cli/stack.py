@@ -269,7 +269,7 @@ class Stack:
                 start_new_session=True,
                 cwd=str(Path(__file__).resolve().parent.parent),
             )
-        pidfile.write_text(str(proc.pid))
+        write_pidfile(pidfile, proc.pid)
         return proc.pid
 
     def up(
@@ -396,6 +396,14 @@ class Stack:
         for role in (*stack_roles(self.s), SUPERVISOR):  # what this stack runs (configured engines, shards)
             out[role] = "running" if self._alive(self._pidfile(role)) else "stopped"
         return out
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    """Write a pid file at once (a new file renamed over it): the supervisor must never read one that is
+    still empty, which it would take for a dead process and start a second one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, path)
 
 
 def _reap_children() -> None:

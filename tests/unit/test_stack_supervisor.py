@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 
-from cli.stack import Stack
+from cli.stack import Stack, write_pidfile
 from core.config import load_settings
 
 
@@ -22,7 +22,7 @@ def _stack(tmp_path, monkeypatch):
 
 def _sleeper(stack, role):
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)  # its own group, as the stack starts them
-    stack._pidfile(role).write_text(str(proc.pid))
+    write_pidfile(stack._pidfile(role), proc.pid)
     return proc
 
 
