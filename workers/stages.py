@@ -377,14 +377,15 @@ def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
     job = load_job(r, request_id)
     if job is None or r.exists(keys.job_published_key(request_id)):
         return StageResult("engine", "gone", job)
-    if not r.hexists(keys.job_results_key(request_id), engine) and (gave_up := _gave_up(ctx, job, engine)):
+    answered = r.hexists(keys.job_results_key(request_id), engine)  # a redelivery does not recompute
+    if not answered and (gave_up := _gave_up(ctx, job, engine)):
         send = tuple(_record(ctx, job, engine, gave_up))
         return StageResult("engine", "gave_up", job, send=send, engine_result=gave_up)
     if ctx.settings.shards_of(engine) > 1:
         return scatter(ctx, job, engine)
     result: EngineResult | None = None
     templates: int | None = None
-    if not r.hexists(keys.job_results_key(request_id), engine):  # a redelivery does not recompute
+    if not answered:
         result, templates = run_engine(ctx, job, engine)
     send = _record(ctx, job, engine, result)
     return StageResult("engine", "done", job, send=tuple(send), engine_result=result, gallery_templates=templates)
