@@ -48,10 +48,10 @@ import structlog
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
 
-from accountability import db
-from core.config import Settings
-from core.errors import Code, ServiceError
-from core.retry import call_with_retries
+from ..core.config import Settings
+from ..core.errors import Code, ServiceError
+from ..core.retry import call_with_retries
+from . import db
 
 log = structlog.get_logger()
 

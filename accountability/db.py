@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from core.config import Settings
+from ..core.config import Settings
 
 WRITE_LOCK_KEY = 0x51554F52  # "QUOR": the advisory lock every PostgreSQL writer takes
 

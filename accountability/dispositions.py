@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Engine, select, update
 
-from accountability import audit, db, policy
-from accountability.audit import AuditEvent
-from accountability.registry import snapshot
-from core.errors import Code, InputError, ServiceError
+from ..core.errors import Code, InputError, ServiceError
+from . import audit, db, policy
+from .audit import AuditEvent
+from .registry import snapshot
 
 OUTCOMES = ("no_lead", "lead_pursued", "candidate_excluded", "inconclusive", "not_reviewed")
 NEEDS_CANDIDATE = frozenset({"lead_pursued", "candidate_excluded"})

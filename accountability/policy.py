@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Protocol
 
-from core.errors import Code, InputError
+from ..core.errors import Code, InputError
 
 SEARCH_ROLES = frozenset({"investigator", "supervisor"})
 ROLES = ("investigator", "supervisor", "auditor", "operator")

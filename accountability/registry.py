@@ -25,13 +25,13 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
 
-from accountability import audit, db
-from accountability.audit import AuditEvent
-from accountability.policy import ROLES, Agency, RegistrySnapshot, User
-from accountability.sealing import SecretBox
-from broker import keys
-from core.config import Settings
-from core.errors import Code, InputError
+from ..broker import keys
+from ..core.config import Settings
+from ..core.errors import Code, InputError
+from . import audit, db
+from .audit import AuditEvent
+from .policy import ROLES, Agency, RegistrySnapshot, User
+from .sealing import SecretBox
 
 
 @dataclass(frozen=True)
@@ -447,7 +447,7 @@ def apply_redis_acl(eng: Engine, redis_client: Any) -> list[str]:
 def write_local_acl(eng: Engine, home: str | Path, passwords: Mapping[str, str]) -> Path:
     """The local stack's ACL file (``core.local_redis.acl_file``): the agencies' users from the registry,
     the service users ``passwords`` names (rights from :data:`SERVICE_ACL`; hashes only) and ``default`` off."""
-    from core import local_redis
+    from ..core import local_redis
 
     path = local_redis.acl_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -465,7 +465,7 @@ def sync_local_redis(s: Settings) -> list[str] | None:
     such server (a deployment's Redis: ``quorum registry redis-acl``, then ``ACL LOAD``)."""
     import redis as redis_lib
 
-    from core import local_redis
+    from ..core import local_redis
 
     admin_url = local_redis.service_url(s.home, s.redis_url, local_redis.ADMIN)
     if admin_url is None:

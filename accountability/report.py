@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, func, select
 
-from accountability import audit, db
-from schemas import INVESTIGATIVE_LEAD_NOTICE
+from ..schemas import INVESTIGATIVE_LEAD_NOTICE
+from . import audit, db
 
 CSV_HEADER = ("section", "agency", "purpose", "offence_code", "outcome", "count")
 

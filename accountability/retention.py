@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, func, select
 
-from accountability import audit, db
-from accountability.audit import AuditEvent
-from core.errors import Code, InputError
-from core.objectstore import ObjectStore
+from ..core.errors import Code, InputError
+from ..core.objectstore import ObjectStore
+from . import audit, db
+from .audit import AuditEvent
 
 
 def hold(eng: Engine, agency_id: str, case_number: str, *, reason: str, actor: str) -> None:

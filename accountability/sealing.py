@@ -24,8 +24,8 @@ import structlog
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy import Engine
 
-from core.config import settings
-from core.errors import Code, ServiceError
+from ..core.config import settings
+from ..core.errors import Code, ServiceError
 
 log = structlog.get_logger()
 

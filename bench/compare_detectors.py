@@ -35,16 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from evaluation.cache import OK, EmbeddingCache, _embed_version, detector_id
-from evaluation.protocol import default_data_dir, list_dataset, make_protocol
-from evaluation.runs import engine_outcome, failures, outcome_metrics, part_indices, run_searches
-from evaluation.significance import Paired, discordant, mcnemar_exact, paired_bootstrap
+from quorum.evaluation.cache import OK, EmbeddingCache, _embed_version, detector_id
+from quorum.evaluation.protocol import default_data_dir, list_dataset, make_protocol
+from quorum.evaluation.runs import engine_outcome, failures, outcome_metrics, part_indices, run_searches
+from quorum.evaluation.significance import Paired, discordant, mcnemar_exact, paired_bootstrap
 
 DETECTORS = ("yunet", "scrfd", "yunet+scrfd")
 
 
 def use_detector(kind: str) -> None:
-    from core.config import settings
+    from quorum.core.config import settings
 
     os.environ["QUORUM_DETECTOR"] = kind
     settings.cache_clear()
@@ -52,7 +52,7 @@ def use_detector(kind: str) -> None:
 
 def seed_fallback(cache: EmbeddingCache, engine: str, keys: list[str]) -> int:
     """Copy YuNet's rows into the fallback's cache for every image where YuNet did not answer NO_FACE."""
-    from workers.engines import get_engine
+    from quorum.workers.engines import get_engine
 
     eng = get_engine(engine)
     use_detector("yunet")
@@ -71,8 +71,8 @@ def seed_fallback(cache: EmbeddingCache, engine: str, keys: list[str]) -> int:
 
 
 def time_detectors(paths: list[Path], kinds: tuple[str, ...], repeats: int) -> dict[str, dict]:
-    from core.config import settings
-    from workers.detect import decode_image, make_detector
+    from quorum.core.config import settings
+    from quorum.workers.detect import decode_image, make_detector
 
     s = settings()
     images = [decode_image(p.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels) for p in paths]

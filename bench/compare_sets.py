@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.cache import default_cache_dir
-from evaluation.protocol import default_data_dir, list_dataset, make_protocol
-from evaluation.runs import fusion_outcome, part_indices, run_searches
-from evaluation.significance import Paired, discordant, mcnemar_exact, paired_bootstrap
-from workers.fusion import load_calibration
+from quorum.evaluation.cache import default_cache_dir
+from quorum.evaluation.protocol import default_data_dir, list_dataset, make_protocol
+from quorum.evaluation.runs import fusion_outcome, part_indices, run_searches
+from quorum.evaluation.significance import Paired, discordant, mcnemar_exact, paired_bootstrap
+from quorum.workers.fusion import load_calibration
 
 
 def main() -> None:

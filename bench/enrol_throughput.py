@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from broker import keys
-from cli.stack import Stack
-from core.config import load_settings
-from core.objectstore import open_store
-from workers.enrolment import IMAGE_SUFFIXES, enrol
+from quorum.broker import keys
+from quorum.cli.stack import Stack
+from quorum.core.config import load_settings
+from quorum.core.objectstore import open_store
+from quorum.workers.enrolment import IMAGE_SUFFIXES, enrol
 
 
 def _images(data: Path, n: int) -> list[tuple[str, Path]]:
@@ -47,8 +47,8 @@ def _images(data: Path, n: int) -> list[tuple[str, Path]]:
 
 
 def raw(engine_name: str, items: list[tuple[str, Path]], batch: int = 16) -> float:
-    from workers.detect import Detector, choose_face, decode_image
-    from workers.engines import get_engine
+    from quorum.workers.detect import Detector, choose_face, decode_image
+    from quorum.workers.engines import get_engine
 
     det = Detector()
     eng = get_engine(engine_name, device="cpu")
@@ -100,7 +100,7 @@ def pipeline(engine: str, items: list[tuple[str, Path]], workers: int, port: int
 
 def _wait_workers(url: str, want: dict[str, int], timeout: float = 300) -> None:
     """Until Celery ping answers from ``want[role]`` workers of each role (their models loaded)."""
-    from broker.app import make_app
+    from quorum.broker.app import make_app
 
     app = make_app(url)
     deadline = time.monotonic() + timeout

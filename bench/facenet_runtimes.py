@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.detect import Detector, decode_image
-from workers.engines import ort_session
-from workers.engines.facenet import FaceNetEngine, pb_path
-from workers.engines.tf_to_onnx import convert_graphdef
+from quorum.workers.detect import Detector, decode_image
+from quorum.workers.engines import ort_session
+from quorum.workers.engines.facenet import FaceNetEngine, pb_path
+from quorum.workers.engines.tf_to_onnx import convert_graphdef
 
 
 def default_data() -> Path:

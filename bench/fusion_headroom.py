@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.cache import OK, EmbeddingCache, default_cache_dir, detector_id
-from evaluation.protocol import default_data_dir, list_dataset, make_protocol
-from evaluation.runs import Run, engine_outcome, part_indices, run_searches
+from quorum.evaluation.cache import OK, EmbeddingCache, default_cache_dir, detector_id
+from quorum.evaluation.protocol import default_data_dir, list_dataset, make_protocol
+from quorum.evaluation.runs import Run, engine_outcome, part_indices, run_searches
 
 
 def headroom(run: Run, engines: list[str], best: str) -> dict:
@@ -119,9 +119,9 @@ def main() -> None:
     if not a.blur:
         return
 
-    from evaluation.calibration import fit_calibration
-    from evaluation.subsets import format_table, subset_rows
-    from workers import fusion
+    from quorum.evaluation.calibration import fit_calibration
+    from quorum.evaluation.subsets import format_table, subset_rows
+    from quorum.workers import fusion
 
     t0 = time.monotonic()
     blur = blur_values(run, EmbeddingCache(cache_dir))

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import Settings
-from workers.gallery import GalleryIndex
-from workers.shards import merge, shard_of
+from quorum.core.config import Settings
+from quorum.workers.gallery import GalleryIndex
+from quorum.workers.shards import merge, shard_of
 
 FITTED = Path(__file__).parent / "results" / "fitted-templates.npz"
 FIT_ENGINE = {128: "sface", 512: "arcface"}

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from core.config import Settings
-from workers.gallery import GalleryIndex
+from quorum.core.config import Settings
+from quorum.workers.gallery import GalleryIndex
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator, spread: float = 0.35) -> np.ndarray:

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import redis
 
-from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
-from broker import keys
-from broker.client import QuorumClient
-from cli.stack import Stack
-from core.config import load_settings
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from workers.enrolment import enrol
+from quorum.accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.cli.stack import Stack
+from quorum.core.config import load_settings
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.workers.enrolment import enrol
 
 
 def _pct(xs: list[float], p: float) -> float:

@@ -35,18 +35,18 @@ import numpy as np
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
-from broker import keys
-from broker.client import QuorumClient
-from cli.stack import Stack
-from core.config import load_settings
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from schemas import CandidateList, EngineResult
-from schemas.job import Job
-from workers.enrolment import enrol
-from workers.gallery import GalleryIndex, GalleryReplica
-from workers.shards import shard_of
+from quorum.accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.cli.stack import Stack
+from quorum.core.config import load_settings
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.schemas import CandidateList, EngineResult
+from quorum.schemas.job import Job
+from quorum.workers.enrolment import enrol
+from quorum.workers.gallery import GalleryIndex, GalleryReplica
+from quorum.workers.shards import shard_of
 
 
 def synthetic(n: int, dim: int, seed: int = 11) -> np.ndarray:
@@ -153,7 +153,7 @@ def main() -> None:
         f"{args.synthetic} synthetic + ci gallery, sface in {args.shards} shards, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    from workers.engines import get_engine
+    from quorum.workers.engines import get_engine
 
     version = get_engine("sface", device="cpu").version
     stack = Stack(s)

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.detect import Detector, Face, decode_image
-from workers.engines import l2_normalise
+from quorum.workers.detect import Detector, Face, decode_image
+from quorum.workers.engines import l2_normalise
 
 VARIANTS: dict[str, list[tuple[str, dict]]] = {
     "sface": [("rgb", {"rgb": True}), ("bgr", {"rgb": False})],
@@ -120,9 +120,9 @@ def main() -> None:
         f"YuNet {det_ms:.1f} ms/image (incl. decode)"
     )
 
-    from workers.engines.dlib_resnet import DlibEngine
-    from workers.engines.facenet import FaceNetEngine
-    from workers.engines.sface import SFaceEngine
+    from quorum.workers.engines.dlib_resnet import DlibEngine
+    from quorum.workers.engines.facenet import FaceNetEngine
+    from quorum.workers.engines.sface import SFaceEngine
 
     classes = {"sface": SFaceEngine, "dlib": DlibEngine, "facenet": FaceNetEngine}
     rows = []

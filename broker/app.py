@@ -18,8 +18,8 @@ from celery import Celery
 from celery.signals import before_task_publish
 from kombu import Queue
 
-from core.config import settings
-from core.engines import ENGINE_NAMES
+from ..core.config import settings
+from ..core.engines import ENGINE_NAMES
 
 # Task names: the workers register these names (workers.tasks); senders use them (no import of workers).
 TASK_PREPARE = "quorum.intake.prepare"
@@ -132,7 +132,7 @@ def oldest_message_age(raw: bytes | str | None, now: float) -> float:
 def make_app(redis_url: str | None = None) -> Celery:
     s = settings()
     url = redis_url or s.redis_url
-    app = Celery("quorum", broker=url, backend=url, include=["workers.tasks"])
+    app = Celery("quorum", broker=url, backend=url, include=["quorum.workers.tasks"])
     app.conf.update(
         task_queues=[Queue(q) for q in ALL_QUEUES],
         task_default_queue=INTAKE_QUEUE,

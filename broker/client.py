@@ -17,10 +17,10 @@ from pathlib import Path
 
 import redis as redis_lib
 
-from broker import keys, signing
-from broker.keys import as_str
-from core.errors import Code
-from schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
+from ..core.errors import Code
+from ..schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
+from . import keys, signing
+from .keys import as_str
 
 
 def new_request_id() -> str:

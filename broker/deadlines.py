@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from broker import keys
-from broker.keys import DEADLINES
+from . import keys
+from .keys import DEADLINES
 
 _CLAIM = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -54,7 +54,7 @@ class Timer:
 def intake_watchdog(request_id: str) -> Timer:
     """The timer the gateway sets when it admits a probe: fusion checks that intake ran
     (``workers.stages.fuse(watchdog=True)``) and sends ``prepare`` again if its message was lost."""
-    from broker.app import FUSION_QUEUE, TASK_FUSE
+    from .app import FUSION_QUEUE, TASK_FUSE
 
     return Timer(
         TASK_FUSE, {"request_id": request_id, "final": True, "watchdog": True}, FUSION_QUEUE, f"{request_id}.watchdog"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from broker import keys
-from schemas.job import Job
+from ..schemas.job import Job
+from . import keys
 
 
 def save_job(redis, job: Job, *, ttl_s: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.keys import as_str
+from .keys import as_str
 
 
 def server_time(redis: Any) -> float:

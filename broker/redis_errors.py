@@ -13,8 +13,8 @@ from contextlib import contextmanager
 import redis
 from redis import exceptions as rexc
 
-from broker.keys import as_str
-from core.errors import Code, ServiceError
+from ..core.errors import Code, ServiceError
+from .keys import as_str
 
 
 @contextmanager

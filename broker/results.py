@@ -7,8 +7,8 @@ fusion task, or the fusion deadline firing after the normal fusion, therefore pu
 
 from __future__ import annotations
 
-from broker import keys
-from schemas import CandidateList, ErrorResult, parse_result
+from ..schemas import CandidateList, ErrorResult, parse_result
+from . import keys
 
 _PUBLISH_ONCE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then

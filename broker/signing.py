@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import rfc8785
 
-from core.errors import Code, InputError
+from ..core.errors import Code, InputError
 
 PREFIX = b"quorum-v1\n"
 NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")

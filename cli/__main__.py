@@ -1,5 +1,5 @@
-"""``python -m cli``: the ``quorum`` command without its console script."""
+"""``python -m quorum.cli``: the ``quorum`` command without its console script."""
 
-from cli.main import main
+from .main import main
 
 main()

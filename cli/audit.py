@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import actor_option, db_engine, emit, operator_name
-from core.config import settings
+from ..core.config import settings
+from .common import actor_option, db_engine, emit, operator_name
 
 
 @click.group("audit")
@@ -23,7 +23,7 @@ def audit_group() -> None:
 @click.option("--no-anchors", is_flag=True, help="check the chain only, not its anchors in the object store")
 def audit_verify(no_anchors: bool) -> None:
     """Recompute the hash chain and check the anchors; exit 1 at the first broken record."""
-    from accountability import audit
+    from ..accountability import audit
 
     s = settings()
     rep = audit.verify(db_engine(), None if no_anchors else audit.open_anchors(s))
@@ -35,7 +35,7 @@ def audit_verify(no_anchors: bool) -> None:
 @actor_option
 def audit_anchor(actor: str | None) -> None:
     """Write the chain head to the object store (write-once / object lock)."""
-    from accountability import audit
+    from ..accountability import audit
 
     doc = audit.anchor(db_engine(), audit.open_anchors(settings()), actor=operator_name(actor))
     click.echo(json.dumps(doc) if doc else "nothing to anchor (empty chain or head already anchored)")
@@ -53,7 +53,7 @@ def audit_anchor(actor: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 def audit_query(agency, actor, case_number, request_id, action, since, until, limit, as_json) -> None:
     """Audit records matching every filter."""
-    from accountability import audit
+    from ..accountability import audit
 
     rows = audit.query(
         db_engine(),
@@ -92,7 +92,7 @@ def report_group() -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def report_usage(since: str, until: str, fmt: str, out: Path | None) -> None:
     """Searches per agency, purpose, offence and outcome, and the dispositions (Markdown or CSV)."""
-    from accountability import report
+    from ..accountability import report
 
     rep = report.usage(db_engine(), since, until)
     text = report.to_markdown(rep) if fmt == "md" else report.to_csv(rep)

@@ -27,7 +27,7 @@ from urllib.parse import urlparse, urlunparse
 import click
 from pydantic import ValidationError
 
-from core.errors import Code, QuorumError
+from ..core.errors import Code, QuorumError
 
 ERROR_EXIT = 2  # a stable-coded error, a value that does not validate, the stack not reachable
 FIELD_LABELS = "quorum.field_labels"  # ctx.meta key: model field -> the option a user typed it as
@@ -50,8 +50,8 @@ def emit(text: str, out: Path | None) -> None:
 
 def db_engine() -> Any:
     """The registry and audit database of the current settings (migrated on first use)."""
-    from accountability import db
-    from core.config import settings
+    from ..accountability import db
+    from ..core.config import settings
 
     return db.get_engine(settings())
 
@@ -144,7 +144,7 @@ def _redis_unreachable(exc: BaseException) -> BaseException | None:
 
 def stack_down_message(cause: BaseException) -> str:
     try:
-        from core.config import settings
+        from ..core.config import settings
 
         url = redacted(settings().redis_url)
     except (ValueError, OSError):  # the settings themselves are broken: say what we can
@@ -210,7 +210,7 @@ class QuorumGroup(click.Group):
 
 def load_settings_or_fail() -> Any:
     """The process settings; a bad value or a missing settings file ends the command cleanly."""
-    from core.config import settings
+    from ..core.config import settings
 
     try:
         return settings()

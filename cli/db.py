@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from core.config import settings
+from ..core.config import settings
 
 
 @click.group("db")
@@ -15,7 +15,7 @@ def db_group() -> None:
 @db_group.command("upgrade")
 def db_upgrade() -> None:
     """Run pending migrations (they also run automatically on first use)."""
-    from accountability import db
+    from ..accountability import db
 
     s = settings()
     eng = db.get_engine(s, migrate=False)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
-from cli.common import redacted, stack_failures, tqdm_bar
-from core.config import settings
-from evaluation.ci_split import Scorecard, SplitRow, format_scorecard, score_results
+from ..accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
+from ..core.config import settings
+from ..evaluation.ci_split import Scorecard, SplitRow, format_scorecard, score_results
+from .common import redacted, stack_failures, tqdm_bar
 
 __all__ = ["demo", "enrol_and_search"]
 
@@ -30,8 +30,8 @@ __all__ = ["demo", "enrol_and_search"]
 @click.option("--keep-running", is_flag=True, help="leave the stack up afterwards")
 def demo(data: Path | None, keep_running: bool) -> None:
     """Start the stack, enrol the ci gallery, search every probe through the queue, print hit rates."""
-    from cli.stack import Stack
-    from evaluation.ci_split import read_split
+    from ..evaluation.ci_split import read_split
+    from .stack import Stack
 
     s = settings()
     ci = (data or s.shared_data()) / "ci"
@@ -60,9 +60,9 @@ def enrol_and_search(s, rows: list[SplitRow], *, echo=print, bar_factory=None) -
 
     The stack must be up. Returns the scorecard and timings/enrolment figures.
     """
-    from broker.client import QuorumClient
-    from core.objectstore import open_store
-    from workers.enrolment import enrol
+    from ..broker.client import QuorumClient
+    from ..core.objectstore import open_store
+    from ..workers.enrolment import enrol
 
     bar_factory = bar_factory or (lambda label, total: None)
     gallery_rows = [r for r in rows if r.role in {"gallery", "distractor_gallery"}]

@@ -211,7 +211,7 @@ def certs(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> No
 @click.option("--force", is_flag=True, help="replace existing files (new passwords: every service must restart)")
 def init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> None:
     """Write every secret the compose file mounts, the Redis certificates and a first ACL file."""
-    from accountability.registry import render_service_acl
+    from ..accountability.registry import render_service_acl
 
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -255,7 +255,7 @@ def acl_load() -> None:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from core.config import settings
+    from ..core.config import settings
 
     url = settings().redis_url
     client = redis_lib.Redis.from_url(url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))

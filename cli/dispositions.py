@@ -9,7 +9,7 @@ import json
 
 import click
 
-from cli.common import db_engine
+from .common import db_engine
 
 
 @click.group("disposition")
@@ -28,7 +28,7 @@ def disposition_group() -> None:
 @click.option("--note", default="")
 @click.option("--user", "user_id", required=True)
 def disposition_record(request_id: str, outcome: str, candidate: str, note: str, user_id: str) -> None:
-    from accountability import dispositions
+    from ..accountability import dispositions
 
     d = dispositions.record(db_engine(), request_id, outcome, user_id, candidate=candidate, note=note)
     click.echo(dispositions.to_json(d))
@@ -42,7 +42,7 @@ def disposition_record(request_id: str, outcome: str, candidate: str, note: str,
 @click.argument("disposition_id", type=int)
 @click.option("--user", "user_id", required=True)
 def disposition_confirm(disposition_id: int, user_id: str) -> None:
-    from accountability import dispositions
+    from ..accountability import dispositions
 
     click.echo(dispositions.to_json(dispositions.confirm(db_engine(), disposition_id, user_id)))
 
@@ -51,7 +51,7 @@ def disposition_confirm(disposition_id: int, user_id: str) -> None:
 @click.option("--request", "request_id", default=None)
 @click.option("--agency", default=None)
 def disposition_list(request_id: str | None, agency: str | None) -> None:
-    from accountability import dispositions
+    from ..accountability import dispositions
 
     for d in dispositions.list_for(db_engine(), request_id=request_id, agency=agency):
         click.echo(json.dumps(d, default=str))

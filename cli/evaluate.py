@@ -19,14 +19,14 @@ from pathlib import Path
 
 import click
 
-from core.engines import DEFAULT_ENGINES
-from evaluation.cache import default_cache_dir, detector_id
-from evaluation.calibration import fit_calibration
-from evaluation.demographics import demographics, read_group_labels
-from evaluation.plots import plot_cmc, plot_det
-from evaluation.protocol import default_data_dir, list_dataset, make_protocol
-from evaluation.queue_run import queue_outcome
-from evaluation.runs import (
+from ..core.engines import DEFAULT_ENGINES
+from ..evaluation.cache import default_cache_dir, detector_id
+from ..evaluation.calibration import fit_calibration
+from ..evaluation.demographics import demographics, read_group_labels
+from ..evaluation.plots import plot_cmc, plot_det
+from ..evaluation.protocol import default_data_dir, list_dataset, make_protocol
+from ..evaluation.queue_run import queue_outcome
+from ..evaluation.runs import (
     Outcome,
     engine_outcome,
     failures,
@@ -75,7 +75,7 @@ def _protocol_options(f):
 
 
 def _setup(data, engines, seed, holdout, gallery_size, max_identities, max_images_per_identity, cache):
-    from core.config import settings
+    from ..core.config import settings
 
     if data is None:
         data = default_data_dir() / "lfw-dev"
@@ -119,7 +119,7 @@ def _table(systems: dict, fpirs: list[float]) -> str:
 
 
 def _default_out() -> Path:
-    from core.config import settings
+    from ..core.config import settings
 
     return Path(settings().home) / "eval-reports" / time.strftime("%Y%m%dT%H%M%S")
 
@@ -194,8 +194,8 @@ def eval_command(
 
     Writes report.json, cmc.png and det.png to --out and prints the table of the --part probes.
     """
-    from core.config import settings
-    from workers import fusion
+    from ..core.config import settings
+    from ..workers import fusion
 
     t0 = time.monotonic()
     data, engine_list, proto, cache = _setup(
@@ -361,7 +361,7 @@ def calibrate_command(
     lower FNIR at FPIR 1%), of those eligible (``workers.fusion.DEFAULT_ELIGIBLE``: not logit_q, which
     that in-sample rule favours). Report on the identity-disjoint test part with ``quorum eval``.
     """
-    from workers import fusion
+    from ..workers import fusion
 
     data, engine_list, proto, cache = _setup(
         data, engines, seed, holdout, gallery_size, max_identities, max_images_per_identity, cache
@@ -465,9 +465,9 @@ def eval_subsets_command(
     Use with all engines, e.g. --engines sface,dlib,facenet,arcface. Writes subsets.json (and the
     calibration fitted on the fit part, unless --calibration is given) to --out and prints the table.
     """
-    from evaluation.cost import embed_ms_per_face
-    from evaluation.subsets import format_table, subset_rows
-    from workers import fusion
+    from ..evaluation.cost import embed_ms_per_face
+    from ..evaluation.subsets import format_table, subset_rows
+    from ..workers import fusion
 
     t0 = time.monotonic()
     data, engine_list, proto, cache = _setup(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import operator_name, require_redis, tqdm_bar
-from core.config import settings
+from ..core.config import settings
+from .common import operator_name, require_redis, tqdm_bar
 
 
 @click.command("enroll")
@@ -29,8 +29,8 @@ def enroll(folder: Path | None, manifest: Path | None, batch: int, snapshot_ever
     """Enrol FOLDER/<subject>/<image>, or a booking system's --manifest, into every engine's gallery.
 
     Run it again with the same input to resume: what was enrolled is skipped."""
-    from core.objectstore import open_store
-    from workers.enrolment import enrol, folder_items, manifest_items
+    from ..core.objectstore import open_store
+    from ..workers.enrolment import enrol, folder_items, manifest_items
 
     if (folder is None) == (manifest is None):
         raise click.UsageError("give a FOLDER or --manifest FILE (one of them)")
@@ -63,7 +63,7 @@ def gallery_snapshot(timeout: float) -> None:
     gallery logs; workers load the newest at start."""
     from celery.result import AsyncResult
 
-    from broker.app import GALLERY_QUEUE, TASK_SNAPSHOT, make_app
+    from ..broker.app import GALLERY_QUEUE, TASK_SNAPSHOT, make_app
 
     s = settings()
     require_redis(s.redis_url)
@@ -83,8 +83,8 @@ def gallery_snapshot(timeout: float) -> None:
 @click.option("--actor", default=None, help="who does this (default: $QUORUM_OPERATOR or login)")
 def gallery_expunge(subject: str, reason: str, actor: str | None) -> None:
     """Remove SUBJECT from every engine, the object store and the metadata (audited)."""
-    from core.objectstore import open_store
-    from workers.enrolment import expunge
+    from ..core.objectstore import open_store
+    from ..workers.enrolment import expunge
 
     s = settings()
     out = expunge(s, open_store(s), subject, reason=reason, actor=operator_name(actor))
@@ -111,7 +111,7 @@ def gallery_reindex(engine: str, batch: int, window: int, snapshot_every: int, a
 
     import redis as redis_lib
 
-    from workers.enrolment import GalleryRefused, gallery_items, reindex
+    from ..workers.enrolment import GalleryRefused, gallery_items, reindex
 
     s = settings()
     require_redis(s.redis_url)
@@ -155,8 +155,8 @@ def gallery_reindex(engine: str, batch: int, window: int, snapshot_every: int, a
 def print_gallery_status(s, engines: list[str] | None = None) -> None:
     """Per engine, the versions present: templates, log entries, snapshots, and the live workers of each
     (searching, shard, reindex): an engine upgrade in progress shows two versions."""
-    from core.objectstore import open_store
-    from workers.enrolment import gallery_status
+    from ..core.objectstore import open_store
+    from ..workers.enrolment import gallery_status
 
     for e in gallery_status(s, open_store(s)):
         if engines and e["engine"] not in engines:
@@ -196,8 +196,8 @@ def gallery_status_cmd() -> None:
 def gallery_drop_version(engine: str, version: str, actor: str | None) -> None:
     """Delete ENGINE's gallery state of VERSION (logs, snapshots, enrolment marks) once no worker runs it:
     the last step of an engine upgrade (audited)."""
-    from core.objectstore import open_store
-    from workers.enrolment import GalleryRefused, drop_version
+    from ..core.objectstore import open_store
+    from ..workers.enrolment import GalleryRefused, drop_version
 
     s = settings()
     require_redis(s.redis_url)
@@ -214,8 +214,8 @@ def gallery_migrate_keys() -> None:
     idempotent)."""
     import redis as redis_lib
 
-    from core.objectstore import open_store
-    from workers.gallery import migrate_unversioned
+    from ..core.objectstore import open_store
+    from ..workers.gallery import migrate_unversioned
 
     s = settings()
     require_redis(s.redis_url)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.common import redacted, stack_failures
-from core.config import settings
+from ..core.config import settings
+from .common import redacted, stack_failures
 
 
 @click.command("up")
@@ -18,8 +18,8 @@ from core.config import settings
 @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for every worker")
 def up(metrics_base: int, timeout: float) -> None:
     """Start the local stack (Redis, gateway, one worker per queue) in the background."""
-    from cli.stack import Stack
-    from core import local_redis
+    from ..core import local_redis
+    from .stack import Stack
 
     s = settings()
     click.echo(f"starting Quorum under {s.home} (redis {redacted(s.redis_url)}, store: {s.store_kind})")
@@ -38,7 +38,7 @@ def up(metrics_base: int, timeout: float) -> None:
 def _first_registrations(s) -> None:
     """On a registry with no agency at all (a fresh local stack), register the demo agency, so that a
     first `quorum search` as the README writes it works; a real registry is left as it is."""
-    from accountability import db, registry
+    from ..accountability import db, registry
 
     eng = db.get_engine(s)
     if registry.snapshot(eng).agencies:
@@ -54,7 +54,7 @@ def _first_registrations(s) -> None:
 @click.command("down")
 def down() -> None:
     """Stop what `quorum up` started."""
-    from cli.stack import Stack
+    from .stack import Stack
 
     stopped = Stack(settings()).down()
     click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -65,9 +65,9 @@ def status() -> None:
     """Processes, queues and gallery sizes."""
     import redis as redis_lib
 
-    from broker import keys
-    from broker.app import ALL_QUEUES
-    from cli.stack import Stack
+    from ..broker import keys
+    from ..broker.app import ALL_QUEUES
+    from .stack import Stack
 
     s = settings()
     for name, state in Stack(s).status().items():
@@ -79,7 +79,7 @@ def status() -> None:
     except redis_lib.RedisError as exc:
         click.echo(f"redis: unreachable ({exc})")
     else:
-        from cli.gallery import print_gallery_status
+        from .gallery import print_gallery_status
 
         print_gallery_status(s)
     click.echo(f"engines ({s.deployment} deployment; configured: {', '.join(s.engines)}):")
@@ -89,7 +89,7 @@ def status() -> None:
 
 def engine_provenance_lines(s) -> list[str]:
     """Per engine: weights and checksum, training set, licence, and whether it may run here."""
-    from core.engines import ENGINES
+    from ..core.engines import ENGINES
 
     lines = []
     for spec in ENGINES.values():
@@ -115,7 +115,7 @@ def stack_supervise() -> None:
     import signal
     import threading
 
-    from cli.stack import Stack
+    from .stack import Stack
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -136,7 +136,7 @@ def redis_url(user: str, password_only: bool) -> None:
     """Print the URL (with its password) of a service user of the Redis `quorum up` started. For redis-cli,
     keep the password out of its arguments: REDISCLI_AUTH="$(quorum redis-url --password)" redis-cli
     -p PORT --user admin"""
-    from core import local_redis
+    from ..core import local_redis
 
     s = settings()
     url = local_redis.service_url(s.home, s.redis_url, user)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import click
 
-from cli import (
+from ..core.logs import configure_logging
+from . import (
     audit,
     db,
     demo,
@@ -27,9 +28,8 @@ from cli import (
     search,
     sheet,
 )
-from cli.common import QuorumGroup, load_settings_or_fail
-from cli.evaluate import calibrate_command, eval_command, eval_subsets_command
-from core.logs import configure_logging
+from .common import QuorumGroup, load_settings_or_fail
+from .evaluate import calibrate_command, eval_command, eval_subsets_command
 
 
 @click.group(cls=QuorumGroup)
@@ -42,7 +42,7 @@ def main() -> None:
 
 def _log_local_redis_user(s) -> None:
     """Say so when this command logs in to the local stack's Redis as its admin user (core.local_redis)."""
-    from core import local_redis
+    from ..core import local_redis
 
     if local_redis.url_user(s.redis_url) == local_redis.ADMIN and local_redis.owns(s.home, s.redis_url):
         import structlog

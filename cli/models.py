@@ -26,8 +26,8 @@ def models_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
 def convert_facenet(out: Path | None, force: bool, as_json: bool) -> None:
     """FaceNet's graph_final.pb -> ONNX (NCHW input, symbolic batch), no TensorFlow needed."""
-    from workers.engines.facenet import models_dir, onnx_cache_name, pb_path
-    from workers.engines.tf_to_onnx import convert_file
+    from ..workers.engines.facenet import models_dir, onnx_cache_name, pb_path
+    from ..workers.engines.tf_to_onnx import convert_file
 
     pb = pb_path()
     target = out or models_dir() / onnx_cache_name(pb)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from core.engines import ENGINE_NAMES
+from ..core.engines import ENGINE_NAMES
 
 # One Celery worker role per queue (broker.app.ROLE_QUEUES): intake, one per engine, fusion, gallery.
 WORKER_ROLES: tuple[str, ...] = ("intake", *ENGINE_NAMES, "fusion", "gallery")
@@ -14,7 +14,7 @@ WORKER_ROLES: tuple[str, ...] = ("intake", *ENGINE_NAMES, "fusion", "gallery")
 @click.command("gateway")
 def gateway() -> None:
     """Run the gateway (reads agencies' intake streams)."""
-    from workers.serve import run_gateway
+    from ..workers.serve import run_gateway
 
     run_gateway()
 
@@ -45,9 +45,9 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 def worker(role: str, shard: tuple[int, int] | None, reindex: bool) -> None:
     """Run a Celery worker for ROLE's queue (with --shard, for one shard of engine ROLE's gallery; with
     --reindex, engine ROLE's reindex queue)."""
-    from broker.app import reindex_role, shard_role
-    from core.engines import ENGINE_NAMES
-    from workers.serve import run_worker
+    from ..broker.app import reindex_role, shard_role
+    from ..core.engines import ENGINE_NAMES
+    from ..workers.serve import run_worker
 
     if (shard is not None or reindex) and role not in ENGINE_NAMES:
         raise click.UsageError(f"--shard and --reindex are for an engine role ({', '.join(ENGINE_NAMES)}), not {role}")
@@ -69,7 +69,7 @@ def health(port: int | None, timeout: float) -> None:
     import urllib.error
     import urllib.request
 
-    from core.config import settings
+    from ..core.config import settings
 
     port = port or settings().metrics_port
     if not port:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import click
 
-from cli.common import actor_option, db_engine, emit, operator_name
+from .common import actor_option, db_engine, emit, operator_name
 
 
 def _apply_to_local_redis() -> bool:
     """Apply the agency users to the local stack's Redis when it runs (``registry.sync_local_redis``).
     True if it did; False when the configured Redis is not one the local stack started."""
-    from accountability import registry
-    from core.config import settings
+    from ..accountability import registry
+    from ..core.config import settings
 
     users = registry.sync_local_redis(settings())
     if users is None:
@@ -43,7 +43,7 @@ def agency_group() -> None:
 @actor_option
 def agency_add(agency_id: str, name: str, daily_quota: int, actor: str | None) -> None:
     """Register an agency; prints its signing secret and Redis password ONCE."""
-    from accountability import registry
+    from ..accountability import registry
 
     c = registry.add_agency(db_engine(), agency_id, name, daily_quota=daily_quota, actor=operator_name(actor))
     click.echo(f"agency {agency_id} registered. Give these to the agency now; they are not shown again.")
@@ -61,7 +61,7 @@ def agency_add(agency_id: str, name: str, daily_quota: int, actor: str | None) -
 @click.option("--reason", required=True)
 @actor_option
 def agency_suspend(agency_id: str, reason: str, actor: str | None) -> None:
-    from accountability import registry
+    from ..accountability import registry
 
     registry.set_agency_status(db_engine(), agency_id, "suspended", actor=operator_name(actor), reason=reason)
     click.echo(f"agency {agency_id} suspended")
@@ -73,7 +73,7 @@ def agency_suspend(agency_id: str, reason: str, actor: str | None) -> None:
 @click.option("--reason", default="")
 @actor_option
 def agency_activate(agency_id: str, reason: str, actor: str | None) -> None:
-    from accountability import registry
+    from ..accountability import registry
 
     registry.set_agency_status(db_engine(), agency_id, "active", actor=operator_name(actor), reason=reason)
     click.echo(f"agency {agency_id} active")
@@ -85,7 +85,7 @@ def agency_activate(agency_id: str, reason: str, actor: str | None) -> None:
 @click.argument("daily_quota", type=int)
 @actor_option
 def agency_quota(agency_id: str, daily_quota: int, actor: str | None) -> None:
-    from accountability import registry
+    from ..accountability import registry
 
     registry.set_agency_quota(db_engine(), agency_id, daily_quota, actor=operator_name(actor))
     click.echo(f"agency {agency_id}: {daily_quota or 'unlimited'} searches per day")
@@ -96,7 +96,7 @@ def agency_quota(agency_id: str, daily_quota: int, actor: str | None) -> None:
 @actor_option
 def agency_rotate(agency_id: str, actor: str | None) -> None:
     """New signing secret and Redis password (printed once); the old ones stop working."""
-    from accountability import registry
+    from ..accountability import registry
 
     c = registry.rotate_credentials(db_engine(), agency_id, actor=operator_name(actor))
     click.echo(f"signing secret (HMAC-SHA256): {c.secret}")
@@ -117,7 +117,7 @@ def user_group() -> None:
 @click.option("--cert-expires", type=click.DateTime(["%Y-%m-%d"]), default=None)
 @actor_option
 def user_add(user_id: str, agency: str, role: str, cert_id: str | None, cert_expires, actor: str | None) -> None:
-    from accountability import registry
+    from ..accountability import registry
 
     registry.add_user(
         db_engine(),
@@ -137,7 +137,7 @@ def user_add(user_id: str, agency: str, role: str, cert_id: str | None, cert_exp
 @click.option("--expires", type=click.DateTime(["%Y-%m-%d"]), required=True)
 @actor_option
 def user_certify(user_id: str, cert_id: str, expires, actor: str | None) -> None:
-    from accountability import registry
+    from ..accountability import registry
 
     registry.certify_user(db_engine(), user_id, cert_id, expires.date(), actor=operator_name(actor))
     click.echo(f"user {user_id}: certificate {cert_id} valid through {expires.date()}")
@@ -151,8 +151,8 @@ def user_review_token(user_id: str, ttl_hours: float, actor: str | None) -> None
     """Issue a one-time sign-in token for quorum review (printed once; the user must be certified)."""
     import redis as redis_lib
 
-    from core.config import settings
-    from review import signin
+    from ..core.config import settings
+    from ..review import signin
 
     r = redis_lib.Redis.from_url(settings().redis_url)
     token = signin.issue_token(r, db_engine(), user_id, actor=operator_name(actor), ttl_s=round(ttl_hours * 3600))
@@ -164,7 +164,7 @@ def user_review_token(user_id: str, ttl_hours: float, actor: str | None) -> None
 @click.argument("user_id")
 @actor_option
 def user_deactivate(user_id: str, actor: str | None) -> None:
-    from accountability import registry
+    from ..accountability import registry
 
     registry.set_user_active(db_engine(), user_id, False, actor=operator_name(actor))
     click.echo(f"user {user_id} deactivated")
@@ -176,7 +176,7 @@ def user_deactivate(user_id: str, actor: str | None) -> None:
 @actor_option
 def offence_add(code: str, description: str, actor: str | None) -> None:
     """Add an offence code."""
-    from accountability import registry
+    from ..accountability import registry
 
     registry.add_offence(db_engine(), code, description, actor=operator_name(actor))
     click.echo(f"offence {code} registered")
@@ -189,7 +189,7 @@ def offence_add(code: str, description: str, actor: str | None) -> None:
 @actor_option
 def purpose_set(code: str, allowed: bool, description: str, actor: str | None) -> None:
     """Declare a purpose allowed or refused."""
-    from accountability import registry
+    from ..accountability import registry
 
     registry.set_purpose(db_engine(), code, allowed, description, actor=operator_name(actor))
     click.echo(f"purpose {code}: {'allowed' if allowed else 'refused'}")
@@ -198,7 +198,7 @@ def purpose_set(code: str, allowed: bool, description: str, actor: str | None) -
 @registry_group.command("list")
 def registry_list() -> None:
     """Print the registry (no secrets)."""
-    from accountability import registry
+    from ..accountability import registry
 
     snap = registry.snapshot(db_engine())
     click.echo(f"registry version {snap.version}")
@@ -237,8 +237,8 @@ def redis_acl(
     out: Path | None, service_user: str, service_password_sha256: str, apply_live: bool, services_file: Path | None
 ) -> None:
     """Render the Redis ACL file (one user per agency) from the registry, or apply the agency users live."""
-    from accountability import registry
-    from cli.deploy import read_service_hashes
+    from ..accountability import registry
+    from .deploy import read_service_hashes
 
     if apply_live:
         import redis as redis_lib
@@ -246,7 +246,7 @@ def redis_acl(
         if _apply_to_local_redis():
             return
 
-        from cli.common import load_settings_or_fail, require_redis
+        from .common import load_settings_or_fail, require_redis
 
         url = load_settings_or_fail().redis_url
         require_redis(url)
@@ -274,7 +274,7 @@ def secrets_key_group() -> None:
 @actor_option
 def secrets_key_rotate(drop_old: bool, actor: str) -> None:
     """Add a new key at the top of the key file and reseal every agency secret with it."""
-    from accountability import registry, sealing
+    from ..accountability import registry, sealing
 
     eng = db_engine()
     path = sealing.key_file_for(eng)
@@ -289,7 +289,7 @@ def secrets_key_rotate(drop_old: bool, actor: str) -> None:
 @secrets_key_group.command("path")
 def secrets_key_path() -> None:
     """Print where the key file is (QUORUM_SECRETS_KEY_FILE, or beside the SQLite database)."""
-    from accountability import sealing
+    from ..accountability import sealing
 
     click.echo(str(sealing.key_file_for(db_engine())))
 

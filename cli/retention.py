@@ -9,8 +9,8 @@ import json
 
 import click
 
-from cli.common import actor_option, db_engine, operator_name
-from core.config import settings
+from ..core.config import settings
+from .common import actor_option, db_engine, operator_name
 
 
 @click.group("case")
@@ -24,7 +24,7 @@ def case_group() -> None:
 @click.option("--reason", required=True)
 @actor_option
 def case_hold(case_number: str, agency: str, reason: str, actor: str | None) -> None:
-    from accountability import retention
+    from ..accountability import retention
 
     retention.hold(db_engine(), agency, case_number, reason=reason, actor=operator_name(actor))
     click.echo(f"case {case_number} ({agency}) on hold")
@@ -36,7 +36,7 @@ def case_hold(case_number: str, agency: str, reason: str, actor: str | None) -> 
 @click.option("--reason", default="")
 @actor_option
 def case_release(case_number: str, agency: str, reason: str, actor: str | None) -> None:
-    from accountability import retention
+    from ..accountability import retention
 
     retention.release(db_engine(), agency, case_number, reason=reason, actor=operator_name(actor))
     click.echo(f"case {case_number} ({agency}) released")
@@ -44,7 +44,7 @@ def case_release(case_number: str, agency: str, reason: str, actor: str | None) 
 
 @case_group.command("list")
 def case_list() -> None:
-    from accountability import retention
+    from ..accountability import retention
 
     for h in retention.holds(db_engine()):
         click.echo(json.dumps(h))
@@ -61,8 +61,8 @@ def probes_group() -> None:
 @actor_option
 def probes_purge(days: int | None, dry_run: bool, actor: str | None) -> None:
     """Delete probe images past retention unless their case is on hold (each deletion audited)."""
-    from accountability import retention
-    from core.objectstore import open_store
+    from ..accountability import retention
+    from ..core.objectstore import open_store
 
     s = settings()
     rep = retention.purge(

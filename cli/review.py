@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from core.config import settings
+from ..core.config import settings
 
 
 def _loopback(host: str) -> bool:
@@ -27,7 +27,7 @@ def review(host: str, port: int, allow_remote: bool) -> None:
     (quorum registry user review-token USER) and record a disposition per candidate."""
     import uvicorn
 
-    from review.app import create_app
+    from ..review.app import create_app
 
     if not _loopback(host) and not allow_remote:
         raise click.UsageError(f"{host} is not a loopback address: pass --allow-remote (and put TLS in front)")
@@ -37,7 +37,7 @@ def review(host: str, port: int, allow_remote: bool) -> None:
 
 def _review_settings():
     """The settings, logged in as the ``review`` user (its rights only) on the local stack's own Redis."""
-    from core import local_redis
+    from ..core import local_redis
 
     s = settings()
     url = local_redis.service_url(s.home, s.redis_url, "review")

@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from accountability.registry import DEMO_AGENCY as DEFAULT_AGENCY
-from accountability.registry import DEMO_USER as DEFAULT_USER
-from cli.common import label_fields
-from core.config import settings
+from ..accountability.registry import DEMO_AGENCY as DEFAULT_AGENCY
+from ..accountability.registry import DEMO_USER as DEFAULT_USER
+from ..core.config import settings
+from .common import label_fields
 
 # What to do next, for the refusals a user can fix themselves ({agency}, {user} ... filled in).
 NEXT_STEP = {
@@ -51,7 +51,7 @@ def next_step(code: str, **context: str) -> str | None:
 
 def print_list(result: Any, **context: str) -> None:
     """A candidate list (or an error result) as a person reads it."""
-    from schemas import ErrorResult
+    from ..schemas import ErrorResult
 
     if isinstance(result, ErrorResult):
         click.echo(f"ERROR {result.code}: {result.message}" + (" (retryable)" if result.retryable else ""))
@@ -116,7 +116,7 @@ def search(
     sheet_out: Path | None,
 ) -> None:
     """Search IMAGE through the queue and print the fused candidate list."""
-    from broker.client import QuorumClient
+    from ..broker.client import QuorumClient
 
     # A ProbeRequest that does not validate is reported under the options the user typed.
     label_fields(
@@ -130,11 +130,11 @@ def search(
         image="IMAGE",
     )
     if sheet_out is not None:
-        from cli.sheet import check_out
+        from .sheet import check_out
 
         check_out(sheet_out, "--sheet")
     if secret is None:
-        from accountability import db, registry
+        from ..accountability import db, registry
 
         secret = registry.agency_secret(db.get_engine(settings()), agency)
     client = QuorumClient(settings().redis_url, agency, user, secret)
@@ -158,7 +158,7 @@ def search(
     else:
         print_list(result, agency=agency, user=user, offence=offence_code, purpose=purpose)
     if sheet_out is not None and result.type == "candidate_list":
-        from cli.sheet import write
+        from .sheet import write
 
         # Status lines go to stderr under --json, so standard output stays the one JSON document.
         write(rid, sheet_out, actor=user, agency=agency, via="search", err=as_json)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import CliError, actor_option, operator_name
-from core.config import settings
+from ..core.config import settings
+from .common import CliError, actor_option, operator_name
 
 
 def check_out(out: Path, option: str = "--out") -> None:
@@ -28,7 +28,7 @@ def write(
     request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli", err: bool = False
 ) -> None:
     """Write the sheet and say where, with what it holds."""
-    from review.sheet import write_sheet
+    from ..review.sheet import write_sheet
 
     check_out(out)
     try:

@@ -33,11 +33,11 @@ from urllib.parse import urlparse
 import redis as redis_lib
 import structlog
 
-from broker import keys
-from broker.app import ROLE_QUEUES, parse_reindex_role, parse_shard_role, shard_role
-from cli.common import redacted
-from core import local_redis
-from core.config import Settings
+from ..broker import keys
+from ..broker.app import ROLE_QUEUES, parse_reindex_role, parse_shard_role, shard_role
+from ..core import local_redis
+from ..core.config import Settings
+from .common import redacted
 
 log = structlog.get_logger()
 
@@ -136,7 +136,7 @@ class Stack:
         answer = self._redis_answer()
         if answer == "ok":
             if self.owns_redis():  # started by an earlier `up` of this home: keep its ACL file current
-                from accountability.registry import sync_local_redis
+                from ..accountability.registry import sync_local_redis
 
                 sync_local_redis(self.s)
             return False
@@ -156,8 +156,8 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        from accountability import db
-        from accountability.registry import write_local_acl
+        from ..accountability import db
+        from ..accountability.registry import write_local_acl
 
         passwords = local_redis.ensure_passwords(self.home)
         aclfile = write_local_acl(db.get_engine(self.s), self.home, passwords)
@@ -248,18 +248,18 @@ class Stack:
         env = settings_env(self.s, redis_url_file=url_file)
         env["QUORUM_METRICS_PORT"] = str(metrics_port)
         if role == SUPERVISOR:
-            args = [sys.executable, "-m", "cli", "stack-supervise"]
+            args = [sys.executable, "-m", "quorum.cli", "stack-supervise"]
         elif role == "gateway":
-            args = [sys.executable, "-m", "cli", "gateway"]
+            args = [sys.executable, "-m", "quorum.cli", "gateway"]
             # A stable consumer name: a restarted gateway takes back its own pending entries at once
             # instead of waiting for another to find them idle.
             env["QUORUM_GATEWAY_CONSUMER"] = f"{socket.gethostname()}-gateway-{i}"
         elif shard := parse_shard_role(role):
-            args = [sys.executable, "-m", "cli", "worker", shard[0], "--shard", f"{shard[1]}/{shard[2]}"]
+            args = [sys.executable, "-m", "quorum.cli", "worker", shard[0], "--shard", f"{shard[1]}/{shard[2]}"]
         elif reindexing := parse_reindex_role(role):  # not part of `up`: started for a reindex
-            args = [sys.executable, "-m", "cli", "worker", reindexing, "--reindex"]
+            args = [sys.executable, "-m", "quorum.cli", "worker", reindexing, "--reindex"]
         else:
-            args = [sys.executable, "-m", "cli", "worker", role]
+            args = [sys.executable, "-m", "quorum.cli", "worker", role]
         with open(self.log_dir / f"{role}-{i}.log", "ab") as out:
             proc = subprocess.Popen(
                 args,
@@ -333,7 +333,7 @@ class Stack:
         log.info("stack.supervisor_stopped")
 
     def wait_ready(self, roles: tuple[str, ...], timeout: float = 180.0) -> None:
-        from broker.app import make_app
+        from ..broker.app import make_app
 
         app = make_app(self.s.redis_url)
         r = redis_lib.Redis.from_url(self.s.redis_url)

@@ -31,7 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from core.engines import DEFAULT_ENGINES, ENGINE_NAMES
+from .engines import DEFAULT_ENGINES, ENGINE_NAMES
 
 ENV_PREFIX = "QUORUM_"
 SETTINGS_FILE_VAR = "QUORUM_SETTINGS"  # names the TOML file; not itself a setting
@@ -330,7 +330,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         s = Settings(**overrides)  # type: ignore[arg-type]
     # The local stack's own Redis admits no one without credentials (core.local_redis): a URL without any
     # that names the server this home's stack started logs in as its admin user (cli.main logs that).
-    from core import local_redis
+    from . import local_redis
 
     admin_url = local_redis.local_credentials(s.home, s.redis_url)
     return s.model_copy(update={"redis_url": admin_url}) if admin_url else s

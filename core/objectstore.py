@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from core.config import Settings
-from core.errors import Code, InputError, ServiceError
+from .config import Settings
+from .errors import Code, InputError, ServiceError
 
 _KEY = re.compile(r"^[a-z][a-z0-9_-]*(/[A-Za-z0-9._-]+)+$")
 

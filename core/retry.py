@@ -8,7 +8,7 @@ from typing import TypeVar
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from core.errors import QuorumError
+from .errors import QuorumError
 
 log = structlog.get_logger()
 T = TypeVar("T")

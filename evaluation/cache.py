@@ -41,9 +41,9 @@ def file_key(path: Path) -> str:
 
 def detector_id() -> str:
     """Everything that decides which face an embedding is computed from."""
-    from core.config import settings
-    from workers.detect import Detector
-    from workers.scrfd import MODEL_FILE, ScrfdDetector
+    from ..core.config import settings
+    from ..workers.detect import Detector
+    from ..workers.scrfd import MODEL_FILE, ScrfdDetector
 
     d = Detector.__init__.__defaults__  # (score_threshold, nms_threshold, top_k, max_side)
     c = ScrfdDetector.__init__.__defaults__  # (score_threshold, nms_threshold, max_side, ...)

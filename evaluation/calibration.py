@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from evaluation.cache import OK
-from evaluation.runs import Run, part_indices
+from .cache import OK
+from .runs import Run, part_indices
 
 
 def genuine_impostor(
@@ -52,7 +52,7 @@ def genuine_impostor(
 
 def fit_calibration(run: Run, *, part: str = "fit", default_method: str | None = None, meta: Mapping | None = None):
     """Learn a :class:`workers.fusion.Calibration` from the ``part`` probes of a run."""
-    from workers import fusion
+    from ..workers import fusion
 
     mi, ni = part_indices(run, part)
     scores = {e: genuine_impostor(run, e, mi, ni) for e in run.engines}

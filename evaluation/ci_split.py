@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas import CandidateList, ErrorResult
+from ..schemas import CandidateList, ErrorResult
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.cache import OK, EmbeddingCache, detector_id
+from .cache import OK, EmbeddingCache, detector_id
 
 
 def embed_ms_per_face(
@@ -33,9 +33,9 @@ def embed_ms_per_face(
 ) -> dict[str, dict]:
     """Engine -> {"ms_per_face" (CPU), "wall_ms_per_face", the passes, "faces", "batch"} on the first ``n`` images of
     ``paths`` whose face is in the cache (call after the cache is filled)."""
-    from core.config import settings
-    from workers.detect import Face, decode_image
-    from workers.engines import get_engine
+    from ..core.config import settings
+    from ..workers.detect import Face, decode_image
+    from ..workers.engines import get_engine
 
     s = settings()
     cache = EmbeddingCache(cache_dir)

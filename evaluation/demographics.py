@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from evaluation.cache import OK
-from evaluation.calibration import genuine_impostor
-from evaluation.metrics import threshold_for_fmr, threshold_for_fpir
-from evaluation.runs import Outcome, Run, part_indices
+from .cache import OK
+from .calibration import genuine_impostor
+from .metrics import threshold_for_fmr, threshold_for_fpir
+from .runs import Outcome, Run, part_indices
 
 if TYPE_CHECKING:
-    from evaluation.protocol import Image
+    from .protocol import Image
 
 
 def read_group_labels(path: Path | str) -> dict[str, str]:

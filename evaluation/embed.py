@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.cache import OK, EmbeddingCache, _embed_version, detector_id
+from .cache import OK, EmbeddingCache, _embed_version, detector_id
 
 
 def fill_cache(
@@ -29,10 +29,10 @@ def fill_cache(
     """Detect and embed every image of ``paths[shard::shards]`` not yet in the cache (resumable)."""
     import cv2
 
-    from core.config import settings
-    from core.errors import QuorumError
-    from workers.detect import Face, choose_face, decode_image, make_detector
-    from workers.engines import get_engine
+    from ..core.config import settings
+    from ..core.errors import QuorumError
+    from ..workers.detect import Face, choose_face, decode_image, make_detector
+    from ..workers.engines import get_engine
 
     if threads:
         cv2.setNumThreads(threads)

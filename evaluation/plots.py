@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from evaluation.metrics import det_curve
+from .metrics import det_curve
 
 if TYPE_CHECKING:
-    from evaluation.runs import Outcome
+    from .runs import Outcome
 
 
 def plot_cmc(outcomes: Mapping[str, Outcome], mi: np.ndarray, top_n: int, path: Path, title: str) -> None:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from evaluation.runs import Outcome
+from .runs import Outcome
 
 if TYPE_CHECKING:
-    from evaluation.runs import Run
+    from .runs import Run
 
 
 def queue_outcome(
@@ -24,12 +24,12 @@ def queue_outcome(
 
     Uses the stack's configured fusion (``settings().fusion_method``). The stack's gallery should
     hold nothing else: enrol into a dedicated stack (e.g. ``QUORUM_HOME=/tmp/evalstack quorum up``)."""
-    from accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
-    from broker.client import QuorumClient
-    from core.config import settings
-    from core.objectstore import open_store
-    from schemas.messages import ErrorResult
-    from workers.enrolment import enrol
+    from ..accountability.registry import DEMO_AGENCY, DEMO_USER, provision_demo
+    from ..broker.client import QuorumClient
+    from ..core.config import settings
+    from ..core.objectstore import open_store
+    from ..schemas.messages import ErrorResult
+    from ..workers.enrolment import enrol
 
     s = settings()
     p = run.protocol

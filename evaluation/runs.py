@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from evaluation.cache import OK, EmbeddingCache, _embed_version, detector_id
-from evaluation.embed import fill_cache_parallel
-from evaluation.metrics import system_metrics
+from .cache import OK, EmbeddingCache, _embed_version, detector_id
+from .embed import fill_cache_parallel
+from .metrics import system_metrics
 
 if TYPE_CHECKING:
-    from evaluation.protocol import Image, SplitProtocol
+    from .protocol import Image, SplitProtocol
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Run:
         self._subject_index = {s: j for j, s in enumerate(self.subjects)}
 
     def lists_for(self, i: int, engines: Sequence[str] | None = None) -> dict:
-        from workers.fusion import Ranked
+        from ..workers.fusion import Ranked
 
         out = {}
         for e in engines or self.engines:
@@ -103,9 +103,9 @@ def run_searches(
     echo: Callable[[str], None] = lambda m: None,
 ) -> Run:
     """Embed (through the cache), enrol the gallery in one ``GalleryIndex`` per engine, search every probe."""
-    from core.config import settings
-    from workers.engines import get_engine
-    from workers.gallery import GalleryIndex
+    from ..core.config import settings
+    from ..workers.engines import get_engine
+    from ..workers.gallery import GalleryIndex
 
     s = settings()
     probes = protocol.mated + protocol.nonmated
@@ -196,7 +196,7 @@ def run_searches(
 
 def probe_qualities(cache: EmbeddingCache, det: str, keys: Sequence[str]) -> list[dict[str, float] | None]:
     """Per image key: ``workers.fusion.probe_quality`` of its cached face (None: no face cached)."""
-    from workers.fusion import probe_quality
+    from ..workers.fusion import probe_quality
 
     faces = cache.faces(det, keys)
     out: list[dict[str, float] | None] = []
@@ -234,7 +234,7 @@ def fusion_outcome(
     run: Run, method: str, calibration=None, *, progress: bool = False, engines: Sequence[str] | None = None
 ) -> Outcome:
     """Each probe's engine lists through ``workers.fusion.fuse`` exactly as production calls it."""
-    from workers.fusion import fuse
+    from ..workers.fusion import fuse
 
     engines = list(engines or run.engines)
     versions = {e: run.engines[e].version for e in engines}

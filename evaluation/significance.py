@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluation.metrics import fnir_at, threshold_for_fpir
+from .metrics import fnir_at, threshold_for_fpir
 
 
 def discordant(a_hits: np.ndarray, b_hits: np.ndarray) -> tuple[int, int]:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from evaluation.runs import Outcome, Run, engine_outcome, fusion_outcome, outcome_metrics, part_indices
-from evaluation.significance import Paired, discordant, mcnemar_exact, paired_bootstrap
+from .runs import Outcome, Run, engine_outcome, fusion_outcome, outcome_metrics, part_indices
+from .significance import Paired, discordant, mcnemar_exact, paired_bootstrap
 
 
 def engine_sets(engines: Sequence[str], sizes: Sequence[int] | None = None) -> list[tuple[str, ...]]:
@@ -87,7 +87,7 @@ def subset_rows(
     """Rows (one per engine set and method) with metrics on ``part`` and significance against the
     best single engine of ``part``; see the module docstring. ``calibration`` must cover ``engines``
     for the calibrated methods (they are skipped for a set it does not cover)."""
-    from workers import fusion
+    from ..workers import fusion
 
     mi, ni = part_indices(run, part)
     fmi, fni = part_indices(run, "fit")

@@ -35,11 +35,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from accountability import audit, db, dispositions
-from core.config import Settings
-from core.errors import Code, QuorumError
-from review import signin
-from review.render import environment, render
+from ..accountability import audit, db, dispositions
+from ..core.config import Settings
+from ..core.errors import Code, QuorumError
+from . import signin
+from .render import environment, render
 
 log = structlog.get_logger()
 
@@ -174,7 +174,7 @@ def create_app(s: Settings) -> Starlette:
         return _page("review_list.html.j2", reviewer=rv, searches=await run_in_threadpool(work))
 
     async def sheet_page(request: Request, rv: signin.Reviewer) -> Response:
-        from review.sheet import view_sheet
+        from .sheet import view_sheet
 
         rid = request.path_params["request_id"]
 
@@ -196,8 +196,8 @@ def create_app(s: Settings) -> Starlette:
         return HTMLResponse(await run_in_threadpool(work), headers=HEADERS)
 
     async def decide(request: Request, rv: signin.Reviewer) -> Response:
-        from core.errors import InputError
-        from review.sheet import find_submission, load_result, removed_subjects
+        from ..core.errors import InputError
+        from .sheet import find_submission, load_result, removed_subjects
 
         rid = request.path_params["request_id"]
         form = await request.form()

@@ -10,7 +10,7 @@ is *strong*, at or above the FPIR 1 % threshold *moderate*, below it *weak*.
 The thresholds are not invented here: :func:`derive` reads them from the accuracy report that
 ``quorum eval`` wrote (``bench/results/lfw-dev/report.json``, the held-out *test* part, which the
 calibration never saw) for the method the calibration made the default, and ``bands.json`` is its
-output, with where each number came from. ``python -m review.bands`` writes it again after a new
+output, with where each number came from. ``python -m quorum.review.bands`` writes it again after a new
 ``quorum eval``; a unit test keeps the file equal to what :func:`derive` computes from the report.
 
 A band is only given for a candidate list fused with the method the thresholds were measured for;
@@ -141,7 +141,7 @@ def load(path: Path = BANDS_FILE) -> Bands:
     )
 
 
-def main() -> None:  # python -m review.bands: rewrite bands.json from the report and calibration
+def main() -> None:  # python -m quorum.review.bands: rewrite bands.json from the report and calibration
     doc = derive(
         json.loads(DEFAULT_REPORT.read_text()),
         json.loads(DEFAULT_CALIBRATION.read_text()),

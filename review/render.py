@@ -8,13 +8,13 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from review.sheet import Sheet
+from .sheet import Sheet
 
 
 @cache
 def environment() -> Environment:
     env = Environment(
-        loader=PackageLoader("review", "templates"),
+        loader=PackageLoader("quorum.review", "templates"),
         autoescape=select_autoescape(enabled_extensions=("html", "j2"), default=True),
         undefined=StrictUndefined,
         trim_blocks=True,

@@ -30,9 +30,9 @@ from typing import Any
 
 import structlog
 
-from review.bands import Band, Bands
-from schemas import CandidateList, FusedCandidate
-from schemas.messages import MAX_CANDIDATES
+from ..schemas import CandidateList, FusedCandidate
+from ..schemas.messages import MAX_CANDIDATES
+from .bands import Band, Bands
 
 log = structlog.get_logger()
 
@@ -295,8 +295,8 @@ class Submission:
 
 def find_submission(eng: Any, request_id: str, agency: str | None = None) -> Submission:
     """The accepted submission of ``request_id`` (of ``agency`` when given), or a coded refusal."""
-    from accountability import audit
-    from core.errors import Code, InputError
+    from ..accountability import audit
+    from ..core.errors import Code, InputError
 
     recs = [
         r
@@ -336,9 +336,9 @@ def find_submission(eng: Any, request_id: str, agency: str | None = None) -> Sub
 
 def load_result(s: Any, redis: Any, eng: Any, sub: Submission) -> CandidateList:
     """The request's candidate list from Redis, or why there is none (a coded error)."""
-    from accountability import audit
-    from broker.results import fetch
-    from core.errors import Code, InputError
+    from ..accountability import audit
+    from ..broker.results import fetch
+    from ..core.errors import Code, InputError
 
     result = fetch(redis, sub.agency, sub.request_id)
     if result is None:
@@ -363,8 +363,8 @@ def load_result(s: Any, redis: Any, eng: Any, sub: Submission) -> CandidateList:
 def removed_subjects(redis: Any, eng: Any, subjects: Sequence[str], since: str) -> tuple[frozenset[str], dict]:
     """Subjects not to show (not in the gallery now, or expunged since ``since``), and the gallery
     records of the others (subject -> {images: [...], ...})."""
-    from accountability import audit
-    from broker import keys
+    from ..accountability import audit
+    from ..broker import keys
 
     names = list(dict.fromkeys(subjects))
     raw = redis.hmget(keys.GALLERY_SUBJECTS, names) if names else []
@@ -398,16 +398,16 @@ def newest_booking_first(record: dict) -> list[str]:
 @cache
 def _detector(kind: str = "yunet") -> Any:
     """The detector ``kind`` (the settings' ``detector``), loaded once per process and kind."""
-    from workers.detect import make_detector
+    from ..workers.detect import make_detector
 
     return make_detector(kind, "cpu")
 
 
 def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[int, int] | None, list, str]:
     """The probe as a data URI, its size, every face box (largest first) and a note when it is missing."""
-    from core.errors import Code, QuorumError
-    from review.images import probe_uri
-    from workers.detect import decode_image
+    from ..core.errors import Code, QuorumError
+    from ..workers.detect import decode_image
+    from .images import probe_uri
 
     try:
         data = store.get(image_key, max_bytes=s.max_image_bytes)
@@ -425,11 +425,11 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
     """Everything a sheet shows for ``request_id``, read from the audit trail, Redis and the object store."""
     import redis as redis_lib
 
-    from accountability import db
-    from core.objectstore import open_store
-    from review import bands as bands_mod
-    from review.images import thumbnail_uri
-    from workers.fusion import load_calibration
+    from ..accountability import db
+    from ..core.objectstore import open_store
+    from ..workers.fusion import load_calibration
+    from . import bands as bands_mod
+    from .images import thumbnail_uri
 
     eng = db.get_engine(s)
     r = redis_lib.Redis.from_url(s.redis_url)
@@ -493,8 +493,8 @@ def view_sheet(
 
     A view that cannot be given (unknown request, no list, result expired) is audited as refused,
     with its code, and raised. ``agency``: only a search of this agency (a reviewer's own)."""
-    from accountability import audit, db
-    from core.errors import QuorumError
+    from ..accountability import audit, db
+    from ..core.errors import QuorumError
 
     eng = db.get_engine(s)
     try:
@@ -536,7 +536,7 @@ def write_sheet(
     s: Any, request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli"
 ) -> Sheet:
     """Gather, audit, render and write the sheet of ``request_id`` to ``out`` (audited before it is written)."""
-    from review.render import render
+    from .render import render
 
     sheet = view_sheet(s, request_id, actor=actor, agency=agency, via=via, file=out.name)
     out.write_text(render(sheet), encoding="utf-8")

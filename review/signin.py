@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from accountability import audit, policy
-from accountability.registry import snapshot
-from broker import keys
-from core.errors import Code, InputError
+from ..accountability import audit, policy
+from ..accountability.registry import snapshot
+from ..broker import keys
+from ..core.errors import Code, InputError
 
 TOKEN_TTL_S = 24 * 3600
 SESSION_TTL_S = 8 * 3600

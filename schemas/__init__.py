@@ -2,11 +2,11 @@
 
 This package imports no worker code. JSON Schema files generated from these models live in
 ``schemas/json/`` so that an agency's software in any language can validate what it sends and
-receives; ``python -m schemas.export`` regenerates them and a test checks they are current.
+receives; ``python -m quorum.schemas.export`` regenerates them and a test checks they are current.
 """
 
-from schemas.job import Job, SearchedFace
-from schemas.messages import (
+from .job import Job, SearchedFace
+from .messages import (
     INVESTIGATIVE_LEAD_NOTICE,
     SCHEMA_VERSION,
     CandidateList,

@@ -1,4 +1,4 @@
-"""Write the JSON Schema files for the public messages: ``python -m schemas.export [DIR]``."""
+"""Write the JSON Schema files for the public messages: ``python -m quorum.schemas.export [DIR]``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from schemas.job import Job
-from schemas.messages import EngineResult, ProbeRequest, result_json_schema
+from .job import Job
+from .messages import EngineResult, ProbeRequest, result_json_schema
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.messages import MAX_CANDIDATES, SCHEMA_VERSION, FaceInfo, _Model
+from .messages import MAX_CANDIDATES, SCHEMA_VERSION, FaceInfo, _Model
 
 Point = tuple[float, float]
 

@@ -64,19 +64,19 @@ from typing import Any, Protocol
 import structlog
 from pydantic import ValidationError
 
-from accountability import audit, policy
-from accountability.policy import RegistrySnapshot
-from broker import keys, signing
-from broker.jobs import save_job
-from broker.keys import as_str
-from broker.redis_errors import redis_boundary
-from core import metrics
-from core.config import Settings
-from core.errors import Code, InputError, QuorumError, ServiceError
-from core.objectstore import ObjectStore, put_content
-from schemas import InlineImage, ProbeRequest
-from schemas.job import Job
-from schemas.messages import SCHEMA_VERSION
+from ..accountability import audit, policy
+from ..accountability.policy import RegistrySnapshot
+from ..broker import keys, signing
+from ..broker.jobs import save_job
+from ..broker.keys import as_str
+from ..broker.redis_errors import redis_boundary
+from ..core import metrics
+from ..core.config import Settings
+from ..core.errors import Code, InputError, QuorumError, ServiceError
+from ..core.objectstore import ObjectStore, put_content
+from ..schemas import InlineImage, ProbeRequest
+from ..schemas.job import Job
+from ..schemas.messages import SCHEMA_VERSION
 
 log = structlog.get_logger()
 

@@ -25,7 +25,7 @@ import numpy as np
 import structlog
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.errors import Code, InputError, ServiceError
+from ..core.errors import Code, InputError, ServiceError
 
 log = structlog.get_logger()
 
@@ -345,13 +345,13 @@ def make_detector(kind: str | None = None, device: str | None = None) -> Any:
     ``yunet+scrfd`` (YuNet, and SCRFD where YuNet finds no face). Each has ``detect(image) -> list[Face]``,
     largest face first."""
     if kind is None or device is None:
-        from core.config import settings
+        from ..core.config import settings
 
         kind = kind or settings().detector
         device = device or settings().device
     if kind == "yunet":
         return Detector()
-    from workers.scrfd import ScrfdDetector
+    from .scrfd import ScrfdDetector
 
     if kind == "scrfd":
         return ScrfdDetector(device=device)
@@ -376,7 +376,7 @@ def choose_face(faces: Sequence[Face], index: int | None, *, min_face_pixels: in
             faces=len(faces),
         )
     if min_face_pixels is None:
-        from core.config import settings
+        from ..core.config import settings
 
         min_face_pixels = settings().min_face_pixels
     face = faces[i]

@@ -33,12 +33,12 @@ from typing import Any, TypeVar
 import redis as redis_lib
 import structlog
 
-from accountability import audit, db
-from broker import keys
-from broker.app import make_app
-from core.config import Settings
-from core.errors import Code, InputError
-from core.objectstore import ObjectStore, put_content
+from ..accountability import audit, db
+from ..broker import keys
+from ..broker.app import make_app
+from ..core.config import Settings
+from ..core.errors import Code, InputError
+from ..core.objectstore import ObjectStore, put_content
 
 log = structlog.get_logger()
 
@@ -259,7 +259,7 @@ def enrol(
     """
     from celery.result import AsyncResult
 
-    from broker.app import ENROL_QUEUE, GALLERY_QUEUE, TASK_ENROL_DETECT, TASK_SNAPSHOT
+    from ..broker.app import ENROL_QUEUE, GALLERY_QUEUE, TASK_ENROL_DETECT, TASK_SNAPSHOT
 
     t0 = time.monotonic()
     r = redis_lib.Redis.from_url(s.redis_url)
@@ -411,7 +411,7 @@ def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor
     its record, and only then the ``remove`` entries: an add is written only while the record exists
     (``workers.gallery.log_add_entries``), so an enrolment or reindex in flight cannot write the subject
     back, into any version. Running it again after a failure finishes the job."""
-    from workers.gallery import log_remove
+    from .gallery import log_remove
 
     r = redis_lib.Redis.from_url(s.redis_url)
     raw = r.hget(keys.GALLERY_SUBJECTS, subject)
@@ -474,7 +474,7 @@ class ReindexReport:
 def live_versions(r, kind: str, engine: str) -> dict[str, str]:
     """Live workers of one kind (``engine``, ``shard``, ``reindex``) for an engine: node -> the engine
     version it runs (from its heartbeat)."""
-    from broker import liveness
+    from ..broker import liveness
 
     if kind == "shard":
         sets = [keys.as_str(k) for k in r.scan_iter(keys.shard_alive_pattern(engine), count=100)]
@@ -519,7 +519,7 @@ def reindex(
     (``gallery.reindex``) at the start and at the end."""
     from celery.result import AsyncResult
 
-    from broker.app import TASK_ENROLL, reindex_queue
+    from ..broker.app import TASK_ENROLL, reindex_queue
 
     if engine not in s.engines:
         raise GalleryRefused(f"{engine} is not a configured engine ({', '.join(s.engines)})")
@@ -548,7 +548,7 @@ def reindex(
     )
     queue = reindex_queue(engine)
 
-    from workers.gallery import enrolled_member
+    from .gallery import enrolled_member
 
     def dispatch(chunk: list[tuple[int, tuple[str, str]]]) -> dict[str, AsyncResult]:
         # What the new version holds already (an earlier run of another job: the gallery changed since)
@@ -623,7 +623,7 @@ def reindex(
 def snapshot_version(app, engine: str, shards: int, queue: str, *, wait: bool, timeout: float = 1800.0) -> list[dict]:
     """Ask the workers on ``queue`` (a reindex queue: the version they run) to snapshot every shard of
     ``engine``; with ``wait``, the pointers written."""
-    from broker.app import TASK_SNAPSHOT
+    from ..broker.app import TASK_SNAPSHOT
 
     sent = [app.send_task(TASK_SNAPSHOT, kwargs={"engines": [engine], "shard": i}, queue=queue) for i in range(shards)]
     if not wait:
@@ -634,7 +634,7 @@ def snapshot_version(app, engine: str, shards: int, queue: str, *, wait: bool, t
 def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
     """Per engine: the versions its gallery holds (templates counted at enrolment and expunge; each
     shard's newest snapshot), and the versions its live workers run (searching, per shard, reindexing)."""
-    from workers.gallery import snapshot_prefix
+    from .gallery import snapshot_prefix
 
     r = redis_lib.Redis.from_url(s.redis_url)
     out = []
@@ -669,7 +669,7 @@ def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
 def drop_version(s: Settings, store: ObjectStore, engine: str, version: str, *, actor: str = "operator") -> dict:
     """Delete an engine version's gallery state once no worker runs it: its logs, snapshots and pointers,
     its members of ``keys.gallery_enrolled`` and its count (audited as ``gallery.drop_version``)."""
-    from workers.gallery import snapshot_prefix
+    from .gallery import snapshot_prefix
 
     r = redis_lib.Redis.from_url(s.redis_url)
     users = {

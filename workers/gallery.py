@@ -31,7 +31,7 @@ import hnswlib
 import numpy as np
 import structlog
 
-from broker.keys import as_str
+from ..broker.keys import as_str
 
 log = structlog.get_logger()
 
@@ -225,7 +225,7 @@ class GalleryReplica:
         shard: int = 0,
         shards: int = 1,
     ) -> None:
-        from broker import keys
+        from ..broker import keys
 
         self.engine = engine
         self.engine_version = engine_version
@@ -255,7 +255,7 @@ class GalleryReplica:
         return self.engine if self.shards == 1 else f"{self.engine}[{self.shard}/{self.shards}]"
 
     def load_snapshot(self) -> bool:
-        from core.errors import InputError
+        from ..core.errors import InputError
 
         try:
             pointer = json.loads(self.store.get(self._pointer_key))
@@ -281,7 +281,7 @@ class GalleryReplica:
             return self._save_snapshot()
 
     def _save_snapshot(self) -> dict:
-        from broker import keys
+        from ..broker import keys
 
         if self.redis.sismember(keys.gallery_dropped(self.engine), self.engine_version):
             raise RuntimeError(
@@ -318,7 +318,7 @@ class GalleryReplica:
         return pointer
 
     def _read_pointer(self) -> dict | None:
-        from core.errors import InputError
+        from ..core.errors import InputError
 
         try:
             return json.loads(self.store.get(self._pointer_key))
@@ -391,7 +391,7 @@ def _id_tuple(entry_id: str) -> tuple[int, int]:
 
 def snapshot_prefix(engine: str, version: str, shard: int = 0, shards: int = 1) -> str:
     """Where one engine version's (one shard's) snapshots and their pointer ``latest.json`` live."""
-    from broker.keys import version_slug
+    from ..broker.keys import version_slug
 
     base = f"gallery/{engine}/{version_slug(version)}"
     return base if shards == 1 else f"{base}/shard-{shard}of{shards}"
@@ -446,8 +446,8 @@ def log_add_entries(
     Only templates whose subject is recorded (``keys.GALLERY_SUBJECTS``) are written, checked and written
     in one Lua script: a subject expunged while its images were being embedded is not written back.
     Returns the labels written (those of expunged subjects are left out)."""
-    from broker import keys
-    from workers.shards import shard_of
+    from ..broker import keys
+    from .shards import shard_of
 
     n = len(subjects)
     if n == 0:
@@ -470,8 +470,8 @@ def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1
     ``keys.gallery_enrolled`` go, and each version's count drops by those it had. Returns how many
     templates that was. Call it after the subject's record is deleted (as ``workers.enrolment.expunge``
     does), so no add can follow it."""
-    from broker import keys
-    from workers.shards import shard_of
+    from ..broker import keys
+    from .shards import shard_of
 
     present = {as_str(v) for v in redis.hkeys(keys.gallery_versions(engine))} | set(versions)
     done_key = keys.gallery_enrolled(engine)
@@ -503,8 +503,8 @@ def migrate_unversioned(redis, store, engine: str, shards: int = 1) -> dict:
     Each shard's version is its pointer's (the snapshot its workers loaded), or else that of the newest
     add in its log. Idempotent: what has been moved is not there to move again. Snapshot objects stay
     where they are (the pointer names them)."""
-    from broker import keys
-    from core.errors import InputError
+    from ..broker import keys
+    from ..core.errors import InputError
 
     moved: dict = {"engine": engine, "logs": {}, "pointers": {}, "counts": {}}
     for i in range(shards):

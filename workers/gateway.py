@@ -36,20 +36,20 @@ from typing import Any
 
 import structlog
 
-from accountability import audit
-from accountability.policy import RegistrySnapshot
-from broker import deadlines, keys
-from broker.app import INTAKE_QUEUE, TASK_PREPARE, app, oldest_message_age, queues_of
-from broker.keys import as_str
-from broker.redis_errors import ensure_group, redis_boundary
-from broker.results import publish
-from core import metrics
-from core.config import Settings
-from core.errors import Code, QuorumError, ServiceError
-from core.objectstore import ObjectStore
-from schemas import ErrorResult
-from schemas.job import Job
-from workers.admission import Admission, AdmissionContext, Refusal, Registry, admit_entry, record_refusal
+from ..accountability import audit
+from ..accountability.policy import RegistrySnapshot
+from ..broker import deadlines, keys
+from ..broker.app import INTAKE_QUEUE, TASK_PREPARE, app, oldest_message_age, queues_of
+from ..broker.keys import as_str
+from ..broker.redis_errors import ensure_group, redis_boundary
+from ..broker.results import publish
+from ..core import metrics
+from ..core.config import Settings
+from ..core.errors import Code, QuorumError, ServiceError
+from ..core.objectstore import ObjectStore
+from ..schemas import ErrorResult
+from ..schemas.job import Job
+from .admission import Admission, AdmissionContext, Refusal, Registry, admit_entry, record_refusal
 
 log = structlog.get_logger()
 UNACKED_HASH = "unacked"  # kombu's Redis transport: messages delivered to a worker, not yet acknowledged
@@ -64,8 +64,8 @@ class LazyRegistry:
 
     def _open(self) -> Any:
         if self._cache is None:
-            from accountability import db
-            from accountability.registry import SnapshotCache
+            from ..accountability import db
+            from ..accountability.registry import SnapshotCache
 
             try:
                 self._cache = SnapshotCache(db.get_engine(self.settings))
@@ -134,7 +134,7 @@ class Gateway:
             return
         self._last_anchor = time.monotonic()
         try:
-            from accountability import db
+            from ..accountability import db
 
             audit.anchor(db.get_engine(self.settings), audit.open_anchors(self.settings), actor="gateway")
             self._last_anchor_ok = time.monotonic()

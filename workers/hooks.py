@@ -26,11 +26,11 @@ import time
 import structlog
 from celery import signals
 
-from broker.app import SENT_AT_HEADER, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
-from core import metrics
-from core.config import Settings
-from schemas import CandidateList
-from workers.stages import StageResult
+from ..broker.app import SENT_AT_HEADER, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
+from ..core import metrics
+from ..core.config import Settings
+from ..schemas import CandidateList
+from .stages import StageResult
 
 log = structlog.get_logger()
 _installed = False

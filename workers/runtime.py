@@ -13,7 +13,7 @@ from functools import cached_property
 import redis as redis_lib
 import structlog
 
-from core.config import Settings, settings
+from ..core.config import Settings, settings
 
 log = structlog.get_logger()
 
@@ -34,26 +34,26 @@ class Runtime:
 
     @cached_property
     def store(self):
-        from core.objectstore import open_store
+        from ..core.objectstore import open_store
 
         return open_store(self.settings)
 
     @cached_property
     def detector(self):
-        from workers.detect import make_detector
+        from .detect import make_detector
 
         return make_detector(self.settings.detector, self.settings.device)
 
     @cached_property
     def calibration(self):
         """Score normalisation and fusion models fitted by ``quorum calibrate`` (None if unavailable)."""
-        from workers.fusion import load_calibration
+        from .fusion import load_calibration
 
         return load_calibration(self.settings.calibration_file)
 
     def load_image(self, key: str):
         """Fetch an image from the store and decode it, under the configured size limits (BGR array)."""
-        from workers.detect import decode_image
+        from .detect import decode_image
 
         s = self.settings
         data = self.store.get(key, max_bytes=s.max_image_bytes)
@@ -61,8 +61,8 @@ class Runtime:
 
     def context(self):
         """The stage context (``workers.stages.StageContext``) over this process's lazily loaded parts."""
-        from accountability import audit
-        from workers.stages import StageContext
+        from ..accountability import audit
+        from .stages import StageContext
 
         return StageContext(
             redis=self.redis,
@@ -80,8 +80,8 @@ class Runtime:
         """The engine's micro-batcher (workers.batching): the one thread that calls its model."""
         with self._batchers_lock:
             if name not in self._batchers:
-                from core import metrics
-                from workers.batching import MicroBatcher
+                from ..core import metrics
+                from .batching import MicroBatcher
 
                 engine = self.engine(name)
 
@@ -107,7 +107,7 @@ class Runtime:
 
     def engine(self, name: str):
         if name not in self._engines:
-            from workers.engines import get_engine
+            from .engines import get_engine
 
             self._engines[name] = get_engine(name, device=self.settings.device, s=self.settings)
         return self._engines[name]
@@ -116,7 +116,7 @@ class Runtime:
         """This process's replica of an engine's gallery (or of one shard of it, when the engine is
         sharded: ``settings.shards``): snapshot loaded, log applied."""
         if (name, shard) not in self._replicas:
-            from workers.gallery import GalleryReplica
+            from .gallery import GalleryReplica
 
             eng = self.engine(name)
             s = self.settings

@@ -9,10 +9,10 @@ import threading
 
 import structlog
 
-from broker.app import ROLE_QUEUES, app, parse_reindex_role, parse_shard_role, role_queue
-from core import metrics
-from core.config import settings
-from core.logs import configure_logging
+from ..broker.app import ROLE_QUEUES, app, parse_reindex_role, parse_shard_role, role_queue
+from ..core import metrics
+from ..core.config import settings
+from ..core.logs import configure_logging
 
 log = structlog.get_logger()
 
@@ -48,13 +48,13 @@ def run_worker(role: str, concurrency: int = 1) -> None:
             f"not {shard[2]}"
         )
     configure_logging(s.log_level, s.log_json)
-    from broker import keys
-    from workers import hooks
-    from workers.runtime import runtime
+    from ..broker import keys
+    from . import hooks
+    from .runtime import runtime
 
     hooks.install()
     runtime.role = role
-    from workers import watchdog
+    from . import watchdog
 
     watchdog.install(runtime.redis, s.task_time_limit, ttl_s=s.result_ttl_s)  # bounds each task's run time
     _start_metrics()
@@ -126,7 +126,7 @@ def _start_heartbeat(redis, key: str, node: str, version=lambda: "", every_s: fl
     the node's score in the sorted set ``key`` is the Redis server time until which it holds, and beside
     it the engine version it runs (``broker.liveness``); entries that ran out are dropped on each beat."""
 
-    from broker import liveness
+    from ..broker import liveness
 
     stopped = threading.Event()
 
@@ -155,7 +155,7 @@ def sweep_timers_once(redis, now: float | None = None) -> int:
     """Send every timer that is due (``broker.deadlines``); returns how many were sent."""
     import time
 
-    from broker import deadlines
+    from ..broker import deadlines
 
     sent = 0
     for timer in deadlines.claim_due(redis, time.time() if now is None else now):
@@ -183,8 +183,8 @@ def _start_timer_sweeper(redis, every_s: float = 0.5) -> None:
 def run_gateway() -> None:
     s = settings()
     configure_logging(s.log_level, s.log_json)
-    from workers.gateway import Gateway
-    from workers.runtime import runtime
+    from .gateway import Gateway
+    from .runtime import runtime
 
     _start_metrics()
     stop = threading.Event()

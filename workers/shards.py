@@ -16,7 +16,7 @@ import hashlib
 import heapq
 from collections.abc import Iterable, Sequence
 
-from workers.gallery import Hit
+from .gallery import Hit
 
 
 def shard_of(subject_id: str, shards: int) -> int:

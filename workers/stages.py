@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from broker import deadlines, keys, liveness
-from broker.app import (
+from ..broker import deadlines, keys, liveness
+from ..broker.app import (
     FUSION_QUEUE,
     INTAKE_QUEUE,
     TASK_ENROLL,
@@ -48,17 +48,17 @@ from broker.app import (
     engine_queue,
     shard_queue,
 )
-from broker.jobs import load_job, save_job
-from broker.results import publish
-from core.config import Settings
-from core.errors import Code, InputError, QuorumError, ServiceError
-from schemas import CandidateList, EngineCandidate, EngineResult, ErrorResult, FusedCandidate
-from schemas.job import Job, SearchedFace
-from schemas.messages import MAX_CANDIDATES
-from workers import fusion, watchdog
-from workers.detect import Face, choose_face
-from workers.gallery import Hit
-from workers.shards import merge
+from ..broker.jobs import load_job, save_job
+from ..broker.results import publish
+from ..core.config import Settings
+from ..core.errors import Code, InputError, QuorumError, ServiceError
+from ..schemas import CandidateList, EngineCandidate, EngineResult, ErrorResult, FusedCandidate
+from ..schemas.job import Job, SearchedFace
+from ..schemas.messages import MAX_CANDIDATES
+from . import fusion, watchdog
+from .detect import Face, choose_face
+from .gallery import Hit
+from .shards import merge
 
 log = structlog.get_logger()
 
@@ -734,7 +734,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     items detection refused, reported with this engine's counts. ``detail`` holds the counts and, per
     image that could not be enrolled, its stable error code (failure to enrol is data, not an exception).
     """
-    from workers.gallery import enrolled_member, log_add_entries
+    from .gallery import enrolled_member, log_add_entries
 
     r, s = ctx.redis, ctx.settings
     eng = ctx.engine(engine)

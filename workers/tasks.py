@@ -13,8 +13,8 @@ import time
 
 from celery import Task
 
-from broker import deadlines
-from broker.app import (
+from ..broker import deadlines
+from ..broker.app import (
     TASK_ENROL_DETECT,
     TASK_ENROLL,
     TASK_FUSE,
@@ -24,9 +24,9 @@ from broker.app import (
     TASK_SNAPSHOT,
     app,
 )
-from core.errors import ServiceError
-from workers import hooks, stages
-from workers.runtime import runtime
+from ..core.errors import ServiceError
+from . import hooks, stages
+from .runtime import runtime
 
 
 def send(m: stages.Send) -> None:

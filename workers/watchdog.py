@@ -29,8 +29,8 @@ from typing import Any
 
 import structlog
 
-from broker import keys
-from broker.app import TASK_ENROL_DETECT, TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
+from ..broker import keys
+from ..broker.app import TASK_ENROL_DETECT, TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
 
 log = structlog.get_logger()
 

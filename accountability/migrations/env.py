@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from accountability.db import metadata
+from quorum.accountability.db import metadata
 
 conn = context.config.attributes.get("connection")
 if conn is None:  # pragma: no cover - always driven from accountability.db

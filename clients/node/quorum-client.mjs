@@ -12,7 +12,7 @@ import canonicalize from "canonicalize";
 import Redis from "ioredis";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
-// The published schemas (python -m schemas.export); QUORUM_SCHEMA_DIR points elsewhere if this folder
+// The published schemas (python -m quorum.schemas.export); QUORUM_SCHEMA_DIR points elsewhere if this folder
 // is copied out of the repository.
 const SCHEMA_DIR = process.env.QUORUM_SCHEMA_DIR || join(HERE, "..", "..", "schemas", "json");
 

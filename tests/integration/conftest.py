@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from cli.stack import ROLES, Stack, stack_roles
-from core.config import load_settings
+from quorum.cli.stack import ROLES, Stack, stack_roles
+from quorum.core.config import load_settings
 from tests.integration.servers import RedisServer, S3Server, free_port
 
 
@@ -53,11 +53,11 @@ def own_stack(home: Path, data_dir: Path, *, agency: str, gallery: int, **overri
     gallery images, register ``agency`` with one investigator, and stop it all on the way out. The
     services open agency secrets with the key file this process uses, as a deployment points every
     service at one file."""
-    from accountability import db, registry, sealing
-    from broker.client import QuorumClient
-    from core.objectstore import open_store
-    from evaluation.ci_split import read_split
-    from workers.enrolment import enrol
+    from quorum.accountability import db, registry, sealing
+    from quorum.broker.client import QuorumClient
+    from quorum.core.objectstore import open_store
+    from quorum.evaluation.ci_split import read_split
+    from quorum.workers.enrolment import enrol
 
     redis_server = RedisServer(home / "redis", aof=True).start()
     s = load_settings(env={}, home=str(home), redis_url=redis_server.url, **overrides)
@@ -122,8 +122,8 @@ def disk_metrics_ports(_disk):
 def member_client(disk_stack):
     """Factory: register (idempotently) a member agency with a certified investigator, offence PC211 and
     the purpose "investigation", and return a client that signs with the agency's secret."""
-    from accountability import db, registry
-    from broker.client import QuorumClient
+    from quorum.accountability import db, registry
+    from quorum.broker.client import QuorumClient
 
     def make(agency: str, user: str | None = None) -> QuorumClient:
         user = user or f"{agency}-inv"  # user ids are global: one agency each

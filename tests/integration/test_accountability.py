@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from accountability import audit, db, registry
-from broker import keys, signing
-from broker.client import QuorumClient, new_request_id
-from cli.stack import settings_env
-from core.errors import Code, InputError
-from core.objectstore import content_key, open_store
-from schemas import CandidateList, ErrorResult, parse_result
-from workers.enrolment import enrol, expunge
+from quorum.accountability import audit, db, registry
+from quorum.broker import keys, signing
+from quorum.broker.client import QuorumClient, new_request_id
+from quorum.cli.stack import settings_env
+from quorum.core.errors import Code, InputError
+from quorum.core.objectstore import content_key, open_store
+from quorum.schemas import CandidateList, ErrorResult, parse_result
+from quorum.workers.enrolment import enrol, expunge
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ A, B, S, Q, GHOST = "acc-a", "acc-b", "acc-s", "acc-q", "acc-ghost"
 
 @pytest.fixture(scope="module")
 def world(disk_stack, data_dir):
-    from evaluation.ci_split import read_split
+    from quorum.evaluation.ci_split import read_split
 
     s = disk_stack
     eng = db.get_engine(s)
@@ -106,7 +106,7 @@ def _answers(r, wanted: set[tuple[str, str]], timeout=60.0) -> dict[tuple[str, s
 
 def _cli(s, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "quorum.cli", *args],
         env={**settings_env(s), **(env or {})},
         cwd=str(REPO),
         capture_output=True,
@@ -333,7 +333,7 @@ def test_anchor_on_s3_is_locked(s3_server, tmp_path):
     from minio import Minio
     from minio.error import S3Error
 
-    from core.config import load_settings
+    from quorum.core.config import load_settings
 
     env = s3_server.env
     s = load_settings(

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from accountability import db, registry
+from quorum.accountability import db, registry
 from tests.unit.accountability_db import PG_BASE
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,9 @@ def database():
 def quorum(home: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "QUORUM_HOME": str(home), "QUORUM_DATABASE_URL": url, "QUORUM_OPERATOR": "test"}
     env.pop("QUORUM_SETTINGS", None)
-    return subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "quorum.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def backup_sh(*args: str, database: str) -> subprocess.CompletedProcess[str]:

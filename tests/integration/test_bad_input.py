@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import redis
 
-from broker import keys
-from broker.client import QuorumClient, new_request_id
-from cli.stack import Stack, stack_roles
-from core.objectstore import open_store
-from schemas import CandidateList, ErrorResult
-from workers.enrolment import enrol
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient, new_request_id
+from quorum.cli.stack import Stack, stack_roles
+from quorum.core.objectstore import open_store
+from quorum.schemas import CandidateList, ErrorResult
+from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ AGENCY = "test-agency"
 
 @pytest.fixture(scope="module")
 def env(disk_stack, data_dir):
-    from evaluation.ci_split import read_split
+    from quorum.evaluation.ci_split import read_split
 
     ci = data_dir / "ci" / "faces"
     # People with 4+ images (the split's gallery role), so each has images left to search with.
@@ -36,7 +36,7 @@ def env(disk_stack, data_dir):
     items = [(d.name, sorted(d.iterdir())[0]) for d in subjects]
     report = enrol(disk_stack, open_store(disk_stack), items)
     assert all(n == 25 for n in report.enrolled.values()), report
-    from accountability import db, registry
+    from quorum.accountability import db, registry
 
     secret = registry.provision(
         db.get_engine(disk_stack),
@@ -87,7 +87,7 @@ def _wait_entry_answers(r, entry_ids: list[str], timeout=120.0) -> dict[str, Err
     """Error results carry the intake entry they answer; collect them from the result stream."""
     import time
 
-    from schemas import parse_result
+    from quorum.schemas import parse_result
 
     want, got = set(entry_ids), {}
     deadline = time.monotonic() + timeout

@@ -10,19 +10,19 @@ import sys
 import jsonschema
 import pytest
 
-from cli.stack import Stack, settings_env, stack_roles
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from schemas import CandidateList
-from schemas.export import SCHEMA_DIR
-from workers.enrolment import enrol
+from quorum.cli.stack import Stack, settings_env, stack_roles
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.schemas import CandidateList
+from quorum.schemas.export import SCHEMA_DIR
+from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def gallery(disk_stack, member_client, data_dir):
-    from accountability.registry import DEMO_AGENCY, DEMO_USER
+    from quorum.accountability.registry import DEMO_AGENCY, DEMO_USER
 
     member_client(DEMO_AGENCY, DEMO_USER)  # the CLI's default agency; it finds the secret in the registry
     rows = [r for r in read_split(data_dir / "ci") if r.role == "gallery"][
@@ -34,7 +34,11 @@ def gallery(disk_stack, member_client, data_dir):
 
 def _quorum(s, *args, timeout=180):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], env=settings_env(s), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "quorum.cli", *args],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

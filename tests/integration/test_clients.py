@@ -27,11 +27,11 @@ import pytest
 import redis
 from PIL import Image
 
-from accountability import db, registry
-from broker import keys, signing
-from cli.stack import settings_env
-from core.objectstore import open_store
-from workers.enrolment import enrol
+from quorum.accountability import db, registry
+from quorum.broker import keys, signing
+from quorum.cli.stack import settings_env
+from quorum.core.objectstore import open_store
+from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def _require_tools() -> None:
 
 @pytest.fixture(scope="module")
 def world(disk_stack, data_dir, tmp_path_factory):
-    from evaluation.ci_split import read_split
+    from quorum.evaluation.ci_split import read_split
 
     _require_tools()
     s = disk_stack
@@ -73,7 +73,7 @@ def world(disk_stack, data_dir, tmp_path_factory):
     registry.provision(eng, AGENCY, users={USER: "investigator"}, offences=("PC211",))
     # The local stack's Redis runs without an ACL file: the README's command loads the agency users.
     out = subprocess.run(
-        [sys.executable, "-m", "cli", "registry", "redis-acl", "--apply"],
+        [sys.executable, "-m", "quorum.cli", "registry", "redis-acl", "--apply"],
         env=settings_env(s),
         cwd=str(REPO),
         capture_output=True,

@@ -186,7 +186,7 @@ def test_every_alert_has_for_severity_and_an_absolute_runbook_url() -> None:
 
 
 def test_rules_comment_states_the_fusion_deadline_the_code_has() -> None:
-    from core.config import Settings
+    from quorum.core.config import Settings
 
     deadline = Settings.model_fields["fusion_deadline_s"].default
     text = (PROM_DIR / "rules.yml").read_text()
@@ -350,7 +350,7 @@ def shlex_split(text: str) -> list[str]:
 
 
 def test_documented_compose_commands_name_real_services_and_quorum_commands() -> None:
-    from cli.main import main
+    from quorum.cli.main import main
 
     services = compose()["services"]
     found = documented_compose_commands()
@@ -472,7 +472,7 @@ def deploy_dir(tmp_path_factory) -> Path:
     """A secrets directory as `quorum deploy init` writes it, and an .env as an operator edits it."""
     from click.testing import CliRunner
 
-    from cli.main import main
+    from quorum.cli.main import main
 
     base = tmp_path_factory.mktemp("deploy")
     result = CliRunner().invoke(main, ["deploy", "init", str(base / "secrets"), "--host", "redis.agencies.example"])
@@ -560,7 +560,7 @@ def test_redis_is_tls_only_with_the_acl_file_and_default_user_off(deploy_dir: Pa
 
 def test_settings_read_the_secret_files_a_service_is_given(deploy_dir: Path) -> None:
     """What a gateway container's environment resolves to, with its secret files at their compose targets."""
-    from core.config import load_settings
+    from quorum.core.config import load_settings
 
     cfg = compose_config(deploy_dir)
     gw = cfg["services"]["gateway"]

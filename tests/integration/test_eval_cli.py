@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from quorum.cli.main import main
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from schemas import CandidateList
+from quorum.schemas import CandidateList
 from tests.integration.conftest import own_stack
 from tests.unit.accountability_db import pg_database  # noqa: F401  (fixture)
 
@@ -77,7 +77,7 @@ def _work_waiting(st, client, role: str, rids: list[str]) -> bool:
     """Whether work for ``role`` is queued up behind the frozen process (so killing it loses some)."""
     import redis as redis_lib
 
-    from broker import keys
+    from quorum.broker import keys
 
     r = redis_lib.Redis.from_url(st.s.redis_url)
     if role == "gateway":
@@ -96,7 +96,7 @@ def _taken_by(st, role: str) -> bool:
 
     import redis as redis_lib
 
-    from workers.gateway import UNACKED_HASH
+    from quorum.workers.gateway import UNACKED_HASH
 
     r = redis_lib.Redis.from_url(st.s.redis_url)
     return any(json.loads(v)[2] == f"engine.{role}" for v in r.hvals(UNACKED_HASH))
@@ -223,8 +223,8 @@ def test_the_audit_database_away_holds_answers_back_and_loses_none(stack, pg):
     import redis as redis_lib
     from sqlalchemy import func, select
 
-    from accountability import audit, db
-    from broker import keys
+    from quorum.accountability import audit, db
+    from quorum.broker import keys
 
     _, client, probes, _, s = stack
     _, name, admin = pg
@@ -289,9 +289,9 @@ def test_a_fusion_stuck_on_a_held_audit_lock_is_ended_by_its_watchdog_and_loses_
     import psycopg
     import redis as redis_lib
 
-    from accountability.db import WRITE_LOCK_KEY
-    from broker import keys
-    from broker.app import TASK_FUSE
+    from quorum.accountability.db import WRITE_LOCK_KEY
+    from quorum.broker import keys
+    from quorum.broker.app import TASK_FUSE
 
     st, client, probes, _, s = stack
     r = redis_lib.Redis.from_url(s.redis_url)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import redis
 
-from broker import keys
-from core.objectstore import DiskStore, S3Store
+from quorum.broker import keys
+from quorum.core.objectstore import DiskStore, S3Store
+from quorum.workers.gallery import GalleryReplica, log_add_entries, log_remove
 from tests.integration.servers import RedisServer
-from workers.gallery import GalleryReplica, log_add_entries, log_remove
 
 pytestmark = pytest.mark.integration
 DIM = 64

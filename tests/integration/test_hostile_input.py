@@ -21,12 +21,12 @@ import pytest
 import redis
 from PIL import Image
 
-from broker import keys, signing
-from broker.app import ALL_QUEUES
-from broker.client import QuorumClient, new_request_id
-from core.objectstore import open_store
-from schemas import CandidateList, ErrorResult, parse_result
-from workers.enrolment import enrol
+from quorum.broker import keys, signing
+from quorum.broker.app import ALL_QUEUES
+from quorum.broker.client import QuorumClient, new_request_id
+from quorum.core.objectstore import open_store
+from quorum.schemas import CandidateList, ErrorResult, parse_result
+from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +37,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 @pytest.fixture(scope="module")
 def world(disk_stack, data_dir):
-    from accountability import db, registry
-    from evaluation.ci_split import read_split
+    from quorum.accountability import db, registry
+    from quorum.evaluation.ci_split import read_split
 
     ci = data_dir / "ci" / "faces"
     subjects = [ci / r.identity for r in read_split(data_dir / "ci") if r.role == "gallery"][

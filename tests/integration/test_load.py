@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from broker import keys
-from broker.client import QuorumClient
-from core.objectstore import open_store
-from schemas import CandidateList, ErrorResult
-from workers.enrolment import enrol
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.core.objectstore import open_store
+from quorum.schemas import CandidateList, ErrorResult
+from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -28,8 +28,8 @@ QUOTA = 3
 
 @pytest.fixture(scope="module")
 def agencies(disk_stack, data_dir):
-    from accountability import db, registry
-    from evaluation.ci_split import read_split
+    from quorum.accountability import db, registry
+    from quorum.evaluation.ci_split import read_split
 
     s = disk_stack
     eng = db.get_engine(s)

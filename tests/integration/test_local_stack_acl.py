@@ -20,15 +20,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from accountability import db, registry
-from broker import keys
-from broker.client import QuorumClient
-from cli.stack import SUPERVISOR, Stack, stack_roles
-from core import local_redis
-from core.config import load_settings
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from schemas.messages import CandidateList
+from quorum.accountability import db, registry
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.cli.stack import SUPERVISOR, Stack, stack_roles
+from quorum.core import local_redis
+from quorum.core.config import load_settings
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.schemas.messages import CandidateList
 from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def _redis(port: int, **kw) -> redis.Redis:
 
 @pytest.fixture(scope="module")
 def acl_stack(tmp_path_factory, data_dir):
-    from workers.enrolment import enrol
+    from quorum.workers.enrolment import enrol
 
     home = tmp_path_factory.mktemp("acl-stack")
     port = free_port()
@@ -219,7 +219,7 @@ def test_secrets_are_private_and_in_no_argument_environment_or_log(acl_stack):
 
 def test_the_review_user_reads_results_and_keeps_its_sessions_only(acl_stack):
     """What `quorum review` does on the local stack (it logs in as `review`: cli/review.py)."""
-    from review import signin
+    from quorum.review import signin
 
     s, _, port, creds, probes = acl_stack
     url = local_redis.service_url(s.home, s.redis_url, "review")

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from core import metrics
+from quorum.core import metrics
 from tests.integration.servers import REPO, free_port
 
 pytestmark = pytest.mark.integration
@@ -55,9 +55,9 @@ def _query(port: int, promql: str) -> list:
 
 
 def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member_client, data_dir, tmp_path):
-    from core.objectstore import open_store
-    from evaluation.ci_split import read_split
-    from workers.enrolment import enrol
+    from quorum.core.objectstore import open_store
+    from quorum.evaluation.ci_split import read_split
+    from quorum.workers.enrolment import enrol
 
     exe = shutil.which("prometheus")
     assert exe, "prometheus is not installed: apt-get install -y prometheus"
@@ -140,8 +140,8 @@ def test_the_oldest_message_age_shows_a_queue_nobody_drains(disk_stack, disk_met
     sent-at header every message carries), and 0 once the queue is empty."""
     import redis as redis_lib
 
-    from broker.app import TASK_SEARCH, engine_queue, make_app
-    from core.engines import ENGINE_NAMES
+    from quorum.broker.app import TASK_SEARCH, engine_queue, make_app
+    from quorum.core.engines import ENGINE_NAMES
 
     idle = next(e for e in ENGINE_NAMES if e not in disk_stack.engines)  # no worker takes this queue
     queue = engine_queue(idle)

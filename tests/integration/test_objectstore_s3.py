@@ -2,8 +2,8 @@
 
 import pytest
 
-from core.errors import Code, InputError, ServiceError
-from core.objectstore import S3Store, content_key, put_content
+from quorum.core.errors import Code, InputError, ServiceError
+from quorum.core.objectstore import S3Store, content_key, put_content
 
 pytestmark = pytest.mark.integration
 

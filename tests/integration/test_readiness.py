@@ -33,7 +33,7 @@ def status(port: int, path: str) -> int | None:
 
 def health(port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", "health", "--port", str(port)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "quorum.cli", "health", "--port", str(port)], capture_output=True, text=True, timeout=60
     )
 
 
@@ -50,7 +50,7 @@ def start(args: list[str], home: Path, redis_url: str, metrics_port: int) -> tup
     log = home / "process.log"
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", *args], env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+        [sys.executable, "-m", "quorum.cli", *args], env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
     return proc, log
 

@@ -15,10 +15,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from accountability import db, registry
-from broker import keys
-from broker.client import QuorumClient
-from broker.keys import as_str
+from quorum.accountability import db, registry
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.broker.keys import as_str
 from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration

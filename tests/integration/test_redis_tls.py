@@ -22,12 +22,12 @@ from click.testing import CliRunner
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from accountability import db, registry
-from broker import keys
-from broker.client import QuorumClient
-from cli.deploy import CONTAINER_CA, make_certs
-from cli.main import main
-from core.config import settings
+from quorum.accountability import db, registry
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.cli.deploy import CONTAINER_CA, make_certs
+from quorum.cli.main import main
+from quorum.core.config import settings
 from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -260,7 +260,7 @@ def test_celery_round_trip_over_tls_as_the_service_users(tls_redis, tmp_path):
     try:
         os.environ["QUORUM_REDIS_URL"] = urls["gateway"]
         try:
-            from broker.app import make_app
+            from quorum.broker.app import make_app
 
             sender = make_app(urls["gateway"])
             result = sender.send_task("quorum.intake.echo", args=["over tls"], queue="intake")
@@ -295,13 +295,13 @@ def test_compose_healthcheck_command_and_acl_load(tls_redis):
     env = {**os.environ, "QUORUM_REDIS_URL": tls_redis["urls"]["admin"]}
     env.pop("QUORUM_SETTINGS", None)
     loaded = subprocess.run(
-        [sys.executable, "-m", "cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "quorum.cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
     )
     assert loaded.returncode == 0, loaded.stderr
     assert "users now" in loaded.stdout and "agency-a" in loaded.stdout
     env["QUORUM_REDIS_URL"] = tls_redis["urls"]["gateway"]
     refused = subprocess.run(
-        [sys.executable, "-m", "cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "quorum.cli", "deploy", "acl-load"], env=env, capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 1 and "may not reload the ACL" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -314,7 +314,7 @@ def test_review_app_signs_in_over_tls_as_its_own_user(tls_redis, tmp_path):
     import urllib.parse
     from datetime import date, timedelta
 
-    from review import signin
+    from quorum.review import signin
 
     home = tls_redis["home"]
     url = f"sqlite:///{home / 'quorum.db'}"
@@ -329,7 +329,10 @@ def test_review_app_signs_in_over_tls_as_its_own_user(tls_redis, tmp_path):
     env.pop("QUORUM_SETTINGS", None)
     log = (tmp_path / "review.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "review", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "quorum.cli", "review", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
     def request(method: str, path: str, body: str | None = None, cookie: str = "") -> http.client.HTTPResponse:

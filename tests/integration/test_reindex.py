@@ -28,16 +28,16 @@ import time
 import pytest
 import redis as redis_lib
 
-from accountability import audit, db, registry
-from broker import keys
-from broker.client import QuorumClient
-from cli.stack import Stack, settings_env
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from schemas import CandidateList, EngineResult
+from quorum.accountability import audit, db, registry
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.cli.stack import Stack, settings_env
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.schemas import CandidateList, EngineResult
+from quorum.workers.enrolment import GalleryRefused, drop_version, enrol, expunge, live_versions, reindex
+from quorum.workers.gallery import snapshot_prefix
 from tests.integration.conftest import _stack
-from workers.enrolment import GalleryRefused, drop_version, enrol, expunge, live_versions, reindex
-from workers.gallery import snapshot_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,7 @@ def _run(s, stack: Stack, data_dir) -> None:
 
     # No reindex worker yet: refused, saying what to start.
     refused = subprocess.run(
-        [sys.executable, "-m", "cli", "gallery", "reindex", "sface"],
+        [sys.executable, "-m", "quorum.cli", "gallery", "reindex", "sface"],
         env=settings_env(s),
         capture_output=True,
         text=True,
@@ -163,7 +163,7 @@ def _run(s, stack: Stack, data_dir) -> None:
 
     # 3. The rerun, through the CLI, with the searches still running.
     out = subprocess.run(
-        [sys.executable, "-m", "cli", "gallery", "reindex", "sface", "--batch", "4", "--actor", "reindex-test"],
+        [sys.executable, "-m", "quorum.cli", "gallery", "reindex", "sface", "--batch", "4", "--actor", "reindex-test"],
         env=settings_env(s),
         capture_output=True,
         text=True,
@@ -206,14 +206,14 @@ def _run(s, stack: Stack, data_dir) -> None:
 
     # 4. The operator's view: both versions, their templates, their workers.
     status = subprocess.run(
-        [sys.executable, "-m", "cli", "gallery", "status"], env=settings_env(s), capture_output=True, text=True
+        [sys.executable, "-m", "quorum.cli", "gallery", "status"], env=settings_env(s), capture_output=True, text=True
     )
     assert status.returncode == 0, status.stderr
     lines = {ln.split(": ", 1)[0].strip(): ln for ln in status.stdout.splitlines()}
     assert f"{len(gallery) - 2} templates" in lines[version_a] and "1 searching" in lines[version_a]
     assert f"{len(gallery) - 2} templates" in lines[version_b] and "1 reindex" in lines[version_b]
     overall = subprocess.run(
-        [sys.executable, "-m", "cli", "status"], env=settings_env(s), capture_output=True, text=True
+        [sys.executable, "-m", "quorum.cli", "status"], env=settings_env(s), capture_output=True, text=True
     )
     assert overall.returncode == 0 and lines[version_a] in overall.stdout and lines[version_b] in overall.stdout
 
@@ -250,8 +250,8 @@ def _run(s, stack: Stack, data_dir) -> None:
 def test_a_sharded_engine_is_reindexed_shard_by_shard(tmp_path_factory, data_dir):
     """SFace in 2 shards: the new version's templates land in its own shard logs, each shard snapshotted
     by the reindex worker, and a replica of each new-version shard loads exactly its subjects."""
-    from workers.gallery import GalleryReplica
-    from workers.shards import shard_of
+    from quorum.workers.gallery import GalleryReplica
+    from quorum.workers.shards import shard_of
 
     s, stack, redis_server = _stack(
         tmp_path_factory, "stack-reindex-sharded", engines=("sface",), shards={"sface": 2}, fusion_deadline_s=6.0

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from accountability import audit, db, registry
-from broker.client import QuorumClient
-from cli.stack import settings_env
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from review.sheet import NOTICE_SHORT
-from schemas import CandidateList
+from quorum.accountability import audit, db, registry
+from quorum.broker.client import QuorumClient
+from quorum.cli.stack import settings_env
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.review.sheet import NOTICE_SHORT
+from quorum.schemas import CandidateList
+from quorum.workers.enrolment import enrol
 from tests.chromium import Browser
 from tests.integration.servers import free_port
-from workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,11 @@ SCREENSHOT_TO = os.environ.get("QUORUM_REVIEW_SCREENSHOT")  # e.g. docs/review-c
 
 def _quorum(s, *args, timeout=120):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], env=settings_env(s), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "quorum.cli", *args],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -68,7 +72,7 @@ def server(searched):
     s = searched[0]
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "review", "--port", str(port)],
+        [sys.executable, "-m", "quorum.cli", "review", "--port", str(port)],
         env=settings_env(s),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from cli.demo import enrol_and_search
-from core.engines import DEFAULT_ENGINES
-from evaluation.ci_split import read_split
-from schemas import CandidateList
+from quorum.cli.demo import enrol_and_search
+from quorum.core.engines import DEFAULT_ENGINES
+from quorum.evaluation.ci_split import read_split
+from quorum.schemas import CandidateList
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_candidate_list_contract(run):
     assert res.engines_contributed == sorted(DEFAULT_ENGINES) == ["arcface", "facenet", "sface"]
     # Production runs the fusion the shipped calibration measured best: had the calibration not
     # matched the running engines' versions, fusion would have fallen back to zsum.
-    from workers.fusion import load_calibration
+    from quorum.workers.fusion import load_calibration
 
     assert res.fusion_method == load_calibration().default_method
     assert len(res.probe_sha256) == 64 and res.face.faces_found >= 1

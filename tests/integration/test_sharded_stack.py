@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 import redis as redis_lib
 
-from accountability import db, registry
-from broker import keys, liveness
-from broker.client import QuorumClient
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from schemas import CandidateList, EngineResult
+from quorum.accountability import db, registry
+from quorum.broker import keys, liveness
+from quorum.broker.client import QuorumClient
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.schemas import CandidateList, EngineResult
+from quorum.workers.enrolment import enrol
+from quorum.workers.gallery import GalleryIndex, _vec_from_bytes
+from quorum.workers.shards import shard_of
 from tests.integration.conftest import _stack
-from workers.enrolment import enrol
-from workers.gallery import GalleryIndex, _vec_from_bytes
-from workers.shards import shard_of
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +134,7 @@ def test_a_new_shard_replica_catches_up_from_snapshot_and_log(sharded):
     s, stack, client, probes, later, _ = sharded
     from celery.result import AsyncResult
 
-    from broker.app import TASK_SNAPSHOT, make_app
+    from quorum.broker.app import TASK_SNAPSHOT, make_app
 
     app = make_app(s.redis_url)
     out = app.send_task(TASK_SNAPSHOT, kwargs={"engines": ["sface"]}, queue="gallery").get(timeout=300)
@@ -176,8 +176,8 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
     interrupted after two batches and run again: nothing enrolled twice, each face found once for both
     engines, the missing object reported with its code."""
     s, *_ = sharded
-    from core.objectstore import put_content
-    from workers.enrolment import enrol_job_id, manifest_items
+    from quorum.core.objectstore import put_content
+    from quorum.workers.enrolment import enrol_job_id, manifest_items
 
     store = open_store(s)
     r = redis_lib.Redis.from_url(s.redis_url)

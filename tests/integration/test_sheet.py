@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from accountability import audit, db
-from accountability.registry import DEMO_AGENCY
-from broker import keys
-from broker.results import fetch
-from cli.stack import settings_env
-from core.objectstore import open_store
-from evaluation.ci_split import read_split
-from review.sheet import NOTICE_SHORT
-from schemas import CandidateList
+from quorum.accountability import audit, db
+from quorum.accountability.registry import DEMO_AGENCY
+from quorum.broker import keys
+from quorum.broker.results import fetch
+from quorum.cli.stack import settings_env
+from quorum.core.objectstore import open_store
+from quorum.evaluation.ci_split import read_split
+from quorum.review.sheet import NOTICE_SHORT
+from quorum.schemas import CandidateList
+from quorum.workers.enrolment import enrol
 from tests.htmldom import parse
-from workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ MULTI_FACE_PROBE = "Sarah_Hughes_0004.jpg"
 
 @pytest.fixture(scope="module")
 def gallery(disk_stack, member_client, data_dir):
-    from accountability.registry import DEMO_USER
+    from quorum.accountability.registry import DEMO_USER
 
     member_client(DEMO_AGENCY, DEMO_USER)  # the CLI's default agency and user
     split = read_split(data_dir / "ci")
@@ -53,7 +53,7 @@ def gallery(disk_stack, member_client, data_dir):
 
 def _quorum(s, *args, cwd=None, timeout=180):
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "quorum.cli", *args],
         env=settings_env(s),
         capture_output=True,
         text=True,
@@ -108,7 +108,7 @@ def searched(gallery, data_dir, tmp_path_factory):
 
 
 def test_sheet_in_chromium_shows_probe_candidates_ranks_and_notice(searched, tmp_path):
-    from accountability.registry import DEMO_USER
+    from quorum.accountability.registry import DEMO_USER
 
     _, _, _, sheet, result = searched
     dumped = _chromium("--dump-dom", sheet.resolve().as_uri())

@@ -18,8 +18,8 @@ from collections import Counter
 
 import pytest
 
-from core.objectstore import open_store
-from schemas import CandidateList
+from quorum.core.objectstore import open_store
+from quorum.schemas import CandidateList
 from tests.integration.conftest import own_stack
 
 pytestmark = pytest.mark.integration
@@ -50,9 +50,9 @@ def s3_outage_stack(tmp_path_factory, s3_server, data_dir):
 def test_the_store_away_for_30_s_loses_no_probe_and_stores_nothing_half_way(s3_outage_stack, s3_server):
     import redis as redis_lib
 
-    from broker import keys
-    from broker.app import queues_of
-    from core.errors import Code, ServiceError
+    from quorum.broker import keys
+    from quorum.broker.app import queues_of
+    from quorum.core.errors import Code, ServiceError
 
     s, _st, client, probes = s3_outage_stack
     submit = {"case_number": "OUT-1", "offence_code": "PC211", "purpose": "investigation"}

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from cli.stack import SUPERVISOR, Stack
-from core.config import load_settings
+from quorum.cli.stack import SUPERVISOR, Stack
+from quorum.core.config import load_settings
 from tests.integration.servers import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def small_stack(tmp_path):
 
 
 def test_killed_process_is_restarted_and_answers(small_stack: Stack) -> None:
-    from broker.app import make_app
+    from quorum.broker.app import make_app
 
     pidfile = small_stack._pidfile("fusion")
     assert small_stack._alive(small_stack._pidfile(SUPERVISOR)), "up starts the supervisor"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from broker.app import make_app
+from quorum.broker.app import make_app
 
 app = make_app(os.environ["QUORUM_REDIS_URL"])
 app.conf.include = []  # not the real stages: no models to load

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from accountability import db
+from quorum.accountability import db
 
 PG_BASE = os.environ.get("QUORUM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 

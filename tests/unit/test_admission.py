@@ -15,17 +15,17 @@ import fakeredis
 import pytest
 import redis
 
-from accountability import audit, db, registry
-from broker import keys, signing
-from broker.jobs import load_job
-from core.config import Settings
-from core.errors import Code, InputError, ServiceError
-from core.objectstore import DiskStore, put_content
-from schemas import CandidateList, ErrorResult, parse_result
-from schemas.job import Job
-from workers import admission
-from workers.admission import Admission, AdmissionContext, Refusal, admit_entry
-from workers.gateway import Gateway
+from quorum.accountability import audit, db, registry
+from quorum.broker import keys, signing
+from quorum.broker.jobs import load_job
+from quorum.core.config import Settings
+from quorum.core.errors import Code, InputError, ServiceError
+from quorum.core.objectstore import DiskStore, put_content
+from quorum.schemas import CandidateList, ErrorResult, parse_result
+from quorum.schemas.job import Job
+from quorum.workers import admission
+from quorum.workers.admission import Admission, AdmissionContext, Refusal, admit_entry
+from quorum.workers.gateway import Gateway
 
 A = "agency-a"
 B = "agency-b"
@@ -555,7 +555,7 @@ def test_parse_refuses_ambiguous_hostile_and_oversized_payloads(payload, code):
 
 
 def test_quota_use_is_a_gauge_per_agency(world):
-    from core import metrics
+    from quorum.core import metrics
 
     ctx, _, _ = world
     now = time.time()

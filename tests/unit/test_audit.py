@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from accountability import audit, db
-from accountability.audit import AuditEvent, DiskAnchors
+from quorum.accountability import audit, db
+from quorum.accountability.audit import AuditEvent, DiskAnchors
 from tests.unit.accountability_db import eng, pg_database  # noqa: F401  (fixtures)
 
 
@@ -142,7 +142,7 @@ def test_query_filters(eng):  # noqa: F811
 
 
 def test_an_unreachable_database_is_audit_unavailable():
-    from core.errors import Code, ServiceError
+    from quorum.core.errors import Code, ServiceError
 
     bad = db.get_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", migrate=False)
     with pytest.raises(ServiceError) as exc:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.batching import Batch, MicroBatcher
-from workers.detect import Detector, decode_image
-from workers.engines import get_engine
+from quorum.workers.batching import Batch, MicroBatcher
+from quorum.workers.detect import Detector, decode_image
+from quorum.workers.engines import get_engine
 
 
 class Model:

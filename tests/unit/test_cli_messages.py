@@ -11,10 +11,10 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from cli.common import redacted
-from cli.main import main
-from cli.processes import WORKER_ROLES
-from core.config import settings
+from quorum.cli.common import redacted
+from quorum.cli.main import main
+from quorum.cli.processes import WORKER_ROLES
+from quorum.core.config import settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,14 +99,19 @@ def test_help_of_every_group_lists_its_commands(path, group):
 
 def test_python_dash_m_cli_runs_the_same_command():
     out = subprocess.run(
-        [sys.executable, "-m", "cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "quorum.cli", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "search" in out.stdout and "disposition" in out.stdout
 
 
 def test_worker_roles_are_the_broker_queues():
-    from broker.app import ROLE_QUEUES
+    from quorum.broker.app import ROLE_QUEUES
 
     assert tuple(ROLE_QUEUES) == WORKER_ROLES
 
@@ -191,7 +196,7 @@ def test_passwords_are_not_printed():
 
 
 def test_refusal_codes_name_the_next_step() -> None:
-    from cli.search import NEXT_STEP, next_step
+    from quorum.cli.search import NEXT_STEP, next_step
 
     hint = next_step("UNKNOWN_AGENCY", agency="demo-agency", user="u", offence="O", purpose="P")
     assert hint is not None and "quorum registry agency add demo-agency" in hint

@@ -8,10 +8,10 @@ import time
 import fakeredis
 import pytest
 
-from broker import keys
-from broker.client import QuorumClient
-from broker.results import publish
-from schemas import ErrorResult
+from quorum.broker import keys
+from quorum.broker.client import QuorumClient
+from quorum.broker.results import publish
+from quorum.schemas import ErrorResult
 
 
 @pytest.fixture()

@@ -1,8 +1,8 @@
 import pytest
 
-from cli.stack import settings_env
-from core.config import Settings, load_settings, settings
-from core.engines import ENGINE_NAMES
+from quorum.cli.stack import settings_env
+from quorum.core.config import Settings, load_settings, settings
+from quorum.core.engines import ENGINE_NAMES
 
 
 def test_defaults_run_locally():

@@ -6,10 +6,10 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from broker import deadlines
-from broker.app import FUSION_QUEUE, TASK_FUSE
-from broker.deadlines import Timer
-from workers import serve
+from quorum.broker import deadlines
+from quorum.broker.app import FUSION_QUEUE, TASK_FUSE
+from quorum.broker.deadlines import Timer
+from quorum.workers import serve
 
 
 def _timer(rid: str, kind: str = "deadline") -> Timer:
@@ -70,9 +70,9 @@ def test_a_send_that_fails_leaves_the_timer_to_come_due_again(r, monkeypatch):
 
 
 def test_the_gateway_sets_the_intake_watchdog_before_sending_prepare(r, monkeypatch, tmp_path):
-    from core.config import Settings
-    from core.objectstore import DiskStore
-    from workers import gateway
+    from quorum.core.config import Settings
+    from quorum.core.objectstore import DiskStore
+    from quorum.workers import gateway
 
     order: list[str] = []
     monkeypatch.setattr(gateway, "send_prepare", lambda job: order.append(f"prepare:{deadlines.pending(r)}"))

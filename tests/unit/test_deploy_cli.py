@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from accountability.registry import SERVICE_ACL, render_service_acl
-from cli.deploy import REDIS_SERVICE_USERS, SECRET_FILES, read_service_hashes
-from cli.main import main
+from quorum.accountability.registry import SERVICE_ACL, render_service_acl
+from quorum.cli.deploy import REDIS_SERVICE_USERS, SECRET_FILES, read_service_hashes
+from quorum.cli.main import main
 
 
 def invoke(*args: str):
@@ -95,7 +95,7 @@ def test_service_users_reach_every_celery_queue() -> None:
     that consume it are refused by Redis in the compose deployment (BRPOP on all their queues at once)."""
     from fnmatch import fnmatchcase
 
-    from broker.app import ALL_QUEUES, shard_queue
+    from quorum.broker.app import ALL_QUEUES, shard_queue
 
     queues = [*ALL_QUEUES, shard_queue("sface", 0, 4)]
     for user in ("gateway", "worker"):

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from core.errors import Code, InputError
-from workers.detect import (
+from quorum.core.errors import Code, InputError
+from quorum.workers.detect import (
     Detector,
     Face,
     align_arcface,

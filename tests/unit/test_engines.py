@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.engines import ENGINE_NAMES as ENGINES
-from core.errors import Code, ServiceError
-from workers.detect import Detector, Face, align_arcface, decode_image
-from workers.engines import Engine, get_engine
+from quorum.core.engines import ENGINE_NAMES as ENGINES
+from quorum.core.errors import Code, ServiceError
+from quorum.workers.detect import Detector, Face, align_arcface, decode_image
+from quorum.workers.engines import Engine, get_engine
 
 LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}
 
@@ -79,7 +79,7 @@ def test_model_failure_becomes_engine_failed(samples: list[tuple[str, np.ndarray
 
 
 def test_sface_onnxruntime_matches_cv2_dnn(samples: list[tuple[str, np.ndarray, Face]]) -> None:
-    from workers.engines.sface import SFaceEngine, cv2_reference
+    from quorum.workers.engines.sface import SFaceEngine, cv2_reference
 
     eng = get_engine("sface", "cpu")
     assert isinstance(eng, SFaceEngine) and not eng.flip  # the reference has no flip-averaging
@@ -108,8 +108,8 @@ def test_arcface_batches_in_one_call_without_the_declared_batch_of_one(samples) 
 
 
 def test_every_engine_records_its_weights_checksum_and_it_matches() -> None:
-    from core.engines import ENGINES as SPECS
-    from workers.engines import file_sha256
+    from quorum.core.engines import ENGINES as SPECS
+    from quorum.workers.engines import file_sha256
 
     for name, spec in SPECS.items():
         eng = get_engine(name, "cpu")
@@ -118,9 +118,9 @@ def test_every_engine_records_its_weights_checksum_and_it_matches() -> None:
 
 
 def test_a_research_only_engine_needs_the_operators_acceptance_in_production() -> None:
-    from core.config import load_settings
-    from core.engines import engine_spec
-    from workers.engines import check_licence
+    from quorum.core.config import load_settings
+    from quorum.core.engines import engine_spec
+    from quorum.workers.engines import check_licence
 
     arc = engine_spec("arcface")
     assert arc.research_only and not engine_spec("dlib").research_only
@@ -139,7 +139,7 @@ def test_an_engine_version_names_a_detector_whose_faces_differ_from_yunets() -> 
     """Templates from SCRFD's faces must not mix with YuNet's in one gallery: the version says which
     detector made them (a switch then starts a new gallery version and invalidates the calibration).
     The fallback only adds faces YuNet missed, so YuNet's templates and versions stay."""
-    from core.config import load_settings
+    from quorum.core.config import load_settings
 
     yunet = get_engine("sface", "cpu", load_settings(env={})).version
     assert "det-" not in yunet
@@ -169,7 +169,7 @@ def ci_faces(data_dir: Path) -> list[tuple[np.ndarray, Face]]:
 
 
 def test_facenet_runs_the_converted_onnx_on_onnxruntime_and_says_so() -> None:
-    from workers.engines.facenet import FaceNetEngine
+    from quorum.workers.engines.facenet import FaceNetEngine
 
     eng = get_engine("facenet", "cpu")
     assert isinstance(eng, FaceNetEngine) and eng.runtime == "onnx"
@@ -184,7 +184,7 @@ def test_facenet_onnx_matches_cv2_dnn_on_real_faces(ci_faces: list[tuple[np.ndar
     """The equality check of the conversion: every one of 24 real faces, cosine >= 0.9999 between the
     converted ONNX on onnxruntime and the original TF graph on cv2.dnn (same crops, no flip), and the
     full engines (flip-averaged) agree as well, so both runtimes share one engine version."""
-    from workers.engines.facenet import FaceNetEngine
+    from quorum.workers.engines.facenet import FaceNetEngine
 
     onnx_eng = get_engine("facenet", "cpu")
     cv2_eng = FaceNetEngine("cpu", runtime="cv2")
@@ -199,7 +199,7 @@ def test_facenet_onnx_matches_cv2_dnn_on_real_faces(ci_faces: list[tuple[np.ndar
 
 
 def test_facenet_onnx_batch_equals_one_at_a_time(ci_faces: list[tuple[np.ndarray, Face]]) -> None:
-    from workers.engines import ort_run
+    from quorum.workers.engines import ort_run
 
     eng = get_engine("facenet", "cpu")
     crops = [eng._crop(img, face) for img, face in ci_faces[:16]]  # type: ignore[attr-defined]
@@ -207,7 +207,7 @@ def test_facenet_onnx_batch_equals_one_at_a_time(ci_faces: list[tuple[np.ndarray
     one_by_one = np.concatenate([eng._forward([c]) for c in crops])  # type: ignore[attr-defined]
     np.testing.assert_allclose(batch, one_by_one, rtol=1e-4, atol=1e-5)
     # the IO-binding path (taken on CUDA) gives the same, exercised here with the output bound on the CPU
-    from workers.engines.facenet import prewhiten
+    from quorum.workers.engines.facenet import prewhiten
 
     blob = np.ascontiguousarray(prewhiten(np.stack(crops[:4])).transpose(0, 3, 1, 2), dtype=np.float32)
     bound = ort_run(eng._session, eng._input, blob, bind="cpu")  # type: ignore[attr-defined]
@@ -215,7 +215,7 @@ def test_facenet_onnx_batch_equals_one_at_a_time(ci_faces: list[tuple[np.ndarray
 
 
 def test_facenet_conversion_is_cached_by_the_graphs_sha256(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.engines import facenet, file_sha256, tf_to_onnx
+    from quorum.workers.engines import facenet, file_sha256, tf_to_onnx
 
     eng = get_engine("facenet", "cpu")
     path = Path(eng.onnx_file)  # type: ignore[attr-defined]
@@ -230,7 +230,7 @@ def test_facenet_conversion_is_cached_by_the_graphs_sha256(monkeypatch: pytest.M
 
 
 def test_facenet_runtime_setting() -> None:
-    from core.config import load_settings
+    from quorum.core.config import load_settings
 
     assert load_settings(env={}).facenet_runtime == "onnx"
     assert load_settings(env={"QUORUM_FACENET_RUNTIME": "cv2"}).facenet_runtime == "cv2"
@@ -243,7 +243,7 @@ def test_quorum_models_convert_facenet(tmp_path: Path) -> None:
     cached conversion alone."""
     from click.testing import CliRunner
 
-    from cli.main import main
+    from quorum.cli.main import main
 
     eng = get_engine("facenet", "cpu")
     res = CliRunner().invoke(main, ["models", "convert-facenet"])
@@ -257,7 +257,7 @@ def test_quorum_models_convert_facenet(tmp_path: Path) -> None:
 def test_facenet_converts_in_memory_when_the_models_dir_cannot_be_written(
     tmp_path: Path, ci_faces: list[tuple[np.ndarray, Face]]
 ) -> None:
-    from workers.engines.facenet import FaceNetEngine
+    from quorum.workers.engines.facenet import FaceNetEngine
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the models folder should be")

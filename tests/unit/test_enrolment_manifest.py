@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import Code, InputError
-from workers.enrolment import EnrolItem, enrol_job_id, manifest_items
+from quorum.core.errors import Code, InputError
+from quorum.workers.enrolment import EnrolItem, enrol_job_id, manifest_items
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.cache import OK, EmbeddingCache, file_key
-from evaluation.demographics import demographics, group_of, rates_by_group, read_group_labels
-from evaluation.metrics import cmc, det_curve, fnir_at, fnir_at_fpir, fpir_at
-from evaluation.protocol import Image, SplitProtocol, make_protocol
-from evaluation.runs import EngineRun, Run, engine_outcome
+from quorum.evaluation.cache import OK, EmbeddingCache, file_key
+from quorum.evaluation.demographics import demographics, group_of, rates_by_group, read_group_labels
+from quorum.evaluation.metrics import cmc, det_curve, fnir_at, fnir_at_fpir, fpir_at
+from quorum.evaluation.protocol import Image, SplitProtocol, make_protocol
+from quorum.evaluation.runs import EngineRun, Run, engine_outcome
 
 # A hand-made 1:N experiment: 4 enrolled subjects (columns), 6 mated probes and 5 non-mated probes
 # (rows), every probe scored against every subject. mates[i] is the column of mated probe i.

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from workers.fusion import Ranked, fuse, robust_z
+from quorum.workers.fusion import Ranked, fuse, robust_z
 
 
 def _ranked(pairs):
@@ -66,7 +66,7 @@ import json  # noqa: E402
 
 from structlog.testing import capture_logs  # noqa: E402
 
-from workers.fusion import (  # noqa: E402
+from quorum.workers.fusion import (  # noqa: E402
     Calibration,
     EngineCalibration,
     FitProbe,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from workers.fusion import (
+from quorum.workers.fusion import (
     FEATURES_Q,
     QUALITY,
     Calibration,
@@ -187,9 +187,9 @@ def test_production_assemble_passes_the_job_faces_quality_to_logit_q():
     """workers.stages.assemble fuses with the quality of the face intake chose (box and detector score)."""
     from dataclasses import replace
 
-    from schemas import EngineCandidate, EngineResult
+    from quorum.schemas import EngineCandidate, EngineResult
+    from quorum.workers import stages
     from tests.unit.test_stages import FACE, World
-    from workers import stages
 
     probes, scores = _quality_synthetic(0, probes=120)
     # engine names of the stage tests' world

@@ -4,8 +4,8 @@ index test), again after save/load and after removals; subject collapsing; idemp
 import numpy as np
 import pytest
 
-from core.config import Settings
-from workers.gallery import GalleryIndex
+from quorum.core.config import Settings
+from quorum.workers.gallery import GalleryIndex
 
 DIM = 64
 # The parameters Quorum ships with (random vectors on a 64-d sphere are a harder case than face

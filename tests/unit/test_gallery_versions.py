@@ -16,11 +16,11 @@ import fakeredis
 import numpy as np
 import pytest
 
-from broker import keys
-from core.objectstore import DiskStore
-from workers.enrolment import run_batches
-from workers.gallery import GalleryReplica, enrolled_member, log_add_entries, log_remove, snapshot_prefix
-from workers.shards import shard_of
+from quorum.broker import keys
+from quorum.core.objectstore import DiskStore
+from quorum.workers.enrolment import run_batches
+from quorum.workers.gallery import GalleryReplica, enrolled_member, log_add_entries, log_remove, snapshot_prefix
+from quorum.workers.shards import shard_of
 
 DIM = 32
 A, B = "eng-2021/align-x/flip0", "eng-2021/align-x/flip0+upgrade"
@@ -195,7 +195,7 @@ def test_the_batch_loop_resumes_after_an_interruption_without_sending_anything_t
 
 
 def test_a_gallery_written_before_versions_moves_to_its_versions_names_once(r, store):
-    from workers.gallery import migrate_unversioned
+    from quorum.workers.gallery import migrate_unversioned
 
     subjects = [f"p{i}" for i in range(30)]
     _record(r, *subjects)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import stat
 
-from accountability.registry import DEFAULT_USER_OFF, SERVICE_ACL, render_service_acl
-from cli.stack import settings_env
-from core import local_redis
-from core.config import load_settings
+from quorum.accountability.registry import DEFAULT_USER_OFF, SERVICE_ACL, render_service_acl
+from quorum.cli.stack import settings_env
+from quorum.core import local_redis
+from quorum.core.config import load_settings
 
 
 def test_urls_with_and_without_credentials():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from core.errors import Code, InputError
-from core.objectstore import DiskStore, content_key, put_content
+from quorum.core.errors import Code, InputError
+from quorum.core.objectstore import DiskStore, content_key, put_content
 
 
 def test_content_addressed_put_get_list_delete(tmp_path):

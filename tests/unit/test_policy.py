@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from accountability.policy import Agency, RegistrySnapshot, User, case_number_problem, check
-from core.errors import Code
+from quorum.accountability.policy import Agency, RegistrySnapshot, User, case_number_problem, check
+from quorum.core.errors import Code
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 SNAP = RegistrySnapshot(

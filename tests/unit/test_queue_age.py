@@ -6,7 +6,7 @@ import json
 
 from celery.signals import before_task_publish
 
-from broker.app import SENT_AT_HEADER, oldest_message_age
+from quorum.broker.app import SENT_AT_HEADER, oldest_message_age
 
 
 def test_every_published_message_is_stamped_with_its_send_time() -> None:

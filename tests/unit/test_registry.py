@@ -6,10 +6,10 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from accountability import audit, db, dispositions, registry, report, retention
-from accountability.audit import AuditEvent
-from core.errors import Code, InputError
-from core.objectstore import DiskStore, put_content
+from quorum.accountability import audit, db, dispositions, registry, report, retention
+from quorum.accountability.audit import AuditEvent
+from quorum.core.errors import Code, InputError
+from quorum.core.objectstore import DiskStore, put_content
 from tests.unit.accountability_db import eng, pg_database  # noqa: F401  (fixtures)
 
 FAR = date(2099, 1, 1)
@@ -249,8 +249,8 @@ def _stored_secret(eng, agency: str) -> str:  # noqa: F811
 
 
 def test_secrets_are_sealed_in_the_database_and_rotate(eng, tmp_path, monkeypatch):  # noqa: F811
-    from accountability import sealing
-    from core.config import load_settings
+    from quorum.accountability import sealing
+    from quorum.core.config import load_settings
 
     keyfile = tmp_path / "keys" / "secrets.key"
     monkeypatch.setattr(sealing, "settings", lambda: load_settings(env={}, secrets_key_file=str(keyfile)))
@@ -280,8 +280,8 @@ def test_secrets_are_sealed_in_the_database_and_rotate(eng, tmp_path, monkeypatc
 def test_a_secret_from_before_sealing_is_read_and_sealed_by_reseal(eng, tmp_path, monkeypatch):  # noqa: F811
     from sqlalchemy import update
 
-    from accountability import sealing
-    from core.config import load_settings
+    from quorum.accountability import sealing
+    from quorum.core.config import load_settings
 
     monkeypatch.setattr(
         sealing, "settings", lambda: load_settings(env={}, secrets_key_file=str(tmp_path / "secrets.key"))
@@ -296,9 +296,9 @@ def test_a_secret_from_before_sealing_is_read_and_sealed_by_reseal(eng, tmp_path
 
 
 def test_a_gateway_that_cannot_open_secrets_fails_instead_of_calling_agencies_unknown(eng, tmp_path, monkeypatch):  # noqa: F811
-    from accountability import sealing
-    from core.config import load_settings
-    from core.errors import ServiceError
+    from quorum.accountability import sealing
+    from quorum.core.config import load_settings
+    from quorum.core.errors import ServiceError
 
     keyfile = tmp_path / "secrets.key"
     monkeypatch.setattr(sealing, "settings", lambda: load_settings(env={}, secrets_key_file=str(keyfile)))

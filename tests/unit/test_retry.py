@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import Code, InputError, ServiceError
-from core.retry import call_with_retries
+from quorum.core.errors import Code, InputError, ServiceError
+from quorum.core.retry import call_with_retries
 
 
 def test_retryable_error_retried_until_success() -> None:

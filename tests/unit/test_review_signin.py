@@ -5,9 +5,9 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from accountability import audit, registry
-from core.errors import Code, InputError
-from review import signin
+from quorum.accountability import audit, registry
+from quorum.core.errors import Code, InputError
+from quorum.review import signin
 from tests.unit.accountability_db import eng, pg_database  # noqa: F401  (fixtures)
 
 

@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from schemas import (
+from quorum.schemas import (
     INVESTIGATIVE_LEAD_NOTICE,
     CandidateList,
     EngineHit,
@@ -20,7 +20,7 @@ from schemas import (
     ProbeRequest,
     parse_result,
 )
-from schemas.export import SCHEMA_DIR, generated, render
+from quorum.schemas.export import SCHEMA_DIR, generated, render
 
 
 def _probe(**kw):
@@ -106,8 +106,8 @@ def test_results_round_trip_by_type():
 def test_json_schema_files_are_current():
     for name, schema in generated().items():
         path = SCHEMA_DIR / name
-        assert path.exists(), f"{path} missing: run python -m schemas.export"
-        assert path.read_text() == render(schema), f"{path} is stale: run python -m schemas.export"
+        assert path.exists(), f"{path} missing: run python -m quorum.schemas.export"
+        assert path.read_text() == render(schema), f"{path} is stale: run python -m quorum.schemas.export"
 
 
 def test_json_schema_files_validate_messages_without_python_models():

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.detect import Detector, Face, FallbackDetector, align_arcface, decode_image, make_detector
-from workers.scrfd import ScrfdDetector, anchor_centres, nms
+from quorum.workers.detect import Detector, Face, FallbackDetector, align_arcface, decode_image, make_detector
+from quorum.workers.scrfd import ScrfdDetector, anchor_centres, nms
 
 LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}
 
@@ -124,9 +124,9 @@ def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
 
 
 def test_checksum_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from core.errors import Code, ServiceError
+    from quorum.core.errors import Code, ServiceError
 
-    monkeypatch.setattr("workers.scrfd.SHA256", "0" * 64)
+    monkeypatch.setattr("quorum.workers.scrfd.SHA256", "0" * 64)
     with pytest.raises(ServiceError) as ei:
         ScrfdDetector()
     assert ei.value.code == Code.ENGINE_FAILED and "checksum" in str(ei.value)
@@ -161,8 +161,8 @@ def test_make_detector_kinds() -> None:
 
 
 def test_cache_detector_id_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from core.config import settings
-    from evaluation.cache import detector_id
+    from quorum.core.config import settings
+    from quorum.evaluation.cache import detector_id
 
     ids = {}
     for kind in ("yunet", "scrfd", "yunet+scrfd"):

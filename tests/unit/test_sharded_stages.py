@@ -11,17 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker import keys, liveness
-from broker.app import TASK_FUSE, TASK_SHARD_SEARCH, shard_queue
-from broker.jobs import load_job
-from core.errors import Code
-from schemas import CandidateList, EngineResult
-from schemas.job import Job
+from quorum.broker import keys, liveness
+from quorum.broker.app import TASK_FUSE, TASK_SHARD_SEARCH, shard_queue
+from quorum.broker.jobs import load_job
+from quorum.core.errors import Code
+from quorum.schemas import CandidateList, EngineResult
+from quorum.schemas.job import Job
+from quorum.workers import stages
+from quorum.workers.gallery import GalleryIndex
+from quorum.workers.shards import shard_of
+from quorum.workers.stages import StageContext
 from tests.unit.test_stages import DIM, StandInEngine, StandInReplica, World, _unit
-from workers import stages
-from workers.gallery import GalleryIndex
-from workers.shards import shard_of
-from workers.stages import StageContext
 
 SHARDS = 3
 ENGINES = ("sface", "e2")  # sface is sharded in 3; e2 is not

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from workers.gallery import GalleryIndex
-from workers.shards import merge, shard_of
+from quorum.workers.gallery import GalleryIndex
+from quorum.workers.shards import merge, shard_of
 
 
 def test_shard_of_is_stable_and_even():

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import numpy as np
 from PIL import Image
 
-from review import bands as bands_mod
-from review.images import probe_uri, thumbnail_uri
-from review.render import render
-from review.sheet import NOTICE_SHORT, SECTION_SIZE, agreement, build
-from schemas import CandidateList, FaceInfo, FusedCandidate
+from quorum.review import bands as bands_mod
+from quorum.review.images import probe_uri, thumbnail_uri
+from quorum.review.render import render
+from quorum.review.sheet import NOTICE_SHORT, SECTION_SIZE, agreement, build
+from quorum.schemas import CandidateList, FaceInfo, FusedCandidate
 from tests.htmldom import parse
 
 ENGINES = ["dlib", "facenet", "sface"]
@@ -169,7 +169,7 @@ def test_bands_file_is_what_the_report_and_calibration_give():
         json.loads(bands_mod.DEFAULT_CALIBRATION.read_text()),
         report_name="bench/results/lfw-dev/report.json",
     )
-    assert doc == json.loads(bands_mod.BANDS_FILE.read_text())  # python -m review.bands rewrites it
+    assert doc == json.loads(bands_mod.BANDS_FILE.read_text())  # python -m quorum.review.bands rewrites it
 
 
 def test_a_removed_subject_shows_as_removed_and_nowhere_by_name():
@@ -240,7 +240,7 @@ def test_agreement_rules():
 
 
 def test_the_newest_booking_photo_comes_first():
-    from review.sheet import newest_booking_first
+    from quorum.review.sheet import newest_booking_first
 
     rec = {
         "images": ["gallery/a", "gallery/b", "gallery/c", "gallery/d"],
@@ -251,7 +251,7 @@ def test_the_newest_booking_photo_comes_first():
 
 
 def test_a_candidates_booking_date_and_number_show_under_the_photo():
-    from review.sheet import booking_label
+    from quorum.review.sheet import booking_label
 
     rec = {
         "images": ["gallery/a", "gallery/b"],

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.significance import (
+from quorum.evaluation.significance import (
     Paired,
     discordant,
     fnir_at_fpir_replicate,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import signing
-from core.errors import Code, InputError
+from quorum.broker import signing
+from quorum.core.errors import Code, InputError
 
 SECRET = "s3cret-for-tests"
 IMAGE = b"\xff\xd8\xff\xe0 not really a jpeg"

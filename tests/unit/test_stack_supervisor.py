@@ -8,8 +8,8 @@ import subprocess
 import threading
 import time
 
-from cli.stack import Stack, write_pidfile
-from core.config import load_settings
+from quorum.cli.stack import Stack, write_pidfile
+from quorum.core.config import load_settings
 
 
 def _stack(tmp_path, monkeypatch):

@@ -15,19 +15,27 @@ import fakeredis
 import numpy as np
 import pytest
 
-from broker import keys, liveness
-from broker.app import FUSION_QUEUE, INTAKE_QUEUE, TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, engine_queue
-from broker.jobs import load_job, save_job
-from broker.results import fetch
-from core import metrics
-from core.config import Settings
-from core.errors import Code, ServiceError
-from schemas import CandidateList, EngineResult, ErrorResult
-from schemas.job import Job
-from workers import hooks, stages
-from workers.detect import Face
-from workers.gallery import GalleryIndex
-from workers.stages import StageContext
+from quorum.broker import keys, liveness
+from quorum.broker.app import (
+    FUSION_QUEUE,
+    INTAKE_QUEUE,
+    TASK_ENROLL,
+    TASK_FUSE,
+    TASK_PREPARE,
+    TASK_SEARCH,
+    engine_queue,
+)
+from quorum.broker.jobs import load_job, save_job
+from quorum.broker.results import fetch
+from quorum.core import metrics
+from quorum.core.config import Settings
+from quorum.core.errors import Code, ServiceError
+from quorum.schemas import CandidateList, EngineResult, ErrorResult
+from quorum.schemas.job import Job
+from quorum.workers import hooks, stages
+from quorum.workers.detect import Face
+from quorum.workers.gallery import GalleryIndex
+from quorum.workers.stages import StageContext
 
 DIM = 8
 ENGINES = ("e1", "e2")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.protocol import Image, SplitProtocol
-from evaluation.runs import EngineRun, Run
-from evaluation.significance import mcnemar_exact
-from evaluation.subsets import engine_sets, format_table, subset_rows
+from quorum.evaluation.protocol import Image, SplitProtocol
+from quorum.evaluation.runs import EngineRun, Run
+from quorum.evaluation.significance import mcnemar_exact
+from quorum.evaluation.subsets import engine_sets, format_table, subset_rows
 
 
 def test_engine_sets_singles_triples_and_all():

@@ -11,14 +11,14 @@ import threading
 import fakeredis
 import pytest
 
-from broker import keys
-from broker.app import TASK_FUSE, TASK_SEARCH, TASK_SHARD_SEARCH, TASK_SNAPSHOT
-from core.config import load_settings
-from core.errors import Code
-from schemas import CandidateList
+from quorum.broker import keys
+from quorum.broker.app import TASK_FUSE, TASK_SEARCH, TASK_SHARD_SEARCH, TASK_SNAPSHOT
+from quorum.core.config import load_settings
+from quorum.core.errors import Code
+from quorum.schemas import CandidateList
+from quorum.workers import stages, watchdog
 from tests.unit.test_sharded_stages import ShardedWorld
 from tests.unit.test_stages import World
-from workers import stages, watchdog
 
 
 class Clock:

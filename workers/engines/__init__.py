@@ -22,10 +22,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import structlog
 
-from core.config import Settings, settings
-from core.engines import EngineSpec, engine_spec
-from core.errors import Code, QuorumError, ServiceError
-from workers.detect import Face
+from ...core.config import Settings, settings
+from ...core.engines import EngineSpec, engine_spec
+from ...core.errors import Code, QuorumError, ServiceError
+from ..detect import Face
 
 log = structlog.get_logger()
 

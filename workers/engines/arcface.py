@@ -20,8 +20,8 @@ import threading
 import numpy as np
 import onnx
 
-from workers.detect import Face, align_arcface
-from workers.engines import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
+from ..detect import Face, align_arcface
+from . import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
 
 MODEL_FILE = "w600k_mbf.onnx"
 

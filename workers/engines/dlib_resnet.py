@@ -15,8 +15,8 @@ import threading
 import dlib
 import numpy as np
 
-from workers.detect import Face
-from workers.engines import BaseEngine, package_dir, package_version
+from ..detect import Face
+from . import BaseEngine, package_dir, package_version
 
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"

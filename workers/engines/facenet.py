@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 import structlog
 
-from workers.detect import Face, umeyama, warp
-from workers.engines import (
+from ..detect import Face, umeyama, warp
+from . import (
     BaseEngine,
     file_sha256,
     ort_provider,
@@ -63,7 +63,7 @@ def pb_path() -> str:
 
 def models_dir() -> Path:
     """Where converted models are cached: ``QUORUM_MODELS_DIR``, else ``<QUORUM_HOME>/models``."""
-    from core.config import settings
+    from ...core.config import settings
 
     s = settings()
     return Path(s.models_dir) if s.models_dir else Path(s.home) / "models"
@@ -71,7 +71,7 @@ def models_dir() -> Path:
 
 def onnx_cache_name(pb: str) -> str:
     """The cached conversion's file name: the graph's SHA-256 and the converter's version."""
-    from workers.engines.tf_to_onnx import CONVERTER_VERSION
+    from .tf_to_onnx import CONVERTER_VERSION
 
     return f"facenet-{file_sha256(pb)}-c{CONVERTER_VERSION}.onnx"
 
@@ -79,7 +79,7 @@ def onnx_cache_name(pb: str) -> str:
 def onnx_model(pb: str, cache_dir: Path | None = None) -> Path:
     """The ONNX conversion of ``pb``, converted now unless cached already (keyed by the .pb's SHA-256
     and the converter's version; written atomically, so concurrent first loads are harmless)."""
-    from workers.engines.tf_to_onnx import convert_file
+    from .tf_to_onnx import convert_file
 
     out = (cache_dir or models_dir()) / onnx_cache_name(pb)
     if not out.exists():
@@ -132,7 +132,7 @@ class FaceNetEngine(BaseEngine):
         runtime: str | None = None,
         cache_dir: Path | None = None,
     ) -> None:
-        from core.config import settings
+        from ...core.config import settings
 
         self.align = align  # "mtcnn-sim" | "mtcnn-sim-square" | "box"
         self.flip = flip
@@ -158,7 +158,7 @@ class FaceNetEngine(BaseEngine):
             try:
                 model = self.onnx_file = str(onnx_model(self.weights_file, cache_dir))
             except OSError as exc:  # a read-only or full models dir: convert in memory, every load
-                from workers.engines.tf_to_onnx import convert_graphdef
+                from .tf_to_onnx import convert_graphdef
 
                 log.warning("facenet.onnx_cache_unwritable", models_dir=str(cache_dir or models_dir()), error=str(exc))
                 model, self.onnx_file = (

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from workers.detect import Face, align_arcface
-from workers.engines import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
+from ..detect import Face, align_arcface
+from . import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
 
 MODEL_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 

