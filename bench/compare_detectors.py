@@ -72,7 +72,8 @@ def seed_fallback(cache: EmbeddingCache, engine: str, keys: list[str]) -> int:
 
 def time_detectors(paths: list[Path], kinds: tuple[str, ...], repeats: int) -> dict[str, dict]:
     from quorum.core.config import settings
-    from quorum.workers.detect import decode_image, make_detector
+    from quorum.workers.detect import make_detector
+    from quorum.workers.images import decode_image
 
     s = settings()
     images = [decode_image(p.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels) for p in paths]

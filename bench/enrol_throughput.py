@@ -47,8 +47,9 @@ def _images(data: Path, n: int) -> list[tuple[str, Path]]:
 
 
 def raw(engine_name: str, items: list[tuple[str, Path]], batch: int = 16) -> float:
-    from quorum.workers.detect import Detector, choose_face, decode_image
+    from quorum.workers.detect import Detector, choose_face
     from quorum.workers.engines import get_engine
+    from quorum.workers.images import decode_image
 
     det = Detector()
     eng = get_engine(engine_name, device="cpu")

@@ -26,10 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quorum.workers.detect import Detector, decode_image
-from quorum.workers.engines import ort_session
+from quorum.workers.conversion.tf_to_onnx import convert_graphdef
+from quorum.workers.detect import Detector
 from quorum.workers.engines.facenet import FaceNetEngine, pb_path
-from quorum.workers.engines.tf_to_onnx import convert_graphdef
+from quorum.workers.images import decode_image
+from quorum.workers.ort import ort_session
 
 
 def default_data() -> Path:

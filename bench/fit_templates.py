@@ -45,8 +45,9 @@ def _faces(data: Path) -> list[tuple[str, Path]]:
 
 
 def embed_all(engines: list[str], items: list[tuple[str, Path]]) -> tuple[list[str], dict[str, np.ndarray]]:
-    from quorum.workers.detect import Detector, choose_face, decode_image
+    from quorum.workers.detect import Detector, choose_face
     from quorum.workers.engines import get_engine
+    from quorum.workers.images import decode_image
 
     det = Detector()
     faced, who = [], []

@@ -22,8 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quorum.workers.detect import Detector, Face, decode_image
+from quorum.workers.detect import Detector
 from quorum.workers.engines import l2_normalise
+from quorum.workers.faces import Face
+from quorum.workers.images import decode_image
 
 VARIANTS: dict[str, list[tuple[str, dict]]] = {
     "sface": [("rgb", {"rgb": True}), ("bgr", {"rgb": False})],

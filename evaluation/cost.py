@@ -34,8 +34,9 @@ def embed_ms_per_face(
     """Engine -> {"ms_per_face" (CPU), "wall_ms_per_face", the passes, "faces", "batch"} on the first ``n`` images of
     ``paths`` whose face is in the cache (call after the cache is filled)."""
     from ..core.config import settings
-    from ..workers.detect import Face, decode_image
     from ..workers.engines import get_engine
+    from ..workers.faces import Face
+    from ..workers.images import decode_image
 
     s = settings()
     cache = EmbeddingCache(cache_dir)

@@ -31,8 +31,10 @@ def fill_cache(
 
     from ..core.config import settings
     from ..core.errors import QuorumError
-    from ..workers.detect import Face, choose_face, decode_image, make_detector
+    from ..workers.detect import choose_face, make_detector
     from ..workers.engines import get_engine
+    from ..workers.faces import Face
+    from ..workers.images import decode_image
 
     if threads:
         cv2.setNumThreads(threads)

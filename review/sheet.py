@@ -406,7 +406,7 @@ def _detector(kind: str = "yunet") -> Any:
 def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[int, int] | None, list, str]:
     """The probe as a data URI, its size, every face box (largest first) and a note when it is missing."""
     from ..core.errors import Code, QuorumError
-    from ..workers.detect import decode_image
+    from ..workers.images import decode_image
     from .images import probe_uri
 
     try:

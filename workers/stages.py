@@ -56,7 +56,8 @@ from ..schemas import CandidateList, EngineCandidate, EngineResult, ErrorResult,
 from ..schemas.job import Job, SearchedFace
 from ..schemas.messages import MAX_CANDIDATES
 from . import fusion, watchdog
-from .detect import Face, choose_face
+from .detect import choose_face
+from .faces import Face
 from .gallery import Hit
 from .shards import merge
 

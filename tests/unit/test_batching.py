@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from quorum.workers.batching import Batch, MicroBatcher
-from quorum.workers.detect import Detector, decode_image
+from quorum.workers.detect import Detector
 from quorum.workers.engines import get_engine
+from quorum.workers.images import decode_image
 
 
 class Model:

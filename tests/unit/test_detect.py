@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 
 from quorum.core.errors import Code, InputError
-from quorum.workers.detect import (
-    Detector,
-    Face,
-    align_arcface,
-    arcface_template,
-    arcface_transform,
-    choose_face,
-    decode_image,
-)
+from quorum.workers.detect import Detector, choose_face
+from quorum.workers.faces import Face, align_arcface, arcface_template, arcface_transform
+from quorum.workers.images import decode_image
 
 LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}
 

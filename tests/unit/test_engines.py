@@ -10,8 +10,10 @@ import pytest
 
 from quorum.core.engines import ENGINE_NAMES as ENGINES
 from quorum.core.errors import Code, ServiceError
-from quorum.workers.detect import Detector, Face, align_arcface, decode_image
+from quorum.workers.detect import Detector
 from quorum.workers.engines import Engine, get_engine
+from quorum.workers.faces import Face, align_arcface
+from quorum.workers.images import decode_image
 
 LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}
 
@@ -109,7 +111,7 @@ def test_arcface_batches_in_one_call_without_the_declared_batch_of_one(samples) 
 
 def test_every_engine_records_its_weights_checksum_and_it_matches() -> None:
     from quorum.core.engines import ENGINES as SPECS
-    from quorum.workers.engines import file_sha256
+    from quorum.workers.ort import file_sha256
 
     for name, spec in SPECS.items():
         eng = get_engine(name, "cpu")
@@ -199,7 +201,7 @@ def test_facenet_onnx_matches_cv2_dnn_on_real_faces(ci_faces: list[tuple[np.ndar
 
 
 def test_facenet_onnx_batch_equals_one_at_a_time(ci_faces: list[tuple[np.ndarray, Face]]) -> None:
-    from quorum.workers.engines import ort_run
+    from quorum.workers.ort import ort_run
 
     eng = get_engine("facenet", "cpu")
     crops = [eng._crop(img, face) for img, face in ci_faces[:16]]  # type: ignore[attr-defined]
@@ -215,7 +217,9 @@ def test_facenet_onnx_batch_equals_one_at_a_time(ci_faces: list[tuple[np.ndarray
 
 
 def test_facenet_conversion_is_cached_by_the_graphs_sha256(monkeypatch: pytest.MonkeyPatch) -> None:
-    from quorum.workers.engines import facenet, file_sha256, tf_to_onnx
+    from quorum.workers.conversion import tf_to_onnx
+    from quorum.workers.engines import facenet
+    from quorum.workers.ort import file_sha256
 
     eng = get_engine("facenet", "cpu")
     path = Path(eng.onnx_file)  # type: ignore[attr-defined]

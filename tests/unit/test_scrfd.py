@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quorum.workers.detect import Detector, Face, FallbackDetector, align_arcface, decode_image, make_detector
+from quorum.workers.detect import Detector, FallbackDetector, make_detector
+from quorum.workers.faces import Face, align_arcface
+from quorum.workers.images import decode_image
 from quorum.workers.scrfd import ScrfdDetector, anchor_centres, nms
 
 LIMITS = {"max_bytes": 15 * 1024 * 1024, "max_pixels": 40_000_000}

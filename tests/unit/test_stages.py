@@ -33,7 +33,7 @@ from quorum.core.errors import Code, ServiceError
 from quorum.schemas import CandidateList, EngineResult, ErrorResult
 from quorum.schemas.job import Job
 from quorum.workers import hooks, stages
-from quorum.workers.detect import Face
+from quorum.workers.faces import Face
 from quorum.workers.gallery import GalleryIndex
 from quorum.workers.stages import StageContext
 

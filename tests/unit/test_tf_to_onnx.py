@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from quorum.workers.engines.tf_graphdef import GraphDefError, parse_graphdef, parse_tensor
-from quorum.workers.engines.tf_to_onnx import ConversionError, convert_graphdef
+from quorum.workers.conversion.tf_graphdef import GraphDefError, parse_graphdef, parse_tensor
+from quorum.workers.conversion.tf_to_onnx import ConversionError, convert_graphdef
 
 
 # -- a minimal protobuf writer (the inverse of the reader under test) ------------------------------

@@ -20,8 +20,9 @@ import threading
 import numpy as np
 import onnx
 
-from ..detect import Face, align_arcface
-from . import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
+from ..faces import Face, align_arcface
+from ..ort import ort_provider, ort_run, ort_session, providers_for
+from . import BaseEngine, package_dir, package_version
 
 MODEL_FILE = "w600k_mbf.onnx"
 

@@ -15,7 +15,7 @@ import threading
 import dlib
 import numpy as np
 
-from ..detect import Face
+from ..faces import Face
 from . import BaseEngine, package_dir, package_version
 
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"

@@ -1,7 +1,7 @@
 """FaceNet Inception-ResNet-v1 (512-d, trained on CASIA-WebFace) through onnxruntime (or cv2.dnn).
 
 Runtime (``QUORUM_FACENET_RUNTIME``): ``onnx`` (the default) converts the shipped frozen TF graph to
-ONNX on first load (``workers/engines/tf_to_onnx.py``, no TensorFlow involved, about 2 s), caches it
+ONNX on first load (``workers/conversion/tf_to_onnx.py``, no TensorFlow involved, about 2 s), caches it
 under ``QUORUM_MODELS_DIR`` (default ``<QUORUM_HOME>/models``) keyed by the .pb's SHA-256 and the
 converter's version, and runs it on onnxruntime: the CUDA provider with IO binding where a GPU is
 present (``QUORUM_DEVICE``), else CPU, and a batch of faces in one call (the converted graph has a
@@ -31,17 +31,9 @@ import cv2
 import numpy as np
 import structlog
 
-from ..detect import Face, umeyama, warp
-from . import (
-    BaseEngine,
-    file_sha256,
-    ort_provider,
-    ort_run,
-    ort_session,
-    package_dir,
-    package_version,
-    providers_for,
-)
+from ..faces import Face, umeyama, warp
+from ..ort import file_sha256, ort_provider, ort_run, ort_session, providers_for
+from . import BaseEngine, package_dir, package_version
 
 log = structlog.get_logger()
 
@@ -71,7 +63,7 @@ def models_dir() -> Path:
 
 def onnx_cache_name(pb: str) -> str:
     """The cached conversion's file name: the graph's SHA-256 and the converter's version."""
-    from .tf_to_onnx import CONVERTER_VERSION
+    from ..conversion.tf_to_onnx import CONVERTER_VERSION
 
     return f"facenet-{file_sha256(pb)}-c{CONVERTER_VERSION}.onnx"
 
@@ -79,7 +71,7 @@ def onnx_cache_name(pb: str) -> str:
 def onnx_model(pb: str, cache_dir: Path | None = None) -> Path:
     """The ONNX conversion of ``pb``, converted now unless cached already (keyed by the .pb's SHA-256
     and the converter's version; written atomically, so concurrent first loads are harmless)."""
-    from .tf_to_onnx import convert_file
+    from ..conversion.tf_to_onnx import convert_file
 
     out = (cache_dir or models_dir()) / onnx_cache_name(pb)
     if not out.exists():
@@ -158,7 +150,7 @@ class FaceNetEngine(BaseEngine):
             try:
                 model = self.onnx_file = str(onnx_model(self.weights_file, cache_dir))
             except OSError as exc:  # a read-only or full models dir: convert in memory, every load
-                from .tf_to_onnx import convert_graphdef
+                from ..conversion.tf_to_onnx import convert_graphdef
 
                 log.warning("facenet.onnx_cache_unwritable", models_dir=str(cache_dir or models_dir()), error=str(exc))
                 model, self.onnx_file = (
@@ -170,7 +162,7 @@ class FaceNetEngine(BaseEngine):
             self._input = self._session.get_inputs()[0].name
             self.provider = ort_provider(self._session)
             self.provenance = (
-                prov + f"converted to ONNX by workers/engines/tf_to_onnx.py, run by onnxruntime=={ort.__version__}"
+                prov + f"converted to ONNX by workers/conversion/tf_to_onnx.py, run by onnxruntime=={ort.__version__}"
             )
         else:
             raise ValueError(f"unknown FaceNet runtime {self.runtime!r}; use onnx or cv2")

