@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from quorum.core.config import Settings
-from quorum.workers.gallery import GalleryIndex
+from quorum.workers.index import GalleryIndex
 from quorum.workers.shards import merge, shard_of
 
 FITTED = Path(__file__).parent / "results" / "fitted-templates.npz"

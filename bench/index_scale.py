@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from quorum.core.config import Settings
-from quorum.workers.gallery import GalleryIndex
+from quorum.workers.index import GalleryIndex
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator, spread: float = 0.35) -> np.ndarray:

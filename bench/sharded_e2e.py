@@ -45,7 +45,8 @@ from quorum.evaluation.ci_split import read_split
 from quorum.schemas import CandidateList, EngineResult
 from quorum.schemas.job import Job
 from quorum.workers.enrolment import enrol
-from quorum.workers.gallery import GalleryIndex, GalleryReplica
+from quorum.workers.index import GalleryIndex
+from quorum.workers.replica import GalleryReplica
 from quorum.workers.shards import shard_of
 
 

@@ -215,7 +215,7 @@ def gallery_migrate_keys() -> None:
     import redis as redis_lib
 
     from ..core.objectstore import open_store
-    from ..workers.gallery import migrate_unversioned
+    from ..workers.replica import migrate_unversioned
 
     s = settings()
     require_redis(s.redis_url)

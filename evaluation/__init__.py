@@ -1,7 +1,7 @@
 """1:N accuracy evaluation: protocol, embedding cache, CMC, FNIR@FPIR, DET, demographic differentials.
 
 The harness runs the production pieces (``workers.detect`` decoding, YuNet detection and largest-face
-choice, ``workers.engines`` embedders, ``workers.gallery.GalleryIndex`` search and
+choice, ``workers.engines`` embedders, ``workers.index.GalleryIndex`` search and
 ``workers.fusion.fuse``) in process, so what it measures is what a real search does. Import from the
 modules; this package re-exports nothing:
 

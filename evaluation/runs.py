@@ -1,7 +1,7 @@
 """Running the searches in process, and what each system answered.
 
 :func:`run_searches` embeds through the cache, enrols the gallery in one production
-``workers.gallery.GalleryIndex`` per engine and searches every probe (the whole :class:`Run` is
+``workers.index.GalleryIndex`` per engine and searches every probe (the whole :class:`Run` is
 cached too). :func:`engine_outcome` and :func:`fusion_outcome` (through ``workers.fusion.fuse``,
 exactly as production calls it) reduce a run to an :class:`Outcome` per system;
 :func:`outcome_metrics` scores one on a split part (:func:`part_indices`).
@@ -105,7 +105,7 @@ def run_searches(
     """Embed (through the cache), enrol the gallery in one ``GalleryIndex`` per engine, search every probe."""
     from ..core.config import settings
     from ..workers.engines import get_engine
-    from ..workers.gallery import GalleryIndex
+    from ..workers.index import GalleryIndex
 
     s = settings()
     probes = protocol.mated + protocol.nonmated

@@ -409,9 +409,9 @@ def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor
 
     Audited (``gallery.expunge``, with the reason) before anything is removed. Then its images go, then
     its record, and only then the ``remove`` entries: an add is written only while the record exists
-    (``workers.gallery.log_add_entries``), so an enrolment or reindex in flight cannot write the subject
+    (``workers.replica.log_add_entries``), so an enrolment or reindex in flight cannot write the subject
     back, into any version. Running it again after a failure finishes the job."""
-    from .gallery import log_remove
+    from .replica import log_remove
 
     r = redis_lib.Redis.from_url(s.redis_url)
     raw = r.hget(keys.GALLERY_SUBJECTS, subject)
@@ -548,7 +548,7 @@ def reindex(
     )
     queue = reindex_queue(engine)
 
-    from .gallery import enrolled_member
+    from .replica import enrolled_member
 
     def dispatch(chunk: list[tuple[int, tuple[str, str]]]) -> dict[str, AsyncResult]:
         # What the new version holds already (an earlier run of another job: the gallery changed since)
@@ -634,7 +634,7 @@ def snapshot_version(app, engine: str, shards: int, queue: str, *, wait: bool, t
 def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
     """Per engine: the versions its gallery holds (templates counted at enrolment and expunge; each
     shard's newest snapshot), and the versions its live workers run (searching, per shard, reindexing)."""
-    from .gallery import snapshot_prefix
+    from .replica import snapshot_prefix
 
     r = redis_lib.Redis.from_url(s.redis_url)
     out = []
@@ -669,7 +669,7 @@ def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
 def drop_version(s: Settings, store: ObjectStore, engine: str, version: str, *, actor: str = "operator") -> dict:
     """Delete an engine version's gallery state once no worker runs it: its logs, snapshots and pointers,
     its members of ``keys.gallery_enrolled`` and its count (audited as ``gallery.drop_version``)."""
-    from .gallery import snapshot_prefix
+    from .replica import snapshot_prefix
 
     r = redis_lib.Redis.from_url(s.redis_url)
     users = {

@@ -116,7 +116,7 @@ class Runtime:
         """This process's replica of an engine's gallery (or of one shard of it, when the engine is
         sharded: ``settings.shards``): snapshot loaded, log applied."""
         if (name, shard) not in self._replicas:
-            from .gallery import GalleryReplica
+            from .replica import GalleryReplica
 
             eng = self.engine(name)
             s = self.settings

@@ -16,7 +16,7 @@ import hashlib
 import heapq
 from collections.abc import Iterable, Sequence
 
-from .gallery import Hit
+from .index import Hit
 
 
 def shard_of(subject_id: str, shards: int) -> int:

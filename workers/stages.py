@@ -58,7 +58,7 @@ from ..schemas.messages import MAX_CANDIDATES
 from . import fusion, watchdog
 from .detect import choose_face
 from .faces import Face
-from .gallery import Hit
+from .index import Hit
 from .shards import merge
 
 log = structlog.get_logger()
@@ -74,7 +74,7 @@ class StageContext:
     load_image: Callable[[str], np.ndarray]  # object-store key -> decoded BGR image, under size limits
     detect: Callable[[np.ndarray], list[Face]]
     engine: Callable[[str], Any]  # name -> workers.engines.Engine
-    # (name) -> the engine's workers.gallery.GalleryReplica; (name, shard) -> one shard's (synced on use)
+    # (name) -> the engine's workers.replica.GalleryReplica; (name, shard) -> one shard's (synced on use)
     replica: Callable[..., Any]
     # Writes a request's answer to the audit trail before it is published (once per request; raises
     # ServiceError(AUDIT_UNAVAILABLE) if it cannot): accountability.audit.record_result in production.
@@ -735,7 +735,7 @@ def enroll(ctx: StageContext, *, engine: str, items: Sequence[dict], failed: Seq
     items detection refused, reported with this engine's counts. ``detail`` holds the counts and, per
     image that could not be enrolled, its stable error code (failure to enrol is data, not an exception).
     """
-    from .gallery import enrolled_member, log_add_entries
+    from .replica import enrolled_member, log_add_entries
 
     r, s = ctx.redis, ctx.settings
     eng = ctx.engine(engine)

@@ -12,7 +12,7 @@ import redis
 
 from quorum.broker import keys
 from quorum.core.objectstore import DiskStore, S3Store
-from quorum.workers.gallery import GalleryReplica, log_add_entries, log_remove
+from quorum.workers.replica import GalleryReplica, log_add_entries, log_remove
 from tests.integration.servers import RedisServer
 
 pytestmark = pytest.mark.integration

@@ -36,7 +36,7 @@ from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
 from quorum.schemas import CandidateList, EngineResult
 from quorum.workers.enrolment import GalleryRefused, drop_version, enrol, expunge, live_versions, reindex
-from quorum.workers.gallery import snapshot_prefix
+from quorum.workers.replica import snapshot_prefix
 from tests.integration.conftest import _stack
 
 pytestmark = pytest.mark.integration
@@ -250,7 +250,7 @@ def _run(s, stack: Stack, data_dir) -> None:
 def test_a_sharded_engine_is_reindexed_shard_by_shard(tmp_path_factory, data_dir):
     """SFace in 2 shards: the new version's templates land in its own shard logs, each shard snapshotted
     by the reindex worker, and a replica of each new-version shard loads exactly its subjects."""
-    from quorum.workers.gallery import GalleryReplica
+    from quorum.workers.replica import GalleryReplica
     from quorum.workers.shards import shard_of
 
     s, stack, redis_server = _stack(

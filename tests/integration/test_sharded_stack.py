@@ -27,7 +27,7 @@ from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
 from quorum.schemas import CandidateList, EngineResult
 from quorum.workers.enrolment import enrol
-from quorum.workers.gallery import GalleryIndex, _vec_from_bytes
+from quorum.workers.index import GalleryIndex, _vec_from_bytes
 from quorum.workers.shards import shard_of
 from tests.integration.conftest import _stack
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from quorum.core.config import Settings
-from quorum.workers.gallery import GalleryIndex
+from quorum.workers.index import GalleryIndex
 
 DIM = 64
 # The parameters Quorum ships with (random vectors on a 64-d sphere are a harder case than face

@@ -19,7 +19,7 @@ import pytest
 from quorum.broker import keys
 from quorum.core.objectstore import DiskStore
 from quorum.workers.enrolment import run_batches
-from quorum.workers.gallery import GalleryReplica, enrolled_member, log_add_entries, log_remove, snapshot_prefix
+from quorum.workers.replica import GalleryReplica, enrolled_member, log_add_entries, log_remove, snapshot_prefix
 from quorum.workers.shards import shard_of
 
 DIM = 32
@@ -195,7 +195,7 @@ def test_the_batch_loop_resumes_after_an_interruption_without_sending_anything_t
 
 
 def test_a_gallery_written_before_versions_moves_to_its_versions_names_once(r, store):
-    from quorum.workers.gallery import migrate_unversioned
+    from quorum.workers.replica import migrate_unversioned
 
     subjects = [f"p{i}" for i in range(30)]
     _record(r, *subjects)

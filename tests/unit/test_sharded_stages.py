@@ -18,7 +18,7 @@ from quorum.core.errors import Code
 from quorum.schemas import CandidateList, EngineResult
 from quorum.schemas.job import Job
 from quorum.workers import stages
-from quorum.workers.gallery import GalleryIndex
+from quorum.workers.index import GalleryIndex
 from quorum.workers.shards import shard_of
 from quorum.workers.stages import StageContext
 from tests.unit.test_stages import DIM, StandInEngine, StandInReplica, World, _unit

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from quorum.workers.gallery import GalleryIndex
+from quorum.workers.index import GalleryIndex
 from quorum.workers.shards import merge, shard_of
 
 

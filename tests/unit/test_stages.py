@@ -34,7 +34,7 @@ from quorum.schemas import CandidateList, EngineResult, ErrorResult
 from quorum.schemas.job import Job
 from quorum.workers import hooks, stages
 from quorum.workers.faces import Face
-from quorum.workers.gallery import GalleryIndex
+from quorum.workers.index import GalleryIndex
 from quorum.workers.stages import StageContext
 
 DIM = 8
