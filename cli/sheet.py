@@ -28,7 +28,7 @@ def write(
     request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli", err: bool = False
 ) -> None:
     """Write the sheet and say where, with what it holds."""
-    from ..review.sheet import write_sheet
+    from ..review.gather import write_sheet
 
     check_out(out)
     try:

@@ -174,7 +174,7 @@ def create_app(s: Settings) -> Starlette:
         return _page("review_list.html.j2", reviewer=rv, searches=await run_in_threadpool(work))
 
     async def sheet_page(request: Request, rv: signin.Reviewer) -> Response:
-        from .sheet import view_sheet
+        from .gather import view_sheet
 
         rid = request.path_params["request_id"]
 
@@ -197,7 +197,7 @@ def create_app(s: Settings) -> Starlette:
 
     async def decide(request: Request, rv: signin.Reviewer) -> Response:
         from ..core.errors import InputError
-        from .sheet import find_submission, load_result, removed_subjects
+        from .gather import find_submission, load_result, removed_subjects
 
         rid = request.path_params["request_id"]
         form = await request.form()

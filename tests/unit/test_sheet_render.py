@@ -240,7 +240,7 @@ def test_agreement_rules():
 
 
 def test_the_newest_booking_photo_comes_first():
-    from quorum.review.sheet import newest_booking_first
+    from quorum.review.gather import newest_booking_first
 
     rec = {
         "images": ["gallery/a", "gallery/b", "gallery/c", "gallery/d"],
@@ -251,7 +251,7 @@ def test_the_newest_booking_photo_comes_first():
 
 
 def test_a_candidates_booking_date_and_number_show_under_the_photo():
-    from quorum.review.sheet import booking_label
+    from quorum.review.gather import booking_label
 
     rec = {
         "images": ["gallery/a", "gallery/b"],
