@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 from celery import Celery
-from celery.signals import before_task_publish
 from kombu import Queue
 
 from ..core.config import settings
 from ..core.engines import ENGINE_NAMES
+from . import lifecycle
+from .lifecycle import SENT_AT_HEADER
 
 # Task names: the workers register these names (workers.tasks); senders use them (no import of workers).
 TASK_PREPARE = "quorum.intake.prepare"
 TASK_SEARCH = "quorum.engine.search"
 TASK_SHARD_SEARCH = "quorum.shard.search"
-TASK_ENROLL = "quorum.engine.enroll"
+TASK_ENROL = "quorum.engine.enrol"
 TASK_ENROL_DETECT = "quorum.enrol.detect"
 TASK_FUSE = "quorum.fusion.fuse"
 TASK_SNAPSHOT = "quorum.gallery.snapshot"
@@ -105,16 +105,8 @@ def queues_of(s) -> tuple[str, ...]:
     return ALL_QUEUES + shards + tuple(reindex_queue(e) for e in s.engines)
 
 
-# Every message carries the time it was sent (header ``quorum_sent_at``, seconds since the epoch), so the
-# age of the oldest message waiting in a queue can be read from the queue itself (workers.gateway samples
-# it as quorum_queue_oldest_message_age_seconds): a queue nobody drains shows it before its length does.
-SENT_AT_HEADER = "quorum_sent_at"
-
-
-@before_task_publish.connect(weak=False)
-def _stamp_sent_at(headers: dict | None = None, **_: object) -> None:
-    if headers is not None:
-        headers.setdefault(SENT_AT_HEADER, time.time())
+# Every sender stamps its messages with the time it sent them (broker.lifecycle.SentAt).
+lifecycle.register(lifecycle.SentAt())
 
 
 def oldest_message_age(raw: bytes | str | None, now: float) -> float:

@@ -3,7 +3,7 @@ reindex an engine for a new version.
 
 Enrolment uploads each image to the object store under ``gallery/<sha256>`` (or takes an object the
 booking system stored), records the subject, and sends batches to the ``enrol`` queue: an intake
-worker finds each face once and sends it to every engine's enrolment (``quorum.engine.enroll``); the
+worker finds each face once and sends it to every engine's enrolment (``quorum.engine.enrol``); the
 engine workers embed the faces and append templates to each engine's gallery log (its subject's shard's
 log, for a sharded engine), which every replica applies. A rerun of the same items resumes.
 
@@ -519,7 +519,7 @@ def reindex(
     (``gallery.reindex``) at the start and at the end."""
     from celery.result import AsyncResult
 
-    from ..broker.app import TASK_ENROLL, reindex_queue
+    from ..broker.app import TASK_ENROL, reindex_queue
 
     if engine not in s.engines:
         raise GalleryRefused(f"{engine} is not a configured engine ({', '.join(s.engines)})")
@@ -558,7 +558,7 @@ def reindex(
         report.held += len(chunk) - len(payload)
         if not payload:
             return {}
-        return {"enroll": app.send_task(TASK_ENROLL, kwargs={"engine": engine, "items": payload}, queue=queue)}
+        return {"enroll": app.send_task(TASK_ENROL, kwargs={"engine": engine, "items": payload}, queue=queue)}
 
     def absorb(_: str, out: dict) -> None:
         if out.get("version") != version:

@@ -9,7 +9,9 @@ import threading
 
 import structlog
 
+from ..broker import lifecycle, liveness
 from ..broker.app import ROLE_QUEUES, app, parse_reindex_role, parse_shard_role, role_queue
+from ..broker.lifecycle import Observer
 from ..core import metrics
 from ..core.config import settings
 from ..core.logs import configure_logging
@@ -40,6 +42,33 @@ def run_worker(role: str, concurrency: int = 1) -> None:
             "ENGINE.reindex for a reindex worker"
         )
     s = settings()
+    _check_shard_role(role, s)
+    configure_logging(s.log_level, s.log_json)
+    from . import observers
+    from .runtime import runtime
+
+    runtime.role = role
+    observers.install(s, runtime.redis)  # log context, metrics, the task time limit, readiness
+    _start_metrics()
+    node = f"{role}@{socket.gethostname()}-{os.getpid()}"
+    _load(runtime, role, node, s)
+    if role == "fusion":
+        _start_timer_sweeper(runtime.redis)
+    # Tasks run in this process, next to the model and index loaded above (scale out by running more
+    # worker processes, each a full replica, not by forking): one at a time (solo pool), except in an
+    # engine's embed workers, which run embed_batch tasks at once in threads and embed their faces in
+    # shared model calls (workers.batching; the model itself is called from one thread only).
+    pool = ["--pool", "solo"]
+    if role in s.engines and s.embed_batch > 1:
+        runtime.batching = True
+        runtime.batcher(role)
+        pool = ["--pool", "threads", "--concurrency", str(s.embed_batch)]
+    argv = ["worker", "-Q", queue, "-n", node, *pool, "--loglevel", s.log_level, "--without-gossip", "--without-mingle"]
+    app.worker_main(argv)
+
+
+def _check_shard_role(role: str, s) -> None:
+    """A shard role must match the shard count this deployment gives its engine."""
     shard = parse_shard_role(role)
     if shard and (shard[0] not in s.engines or s.shards_of(shard[0]) != shard[2]):
         configured = s.shards_of(shard[0]) if shard[0] in s.engines else 0
@@ -47,18 +76,13 @@ def run_worker(role: str, concurrency: int = 1) -> None:
             f"{role}: {shard[0]} is configured with {configured} shard(s) here (QUORUM_ENGINES, QUORUM_SHARDS), "
             f"not {shard[2]}"
         )
-    configure_logging(s.log_level, s.log_json)
+
+
+def _load(runtime, role: str, node: str, s) -> None:
+    """What a role loads before it takes work (model, gallery or shard, detector), and its heartbeat."""
     from ..broker import keys
-    from . import hooks
-    from .runtime import runtime
 
-    hooks.install()
-    runtime.role = role
-    from . import watchdog
-
-    watchdog.install(runtime.redis, s.task_time_limit, ttl_s=s.result_ttl_s)  # bounds each task's run time
-    _start_metrics()
-    node = f"{role}@{socket.gethostname()}-{os.getpid()}"
+    shard = parse_shard_role(role)
     reindexing = parse_reindex_role(role)
     if shard:
         engine, i, n = shard
@@ -83,36 +107,6 @@ def run_worker(role: str, concurrency: int = 1) -> None:
             runtime.engine(role)  # embeds and scatters: the shards' workers hold the gallery
     elif role == "intake":
         _ = runtime.detector
-    if role == "fusion":
-        _start_timer_sweeper(runtime.redis)
-    # Ready (GET /ready: the container health check) once the model and gallery above are loaded and
-    # Celery consumes the queue: a worker still loading, or not reaching the broker, is not healthy.
-    from celery.signals import worker_ready
-
-    worker_ready.connect(lambda **_: metrics.set_ready(), weak=False)
-    # Tasks run in this process, next to the model and index loaded above (scale out by running more
-    # worker processes, each a full replica, not by forking): one at a time (solo pool), except in an
-    # engine's embed workers, which run embed_batch tasks at once in threads and embed their faces in
-    # shared model calls (workers.batching; the model itself is called from one thread only).
-    pool = ["--pool", "solo"]
-    if role in s.engines and s.embed_batch > 1:
-        runtime.batching = True
-        runtime.batcher(role)
-        pool = ["--pool", "threads", "--concurrency", str(s.embed_batch)]
-    app.worker_main(
-        [
-            "worker",
-            "-Q",
-            queue,
-            "-n",
-            node,
-            *pool,
-            "--loglevel",
-            s.log_level,
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
 
 
 def _version_of(runtime, engine: str):
@@ -121,34 +115,36 @@ def _version_of(runtime, engine: str):
     return lambda: getattr(runtime._engines.get(engine), "version", "loading")
 
 
-def _start_heartbeat(redis, key: str, node: str, version=lambda: "", every_s: float = 3.0) -> None:
-    """Tell fusion this engine (or shard) is alive (busy, perhaps, but not down) while the process lives:
+class Heartbeat(Observer):
+    """Tells fusion this engine (or shard) is alive (busy, perhaps, but not down) while the process lives:
     the node's score in the sorted set ``key`` is the Redis server time until which it holds, and beside
-    it the engine version it runs (``broker.liveness``); entries that ran out are dropped on each beat."""
+    it the engine version it runs (``broker.liveness``); entries that ran out are dropped on each beat.
+    A worker stopped on purpose leaves at once, so fusion stops waiting for it."""
 
-    from ..broker import liveness
+    def __init__(self, redis, key: str, node: str, version=lambda: "", every_s: float = 3.0) -> None:
+        self.redis, self.key, self.node, self.version, self.every_s = redis, key, node, version, every_s
+        self.stopped = threading.Event()
 
-    stopped = threading.Event()
-
-    def beat() -> None:
-        while not stopped.is_set():
+    def beat(self) -> None:
+        while not self.stopped.is_set():
             try:
-                liveness.heartbeat(redis, key, node, ttl_s=every_s * 4, version=version())
+                liveness.heartbeat(self.redis, self.key, self.node, ttl_s=self.every_s * 4, version=self.version())
             except Exception as exc:  # Redis briefly away: keep beating
                 log.warning("heartbeat.failed", error=str(exc))
-            stopped.wait(every_s)
+            self.stopped.wait(self.every_s)
 
-    def leave(**_: object) -> None:  # stopped on purpose: fusion stops waiting for this worker at once
-        stopped.set()
+    def worker_stopping(self) -> None:
+        self.stopped.set()
         try:
-            liveness.leave(redis, key, node)
+            liveness.leave(self.redis, self.key, self.node)
         except Exception as exc:
             log.warning("heartbeat.leave_failed", error=str(exc))
 
-    from celery.signals import worker_shutdown
 
-    worker_shutdown.connect(leave, weak=False)
-    threading.Thread(target=beat, name="engine-heartbeat", daemon=True).start()
+def _start_heartbeat(redis, key: str, node: str, version=lambda: "", every_s: float = 3.0) -> None:
+    heartbeat = Heartbeat(redis, key, node, version, every_s)
+    lifecycle.register(heartbeat)
+    threading.Thread(target=heartbeat.beat, name="engine-heartbeat", daemon=True).start()
 
 
 def sweep_timers_once(redis, now: float | None = None) -> int:

@@ -1,10 +1,10 @@
 """Celery tasks: few-line adapters over the stage functions in ``workers.stages``.
 
-Each task builds nothing itself: it runs its stage with this process's context
-(``workers.runtime``), hands the stage's result to the hooks (``workers.hooks``: audit of answers,
-metrics, logs) and sends the messages the stage asked for, by task name. Tasks take named arguments
-only (``request_id=``, ``engine=``...); the names are in ``broker.app``. The probe's path and the
-idempotence that makes redelivery safe are described in ``workers.stages``.
+Each task runs its stage with this process's context (``workers.runtime``) and hands the result to
+:func:`finish`, which tells the observers (``broker.lifecycle``: metrics, logs) and sends the messages
+the stage asked for, by task name. Tasks take named arguments only (``request_id=``, ``engine=``...); the
+names are in ``broker.app``. The probe's path and the idempotence that makes redelivery safe are
+described in ``workers.stages``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 
 from celery import Task
 
-from ..broker import deadlines
+from ..broker import deadlines, lifecycle
 from ..broker.app import (
+    TASK_ENROL,
     TASK_ENROL_DETECT,
-    TASK_ENROLL,
     TASK_FUSE,
     TASK_PREPARE,
     TASK_SEARCH,
@@ -24,8 +24,8 @@ from ..broker.app import (
     TASK_SNAPSHOT,
     app,
 )
-from ..core.errors import ServiceError
-from . import hooks, stages
+from ..core.errors import QuorumError
+from . import stages
 from .runtime import runtime
 
 
@@ -39,8 +39,9 @@ def send(m: stages.Send) -> None:
         app.send_task(m.task, kwargs=m.kwargs, queue=m.queue, task_id=m.task_id)
 
 
-def _finish(result: stages.StageResult) -> stages.StageResult:
-    hooks.observe(runtime.settings, result)
+def finish(result: stages.StageResult) -> stages.StageResult:
+    """A stage's result to the observers, then its messages sent."""
+    lifecycle.stage_finished(result)
     for m in result.send:
         send(m)
     return result
@@ -51,42 +52,44 @@ def prepare(self: Task, *, request_id: str) -> str:
     last = self.request.retries >= self.max_retries
     try:
         result = stages.prepare(runtime.context(), request_id=request_id, last_attempt=last)
-    except ServiceError as err:  # a dependency failed: try again later (the last attempt answers instead)
+    except QuorumError as err:  # retryable (a dependency away): try again later; the last attempt answers
+        if not err.retryable:
+            raise
         raise self.retry(countdown=2**self.request.retries) from err
-    return _finish(result).status
+    return finish(result).status
 
 
 @app.task(name=TASK_SEARCH)
 def search(*, request_id: str, engine: str) -> str:
     with runtime.embedding_slot(engine):  # this task's face joins a shared model call (workers.batching)
         result = stages.search(runtime.context(), request_id=request_id, engine=engine)
-    return _finish(result).status
+    return finish(result).status
 
 
 @app.task(name=TASK_SHARD_SEARCH)
 def shard_search(*, request_id: str, engine: str, shard: int, shards: int) -> str:
     ctx = runtime.context()
-    return _finish(stages.shard_search(ctx, request_id=request_id, engine=engine, shard=shard, shards=shards)).status
+    return finish(stages.shard_search(ctx, request_id=request_id, engine=engine, shard=shard, shards=shards)).status
 
 
 @app.task(name=TASK_FUSE)
 def fuse(*, request_id: str, final: bool = False, watchdog: bool = False) -> str:
-    return _finish(stages.fuse(runtime.context(), request_id=request_id, final=final, watchdog=watchdog)).status
+    return finish(stages.fuse(runtime.context(), request_id=request_id, final=final, watchdog=watchdog)).status
 
 
 @app.task(name=TASK_ENROL_DETECT)
 def enrol_detect(*, items: list[dict], engines: list[str], task_ids: dict[str, str]) -> dict:
     """Detect each gallery image's face once and send it to every engine's enrolment."""
-    return _finish(stages.enrol_detect(runtime.context(), items=items, engines=engines, task_ids=task_ids)).detail
+    return finish(stages.enrol_detect(runtime.context(), items=items, engines=engines, task_ids=task_ids)).detail
 
 
-@app.task(name=TASK_ENROLL)
-def enroll(*, engine: str, items: list[dict], failed: list[dict] | None = None) -> dict:
+@app.task(name=TASK_ENROL)
+def enrol(*, engine: str, items: list[dict], failed: list[dict] | None = None) -> dict:
     """Enrol gallery images into one engine; returns counts and per-image error codes."""
-    return _finish(stages.enroll(runtime.context(), engine=engine, items=items, failed=failed or ())).detail
+    return finish(stages.enrol(runtime.context(), engine=engine, items=items, failed=failed or ())).detail
 
 
 @app.task(name=TASK_SNAPSHOT)
 def snapshot(*, engines: list[str] | None = None, shard: int | None = None) -> dict:
     """Snapshots written here, and the task ids of those sent to the shards' queues (``sent``)."""
-    return _finish(stages.snapshot(runtime.context(), engines=engines, shard=shard)).detail
+    return finish(stages.snapshot(runtime.context(), engines=engines, shard=shard)).detail

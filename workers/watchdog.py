@@ -5,16 +5,16 @@ index live in the worker process, not in forked children). A task that hangs (a 
 dependency that never answers) would hold its worker, or one of its threads, forever, and once it has
 run past the broker's visibility timeout its message is handed to a second worker as well.
 
-So every worker process runs a watchdog thread. It knows when each bounded task started (Celery's
-``task_prerun`` / ``task_postrun`` signals); when one has run past ``settings.task_time_limit`` (shorter
-than the visibility timeout), it records the overrun in Redis (per probe and task part:
-``broker.keys.job_overruns_key``; and a total per task for the SRE: ``broker.keys.TASK_OVERRUNS``),
-logs it, and ends the process (exit code :data:`EXIT_OVERRUN`). The supervisor (``quorum up``, or
-compose's restart policy) starts a fresh one, and the task's unacknowledged message comes back after
-the visibility timeout (every stage is idempotent). An engine or shard search that overran
-``settings.task_overrun_max`` times for one probe is not run again: the stage records ENGINE_TIMEOUT
-for that engine (``workers.stages``), so one probe that makes an engine hang cannot take its workers
-down in a loop until the search timeout.
+So every worker process runs a watchdog thread (:class:`TaskTimeLimit`, one of the worker's observers,
+``workers.observers``). It knows when each bounded task started and ended; when one has run past
+``settings.task_time_limit`` (shorter than the visibility timeout), it records the overrun in Redis (per
+probe and task part: ``broker.keys.job_overruns_key``; and a total per task for the SRE:
+``broker.keys.TASK_OVERRUNS``), logs it, and ends the process (exit code :data:`EXIT_OVERRUN`). The
+supervisor (``quorum up``, or compose's restart policy) starts a fresh one, and the task's
+unacknowledged message comes back after the visibility timeout (every stage is idempotent). An engine or
+shard search that overran ``settings.task_overrun_max`` times for one probe is not run again: the stage
+records ENGINE_TIMEOUT for that engine (``workers.stages``), so one probe that makes an engine hang
+cannot take its workers down in a loop until the search timeout.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from typing import Any
 import structlog
 
 from ..broker import keys
-from ..broker.app import TASK_ENROL_DETECT, TASK_ENROLL, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
+from ..broker.app import TASK_ENROL, TASK_ENROL_DETECT, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
+from ..broker.lifecycle import Observer
 
 log = structlog.get_logger()
 
 EXIT_OVERRUN = 75  # the worker ended itself: a task ran past the time limit
 # What the watchdog bounds: the probe's path and enrolment. A gallery snapshot of a large shard may
 # legitimately take longer and is left alone.
-BOUNDED_TASKS = frozenset({TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH, TASK_FUSE, TASK_ENROL_DETECT, TASK_ENROLL})
+BOUNDED_TASKS = frozenset({TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH, TASK_FUSE, TASK_ENROL_DETECT, TASK_ENROL})
 
 
 @dataclass(frozen=True)
@@ -146,25 +147,26 @@ def watch(
         return
 
 
-def install(redis: Any, limit_s: float, *, ttl_s: int) -> TaskWatchdog:
-    """Watch this worker process's bounded tasks (Celery signals) from a daemon thread."""
-    from celery.signals import task_postrun, task_prerun
+class TaskTimeLimit(Observer):
+    """The watchdog as an observer of this worker's tasks: it learns when each bounded task starts and
+    ends, and its thread (:func:`watch`) ends the process on the first that overruns."""
 
-    dog = TaskWatchdog(limit_s)
+    def __init__(self, redis: Any, limit_s: float, *, ttl_s: int) -> None:
+        self.dog = TaskWatchdog(limit_s)
+        stop = threading.Event()
+        threading.Thread(
+            target=watch,
+            args=(self.dog, redis),
+            kwargs={"ttl_s": ttl_s, "stop": stop},
+            name="task-watchdog",
+            daemon=True,
+        ).start()
+        log.info("task.watchdog_started", limit_s=limit_s, tasks=sorted(self.dog.bounded))
 
-    def prerun(task_id: str | None = None, task: Any = None, kwargs: Mapping[str, Any] | None = None, **_: Any) -> None:
+    def task_started(self, task: Any, task_id: str, kwargs: Mapping[str, Any]) -> None:
         if task_id and task is not None:
-            dog.started(task_id, task.name, kwargs or {})
+            self.dog.started(task_id, task.name, kwargs)
 
-    def postrun(task_id: str | None = None, **_: Any) -> None:
+    def task_finished(self, task: Any, task_id: str, state: str) -> None:
         if task_id:
-            dog.finished(task_id)
-
-    task_prerun.connect(prerun, weak=False)
-    task_postrun.connect(postrun, weak=False)
-    stop = threading.Event()
-    threading.Thread(
-        target=watch, args=(dog, redis), kwargs={"ttl_s": ttl_s, "stop": stop}, name="task-watchdog", daemon=True
-    ).start()
-    log.info("task.watchdog_started", limit_s=limit_s, tasks=sorted(dog.bounded))
-    return dog
+            self.dog.finished(task_id)

@@ -1,6 +1,6 @@
 """The pipeline's stages (workers.stages) with an explicit context: fakeredis (with Lua, for the
 publish-once script), a real HNSW gallery index, and a stand-in engine and detector whose outputs the
-tests choose. The hooks (workers.hooks) are checked against what the stages return.
+tests choose. The observers (workers.observers) are checked against what the stages return.
 
 These test the decisions (what is sent next, what is published, when fusion waits, extends or
 degrades); real models, real Redis and real worker processes are exercised by tests/integration."""
@@ -19,7 +19,7 @@ from quorum.broker import keys, liveness
 from quorum.broker.app import (
     FUSION_QUEUE,
     INTAKE_QUEUE,
-    TASK_ENROLL,
+    TASK_ENROL,
     TASK_FUSE,
     TASK_PREPARE,
     TASK_SEARCH,
@@ -32,9 +32,10 @@ from quorum.core.config import Settings
 from quorum.core.errors import Code, ServiceError
 from quorum.schemas import CandidateList, EngineResult, ErrorResult
 from quorum.schemas.job import Job
-from quorum.workers import hooks, stages
+from quorum.workers import stages
 from quorum.workers.faces import Face
 from quorum.workers.index import GalleryIndex
+from quorum.workers.observers import StageMetrics
 from quorum.workers.stages import StageContext
 
 DIM = 8
@@ -178,7 +179,7 @@ def test_prepare_answers_a_probe_without_a_face_with_its_code_and_sends_nothing(
     w.faces = []
     job = w.job()
     res = stages.prepare(w.ctx(), request_id=job.request_id)
-    assert res.status == Code.NO_FACE.value and res.send == ()
+    assert res.status == stages.Outcome.FAILED and res.code == Code.NO_FACE.value and res.send == ()
     assert isinstance(res.published, ErrorResult) and res.published.code == Code.NO_FACE.value
     answer = fetch(w.redis, job.agency_id, job.request_id)
     assert isinstance(answer, ErrorResult) and answer.stage == "intake"
@@ -400,7 +401,7 @@ def _logged(w, engine: str) -> list[tuple[str, str]]:
 def test_enrolment_logs_templates_once_and_reports_failures_by_code(w):
     items = [{"subject_id": "p1", "image_key": "g/1.jpg"}, {"subject_id": "p2", "image_key": "g/2.jpg"}]
     _record(w, "p1", "p2")
-    res = stages.enroll(w.ctx(), engine="e1", items=items)
+    res = stages.enrol(w.ctx(), engine="e1", items=items)
     assert res.detail == {
         "engine": "e1",
         "version": "e1-v1",
@@ -411,11 +412,11 @@ def test_enrolment_logs_templates_once_and_reports_failures_by_code(w):
         "detected_here": 2,
     }
     assert _logged(w, "e1") == [("p1", "g/1.jpg"), ("p2", "g/2.jpg")]
-    again = stages.enroll(w.ctx(), engine="e1", items=items)
+    again = stages.enrol(w.ctx(), engine="e1", items=items)
     assert again.detail["enrolled"] == 0 and again.detail["skipped"] == 2
     assert len(_logged(w, "e1")) == 2
     w.faces = []
-    bad = stages.enroll(w.ctx(), engine="e1", items=[{"subject_id": "p3", "image_key": "g/3.jpg"}])
+    bad = stages.enrol(w.ctx(), engine="e1", items=[{"subject_id": "p3", "image_key": "g/3.jpg"}])
     assert bad.detail["failed"] == [{"subject_id": "p3", "image_key": "g/3.jpg", "code": Code.NO_FACE.value}]
 
 
@@ -429,10 +430,10 @@ def test_bulk_enrolment_detects_each_face_once_for_every_engine(w):
     found = stages.enrol_detect(ctx, items=items, engines=list(ENGINES), task_ids=ids)
     assert len(detections) == 2 and found.detail == {"faces": 2, "failed": 0}
     assert [(m.task, m.queue, m.task_id) for m in found.send] == [
-        (TASK_ENROLL, engine_queue(e), f"task-{e}") for e in ENGINES
+        (TASK_ENROL, engine_queue(e), f"task-{e}") for e in ENGINES
     ]
     for m in found.send:
-        out = stages.enroll(ctx, **m.kwargs)
+        out = stages.enrol(ctx, **m.kwargs)
         assert out.detail["enrolled"] == 2 and out.detail["detected_here"] == 0
     assert len(detections) == 2  # the engines used the faces found once
     assert all(_logged(w, e) == [("p1", "g/1.jpg"), ("p2", "g/2.jpg")] for e in ENGINES)
@@ -440,12 +441,12 @@ def test_bulk_enrolment_detects_each_face_once_for_every_engine(w):
     w.faces = []
     none = stages.enrol_detect(ctx, items=[{"subject_id": "p3", "image_key": "g/3.jpg"}], engines=["e1"], task_ids=ids)
     (m,) = none.send
-    out = stages.enroll(ctx, **m.kwargs)
+    out = stages.enrol(ctx, **m.kwargs)
     assert out.detail["enrolled"] == 0
     assert out.detail["failed"] == [{"subject_id": "p3", "image_key": "g/3.jpg", "code": Code.NO_FACE.value}]
 
 
-# ---- hooks ----------------------------------------------------------------------------------------------------
+# ---- observers -------------------------------------------------------------------------------------------------
 
 
 def _sample(counter: Any, *labels: str) -> float:
@@ -494,30 +495,30 @@ def test_a_second_fusion_while_one_is_answering_asks_again_later(w):
     assert [m.countdown for m in res.send] == [stages.AUDIT_RETRY_S]
 
 
-def test_hooks_count_each_published_answer_once(w):
+def test_observers_count_each_published_answer_once(w):
     w.faces = []
     bad = w.job()
     bad_res = stages.prepare(w.ctx(), request_id=bad.request_id)
     before = _sample(metrics.PROBES_REJECTED, bad.agency_id, Code.NO_FACE.value)
-    hooks.observe(w.settings, bad_res)
+    StageMetrics().stage_finished(bad_res)
     assert _sample(metrics.PROBES_REJECTED, bad.agency_id, Code.NO_FACE.value) == before + 1
 
     w.faces = [FACE]
     good = w.prepared()
     for e in ENGINES:
-        hooks.observe(w.settings, stages.search(w.ctx(), request_id=good.request_id, engine=e))
+        StageMetrics().stage_finished(stages.search(w.ctx(), request_id=good.request_id, engine=e))
     ok_before = _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok")
     latency_sum = metrics.SEARCH_DURATION.labels(good.agency_id, "ok")._sum.get()
     w.clock += 2.5  # the answer is published 2.5 s after receipt
-    hooks.observe(w.settings, stages.fuse(w.ctx(), request_id=good.request_id))
+    StageMetrics().stage_finished(stages.fuse(w.ctx(), request_id=good.request_id))
     assert metrics.SEARCH_DURATION.labels(good.agency_id, "ok")._sum.get() == pytest.approx(latency_sum + 2.5)
-    hooks.observe(w.settings, stages.fuse(w.ctx(), request_id=good.request_id, final=True))  # gone: nothing
+    StageMetrics().stage_finished(stages.fuse(w.ctx(), request_id=good.request_id, final=True))  # gone: nothing
     assert _sample(metrics.SEARCHES_COMPLETED, good.agency_id, "ok") == ok_before + 1
 
 
-def test_hooks_count_engine_failures_by_engine_and_code(w):
+def test_observers_count_engine_failures_by_engine_and_code(w):
     job = w.prepared()
     w.engines["e1"].fail = RuntimeError("x")
     before = _sample(metrics.ENGINE_FAILURES, "e1", Code.ENGINE_FAILED.value)
-    hooks.observe(w.settings, stages.search(w.ctx(), request_id=job.request_id, engine="e1"))
+    StageMetrics().stage_finished(stages.search(w.ctx(), request_id=job.request_id, engine="e1"))
     assert _sample(metrics.ENGINE_FAILURES, "e1", Code.ENGINE_FAILED.value) == before + 1
