@@ -30,7 +30,8 @@ from quorum.broker import keys
 from quorum.cli.stack import Stack
 from quorum.core.config import load_settings
 from quorum.core.objectstore import open_store
-from quorum.workers.enrolment import IMAGE_SUFFIXES, enrol
+from quorum.gallery.enrol import enrol
+from quorum.gallery.items import IMAGE_SUFFIXES
 
 
 def _images(data: Path, n: int) -> list[tuple[str, Path]]:

@@ -37,7 +37,7 @@ from quorum.cli.stack import Stack
 from quorum.core.config import load_settings
 from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
-from quorum.workers.enrolment import enrol
+from quorum.gallery.enrol import enrol
 
 
 def _metric(port: int, name: str) -> float:

@@ -42,9 +42,9 @@ from quorum.cli.stack import Stack
 from quorum.core.config import load_settings
 from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
+from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, EngineResult
 from quorum.schemas.job import Job
-from quorum.workers.enrolment import enrol
 from quorum.workers.index import GalleryIndex
 from quorum.workers.replica import GalleryReplica
 from quorum.workers.shards import shard_of

@@ -62,7 +62,7 @@ def enrol_and_search(s, rows: list[SplitRow], *, echo=print, bar_factory=None) -
     """
     from ..broker.client import QuorumClient
     from ..core.objectstore import open_store
-    from ..workers.enrolment import enrol
+    from ..gallery.enrol import enrol
 
     bar_factory = bar_factory or (lambda label, total: None)
     gallery_rows = [r for r in rows if r.role in {"gallery", "distractor_gallery"}]

@@ -30,7 +30,8 @@ def enroll(folder: Path | None, manifest: Path | None, batch: int, snapshot_ever
 
     Run it again with the same input to resume: what was enrolled is skipped."""
     from ..core.objectstore import open_store
-    from ..workers.enrolment import enrol, folder_items, manifest_items
+    from ..gallery.enrol import enrol
+    from ..gallery.items import folder_items, manifest_items
 
     if (folder is None) == (manifest is None):
         raise click.UsageError("give a FOLDER or --manifest FILE (one of them)")
@@ -84,7 +85,7 @@ def gallery_snapshot(timeout: float) -> None:
 def gallery_expunge(subject: str, reason: str, actor: str | None) -> None:
     """Remove SUBJECT from every engine, the object store and the metadata (audited)."""
     from ..core.objectstore import open_store
-    from ..workers.enrolment import expunge
+    from ..gallery.expunge import expunge
 
     s = settings()
     out = expunge(s, open_store(s), subject, reason=reason, actor=operator_name(actor))
@@ -111,7 +112,8 @@ def gallery_reindex(engine: str, batch: int, window: int, snapshot_every: int, a
 
     import redis as redis_lib
 
-    from ..workers.enrolment import GalleryRefused, gallery_items, reindex
+    from ..gallery.reindex import reindex
+    from ..gallery.versions import GalleryRefused, gallery_items
 
     s = settings()
     require_redis(s.redis_url)
@@ -156,7 +158,7 @@ def print_gallery_status(s, engines: list[str] | None = None) -> None:
     """Per engine, the versions present: templates, log entries, snapshots, and the live workers of each
     (searching, shard, reindex): an engine upgrade in progress shows two versions."""
     from ..core.objectstore import open_store
-    from ..workers.enrolment import gallery_status
+    from ..gallery.versions import gallery_status
 
     for e in gallery_status(s, open_store(s)):
         if engines and e["engine"] not in engines:
@@ -197,7 +199,7 @@ def gallery_drop_version(engine: str, version: str, actor: str | None) -> None:
     """Delete ENGINE's gallery state of VERSION (logs, snapshots, enrolment marks) once no worker runs it:
     the last step of an engine upgrade (audited)."""
     from ..core.objectstore import open_store
-    from ..workers.enrolment import GalleryRefused, drop_version
+    from ..gallery.versions import GalleryRefused, drop_version
 
     s = settings()
     require_redis(s.redis_url)

@@ -28,8 +28,8 @@ def queue_outcome(
     from ..broker.client import QuorumClient
     from ..core.config import settings
     from ..core.objectstore import open_store
+    from ..gallery.enrol import enrol
     from ..schemas.messages import ErrorResult
-    from ..workers.enrolment import enrol
 
     s = settings()
     p = run.protocol

@@ -293,7 +293,7 @@ def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1
     """Expunge a subject from an engine: a ``remove`` entry in the log of the shard that holds it, in
     every version of the engine present (``keys.gallery_versions``) and in ``versions``. Its members of
     ``keys.gallery_enrolled`` go, and each version's count drops by those it had. Returns how many
-    templates that was. Call it after the subject's record is deleted (as ``workers.enrolment.expunge``
+    templates that was. Call it after the subject's record is deleted (as ``gallery.expunge.expunge``
     does), so no add can follow it."""
     from ..broker import keys
     from .shards import shard_of

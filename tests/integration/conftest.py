@@ -57,7 +57,7 @@ def own_stack(home: Path, data_dir: Path, *, agency: str, gallery: int, **overri
     from quorum.broker.client import QuorumClient
     from quorum.core.objectstore import open_store
     from quorum.evaluation.ci_split import read_split
-    from quorum.workers.enrolment import enrol
+    from quorum.gallery.enrol import enrol
 
     redis_server = RedisServer(home / "redis", aof=True).start()
     s = load_settings(env={}, home=str(home), redis_url=redis_server.url, **overrides)

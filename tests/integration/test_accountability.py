@@ -27,8 +27,9 @@ from quorum.broker.client import QuorumClient, new_request_id
 from quorum.cli.stack import settings_env
 from quorum.core.errors import Code, InputError
 from quorum.core.objectstore import content_key, open_store
+from quorum.gallery.enrol import enrol
+from quorum.gallery.expunge import expunge
 from quorum.schemas import CandidateList, ErrorResult, parse_result
-from quorum.workers.enrolment import enrol, expunge
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from quorum.broker import keys
 from quorum.broker.client import QuorumClient, new_request_id
 from quorum.cli.stack import Stack, stack_roles
 from quorum.core.objectstore import open_store
+from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, ErrorResult
-from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 

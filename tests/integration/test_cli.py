@@ -13,9 +13,9 @@ import pytest
 from quorum.cli.stack import Stack, settings_env, stack_roles
 from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
+from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList
 from quorum.schemas.export import SCHEMA_DIR
-from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 

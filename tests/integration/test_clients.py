@@ -31,7 +31,7 @@ from quorum.accountability import db, registry
 from quorum.broker import keys, signing
 from quorum.cli.stack import settings_env
 from quorum.core.objectstore import open_store
-from quorum.workers.enrolment import enrol
+from quorum.gallery.enrol import enrol
 
 pytestmark = pytest.mark.integration
 

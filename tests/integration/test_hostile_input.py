@@ -25,8 +25,8 @@ from quorum.broker import keys, signing
 from quorum.broker.app import ALL_QUEUES
 from quorum.broker.client import QuorumClient, new_request_id
 from quorum.core.objectstore import open_store
+from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, ErrorResult, parse_result
-from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 

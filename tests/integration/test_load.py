@@ -15,8 +15,8 @@ import redis
 from quorum.broker import keys
 from quorum.broker.client import QuorumClient
 from quorum.core.objectstore import open_store
+from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, ErrorResult
-from quorum.workers.enrolment import enrol
 
 pytestmark = pytest.mark.integration
 

@@ -42,7 +42,7 @@ def _redis(port: int, **kw) -> redis.Redis:
 
 @pytest.fixture(scope="module")
 def acl_stack(tmp_path_factory, data_dir):
-    from quorum.workers.enrolment import enrol
+    from quorum.gallery.enrol import enrol
 
     home = tmp_path_factory.mktemp("acl-stack")
     port = free_port()

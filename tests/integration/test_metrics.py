@@ -57,7 +57,7 @@ def _query(port: int, promql: str) -> list:
 def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member_client, data_dir, tmp_path):
     from quorum.core.objectstore import open_store
     from quorum.evaluation.ci_split import read_split
-    from quorum.workers.enrolment import enrol
+    from quorum.gallery.enrol import enrol
 
     exe = shutil.which("prometheus")
     assert exe, "prometheus is not installed: apt-get install -y prometheus"

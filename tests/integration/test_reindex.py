@@ -34,8 +34,11 @@ from quorum.broker.client import QuorumClient
 from quorum.cli.stack import Stack, settings_env
 from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
+from quorum.gallery.enrol import enrol
+from quorum.gallery.expunge import expunge
+from quorum.gallery.reindex import reindex
+from quorum.gallery.versions import GalleryRefused, drop_version, live_versions
 from quorum.schemas import CandidateList, EngineResult
-from quorum.workers.enrolment import GalleryRefused, drop_version, enrol, expunge, live_versions, reindex
 from quorum.workers.replica import snapshot_prefix
 from tests.integration.conftest import _stack
 

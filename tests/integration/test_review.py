@@ -21,9 +21,9 @@ from quorum.broker.client import QuorumClient
 from quorum.cli.stack import settings_env
 from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
+from quorum.gallery.enrol import enrol
 from quorum.review.sheet import NOTICE_SHORT
 from quorum.schemas import CandidateList
-from quorum.workers.enrolment import enrol
 from tests.chromium import Browser
 from tests.integration.servers import free_port
 

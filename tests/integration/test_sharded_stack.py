@@ -25,8 +25,8 @@ from quorum.broker import keys, liveness
 from quorum.broker.client import QuorumClient
 from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
+from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, EngineResult
-from quorum.workers.enrolment import enrol
 from quorum.workers.index import GalleryIndex, _vec_from_bytes
 from quorum.workers.shards import shard_of
 from tests.integration.conftest import _stack
@@ -177,7 +177,7 @@ def test_bulk_enrolment_from_a_manifest_resumes_and_finds_each_face_once(sharded
     engines, the missing object reported with its code."""
     s, *_ = sharded
     from quorum.core.objectstore import put_content
-    from quorum.workers.enrolment import enrol_job_id, manifest_items
+    from quorum.gallery.items import enrol_job_id, manifest_items
 
     store = open_store(s)
     r = redis_lib.Redis.from_url(s.redis_url)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from quorum.core.errors import Code, InputError
-from quorum.workers.enrolment import EnrolItem, enrol_job_id, manifest_items
+from quorum.gallery.items import EnrolItem, enrol_job_id, manifest_items
 
 
 def _write(tmp_path: Path, text: str) -> Path:

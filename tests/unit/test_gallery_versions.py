@@ -18,7 +18,7 @@ import pytest
 
 from quorum.broker import keys
 from quorum.core.objectstore import DiskStore
-from quorum.workers.enrolment import run_batches
+from quorum.gallery.batches import run_batches
 from quorum.workers.replica import GalleryReplica, enrolled_member, log_add_entries, log_remove, snapshot_prefix
 from quorum.workers.shards import shard_of
 
@@ -127,7 +127,7 @@ def test_an_expunge_removes_the_subject_from_every_version_and_nothing_writes_it
     _record(r, *subjects)
     log_add_entries(r, "eng", A, subjects, v, [f"g/{s}" for s in subjects], shards=2)
     log_add_entries(r, "eng", B, subjects[:5], v[:5], [f"g/{s}" for s in subjects[:5]], shards=2)
-    # The expunge, as workers.enrolment.expunge does it: the record first, then the removals.
+    # The expunge, as gallery.expunge.expunge does it: the record first, then the removals.
     r.hdel(keys.GALLERY_SUBJECTS, "p2", "p7")
     assert log_remove(r, "eng", "p2", "court order", shards=2) == 2  # one template in A, one in B
     assert log_remove(r, "eng", "p7", "court order", shards=2) == 1  # only A had it yet
