@@ -1,4 +1,5 @@
-"""Calibration data from the ``fit`` part of a run, and fitting ``workers.fusion`` on it.
+"""Calibration data from the ``fit`` part of a run, and fitting ``workers.fusion``'s calibration on it
+(``evaluation.fitting``).
 
 :func:`genuine_impostor` gives the 1:1 genuine and impostor scores of a set of probes (also used by
 the demographics); :func:`fit_calibration` learns a ``workers.fusion.Calibration``.
@@ -53,6 +54,7 @@ def genuine_impostor(
 def fit_calibration(run: Run, *, part: str = "fit", default_method: str | None = None, meta: Mapping | None = None):
     """Learn a :class:`workers.fusion.Calibration` from the ``part`` probes of a run."""
     from ..workers import fusion
+    from .fitting import FitProbe, fit
 
     mi, ni = part_indices(run, part)
     scores = {e: genuine_impostor(run, e, mi, ni) for e in run.engines}
@@ -62,8 +64,6 @@ def fit_calibration(run: Run, *, part: str = "fit", default_method: str | None =
         i = int(i)
         mate = run.mate_of(i)
         quality = run.quality[i] if run.quality is not None else None
-        probes.append(fusion.FitProbe(run.lists_for(i), None if mate is None else run.subjects[mate], quality))
+        probes.append(FitProbe(run.lists_for(i), None if mate is None else run.subjects[mate], quality))
     versions = {e: r.version for e, r in run.engines.items()}
-    return fusion.fit(
-        probes, scores, versions, default_method=default_method or fusion.FALLBACK_METHOD, meta=dict(meta or {})
-    )
+    return fit(probes, scores, versions, default_method=default_method or fusion.FALLBACK_METHOD, meta=dict(meta or {}))

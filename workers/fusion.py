@@ -55,7 +55,6 @@ back to the calibration-free ``zsum`` for that probe and logs ``fusion.calibrati
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -168,7 +167,7 @@ class EngineCalibration:
 
 @dataclass
 class LogitModel:
-    """A logistic regression over the features of ``engines`` (sorted), see :func:`_features`."""
+    """A logistic regression over the features of ``engines`` (sorted), see :func:`features`."""
 
     engines: tuple[str, ...]
     coef: list[float]  # len(FEATURES) per engine, engine by engine, in ``engines`` order
@@ -186,7 +185,7 @@ FEATURES_Q = (*FEATURES, "tnorm", "inv_rank", "z_gap", *(f"z_x_{q}" for q in QUA
 @dataclass
 class QualityLogitModel:
     """``logit_q``'s logistic regression: :data:`FEATURES_Q` per engine (``engines`` sorted), then
-    :data:`QUALITY` once per probe (see :func:`_features_q`). ``quality_fill``: the fit data's mean of
+    :data:`QUALITY` once per probe (see :func:`features_q`). ``quality_fill``: the fit data's mean of
     each quality measure, used for a probe that lacks it."""
 
     engines: tuple[str, ...]
@@ -218,7 +217,7 @@ class Calibration:
     def model_for(self, method: str, engines: Sequence[str]) -> LogitModel | QualityLogitModel | None:
         """The ``logit`` / ``logit_q`` model for this set of engines (None: not fitted)."""
         models: Mapping[str, LogitModel | QualityLogitModel] = self.logit_q if method == "logit_q" else self.logit
-        return models.get(_subset_key(engines))
+        return models.get(subset_key(engines))
 
     # ---- checks ----------------------------------------------------------------------------------
     def mismatches(self, engines: Sequence[str], versions: Mapping[str, str] | None) -> list[str]:
@@ -325,11 +324,11 @@ def load_calibration(path: Path | str | None = None) -> Calibration | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _subset_key(engines: Sequence[str]) -> str:
+def subset_key(engines: Sequence[str]) -> str:
     return "+".join(sorted(engines))
 
 
-def _features(
+def features(
     lists: Mapping[str, Sequence[Ranked]], subjects: Sequence[str], engines: Sequence[str], cal: Calibration
 ) -> np.ndarray:
     """Per candidate: for each engine (in ``engines`` order) z, per-probe robust z, present (0/1)."""
@@ -346,7 +345,7 @@ def _features(
     return np.column_stack(cols) if cols else np.zeros((len(subjects), 0))
 
 
-def _features_q(
+def features_q(
     lists: Mapping[str, Sequence[Ranked]],
     subjects: Sequence[str],
     engines: Sequence[str],
@@ -386,8 +385,8 @@ def _calibrated_totals(
         if model is None:
             raise KeyError(f"no {method} model for engines {engines}")
         if isinstance(model, QualityLogitModel):
-            return model.score(_features_q(lists, subjects, model.engines, cal, model.quality_vector(quality)))
-        return model.score(_features(lists, subjects, model.engines, cal))
+            return model.score(features_q(lists, subjects, model.engines, cal, model.quality_vector(quality)))
+        return model.score(features(lists, subjects, model.engines, cal))
     total = np.zeros(len(subjects))
     wsum = 0.0
     for e in engines:
@@ -416,7 +415,7 @@ def effective_method(
         return method
     problems = ["no calibration loaded"] if calibration is None else calibration.mismatches(list(engines), versions)
     if method in ("logit", "logit_q") and not problems and calibration.model_for(method, engines) is None:
-        problems = [f"no {method} model for {_subset_key(engines)}"]
+        problems = [f"no {method} model for {subset_key(engines)}"]
     if problems:
         log.warning("fusion.calibration_mismatch", method=method, fallback=FALLBACK_METHOD, problems=problems)
         return FALLBACK_METHOD
@@ -477,122 +476,6 @@ def fuse(
         )
         for i, s in enumerate(order)
     ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Fitting
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FitProbe:
-    """One fit search: each engine's list (engines that failed are simply absent) and the mate."""
-
-    lists: dict[str, list[Ranked]]
-    mate: str | None  # the enrolled subject of the probe's identity; None for a non-mated probe
-    quality: dict[str, float] | None = None  # :func:`probe_quality` of the probe's face (``logit_q``)
-
-
-def fit_logistic(
-    x: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iters: int = 50, sample_weight: np.ndarray | None = None
-) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression by Newton's method (IRLS); numpy only.
-
-    Features are standardised internally (the penalty then treats them alike) and the coefficients
-    mapped back to the raw features. Returns (coef, intercept).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    mu = np.average(x, axis=0, weights=sw)
-    sd = np.sqrt(np.average((x - mu) ** 2, axis=0, weights=sw))
-    sd[sd < 1e-12] = 1.0
-    xs = np.column_stack([np.ones(len(y)), (x - mu) / sd])
-    beta = np.zeros(xs.shape[1])
-    pen = np.full(xs.shape[1], l2 * sw.sum())
-    pen[0] = 0.0
-    for _ in range(iters):
-        eta = np.clip(xs @ beta, -35, 35)
-        p = 1.0 / (1.0 + np.exp(-eta))
-        w = sw * p * (1 - p)
-        grad = xs.T @ (sw * (y - p)) - pen * beta
-        hess = (xs * w[:, None]).T @ xs + np.diag(pen) + 1e-9 * np.eye(xs.shape[1])
-        step = np.linalg.solve(hess, grad)
-        beta += step
-        if np.max(np.abs(step)) < 1e-8:
-            break
-    coef = beta[1:] / sd
-    intercept = float(beta[0] - np.sum(beta[1:] * mu / sd))
-    return coef, intercept
-
-
-def fit(
-    probes: Sequence[FitProbe],
-    engine_scores: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    versions: Mapping[str, str],
-    *,
-    default_method: str = FALLBACK_METHOD,
-    l2: float = 1e-3,
-    meta: Mapping[str, Any] | None = None,
-    fit_quality: bool = True,
-) -> Calibration:
-    """Learn a :class:`Calibration` from fit data.
-
-    ``engine_scores``: engine -> (genuine scores, impostor scores) of the fit probes against the
-    gallery templates (all pairs, not only the top N: the normalisation must describe the engine,
-    not one gallery's tail). ``probes``: the fit searches (lists + mate) for the logistic model; one
-    model is fitted per non-empty subset of the engines, on the same searches with the other engines'
-    lists removed. Mated and non-mated searches both contribute negatives; each search's candidates
-    are weighted to sum to 1 so that long lists do not dominate. ``logit_q`` models (``fit_quality``)
-    are fitted on the same searches, with each probe's ``quality`` (missing measures: the fit mean).
-    """
-    engines: dict[str, EngineCalibration] = {}
-    for e, (gen, imp) in engine_scores.items():
-        gen = np.asarray(gen, dtype=np.float64)
-        imp = np.asarray(imp, dtype=np.float64)
-        if gen.size < 2 or imp.size < 2:
-            raise ValueError(f"{e}: too few scores to calibrate ({gen.size} genuine, {imp.size} impostor)")
-        engines[e] = EngineCalibration(
-            e,
-            versions[e],
-            float(imp.mean()),
-            float(imp.std(ddof=1)),
-            float(gen.mean()),
-            float(gen.std(ddof=1)),
-            int(imp.size),
-            int(gen.size),
-        )
-    cal = Calibration(engines, {e: 1.0 for e in engines}, {}, default_method, dict(meta or {}))
-    fill = {}
-    for name in QUALITY:
-        vals = [float(p.quality[name]) for p in probes if p.quality and p.quality.get(name) is not None]
-        vals = [v for v in vals if math.isfinite(v)]
-        fill[name] = float(np.mean(vals)) if vals else 0.0
-    names = sorted(engines)
-    for k in range(1, len(names) + 1):
-        for subset in itertools.combinations(names, k):
-            key = _subset_key(subset)
-            shell = QualityLogitModel(tuple(subset), [], 0.0, fill)
-            xs, xqs, ys, ws = [], [], [], []
-            for p in probes:
-                lists = {e: p.lists[e] for e in subset if p.lists.get(e)}
-                if set(lists) != set(subset):
-                    continue
-                subjects = sorted(set().union(*({r.subject_id for r in v} for v in lists.values())))
-                xs.append(_features(lists, subjects, subset, cal))
-                if fit_quality:
-                    xqs.append(_features_q(lists, subjects, subset, cal, shell.quality_vector(p.quality)))
-                ys.append(np.asarray([s == p.mate for s in subjects], dtype=np.float64))
-                ws.append(np.full(len(subjects), 1.0 / len(subjects)))
-            if not xs or not any(y.any() for y in ys):
-                continue
-            y, w = np.concatenate(ys), np.concatenate(ws)
-            coef, intercept = fit_logistic(np.vstack(xs), y, l2=l2, sample_weight=w)
-            cal.logit[key] = LogitModel(tuple(subset), [float(c) for c in coef], intercept)
-            if fit_quality:
-                coef, intercept = fit_logistic(np.vstack(xqs), y, l2=l2, sample_weight=w)
-                cal.logit_q[key] = QualityLogitModel(tuple(subset), [float(c) for c in coef], intercept, dict(fill))
-    return cal
 
 
 def resolve_method(method: str, calibration: Calibration | None) -> str:

@@ -66,14 +66,8 @@ import json  # noqa: E402
 
 from structlog.testing import capture_logs  # noqa: E402
 
-from quorum.workers.fusion import (  # noqa: E402
-    Calibration,
-    EngineCalibration,
-    FitProbe,
-    fit,
-    fit_logistic,
-    load_calibration,
-)
+from quorum.evaluation.fitting import FitProbe, fit, fit_logistic  # noqa: E402
+from quorum.workers.fusion import Calibration, EngineCalibration, load_calibration  # noqa: E402
 
 
 def _synthetic(seed=0, probes=300, gallery=60, engines=(("a", 0.0, 0.1, 0.3), ("b", 0.8, 0.02, 0.05))):

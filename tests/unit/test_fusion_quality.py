@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from quorum.evaluation.fitting import FitProbe, fit
 from quorum.workers.fusion import (
     FEATURES_Q,
     QUALITY,
     Calibration,
     EngineCalibration,
-    FitProbe,
     Ranked,
-    _features_q,
-    fit,
+    features_q,
     fuse,
     probe_quality,
     tnorm,
@@ -77,7 +76,7 @@ def test_features_q_layout_rank_gap_and_quality_interactions():
     b = _ranked([("Y", 0.86), ("Z", 0.84)])
     subjects = ["X", "Y", "Z"]
     q = np.asarray([0.9, 4.5])
-    f = _features_q({"a": a, "b": b}, subjects, ("a", "b"), _cal(), q)
+    f = features_q({"a": a, "b": b}, subjects, ("a", "b"), _cal(), q)
     n = len(FEATURES_Q)
     assert f.shape == (3, 2 * n + len(QUALITY))
     col = {name: i for i, name in enumerate(FEATURES_Q)}
