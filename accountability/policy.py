@@ -95,11 +95,18 @@ class RegistrySnapshot:
 
 
 class SearchRequest(Protocol):
-    agency_id: str
-    user_id: str
-    case_number: str
-    offence_code: str
-    purpose: str
+    """What the policy reads of a search request (read-only)."""
+
+    @property
+    def agency_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def case_number(self) -> str: ...
+    @property
+    def offence_code(self) -> str: ...
+    @property
+    def purpose(self) -> str: ...
 
 
 def case_number_problem(value: object) -> InputError | None:

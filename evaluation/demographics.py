@@ -72,16 +72,16 @@ def rates_by_group(
     """
     errors = np.asarray(errors, dtype=np.float64)
     counts = np.ones_like(errors) if counts is None else np.asarray(counts, dtype=np.float64)
-    groups = np.asarray(groups, dtype=object).astype(str)
-    clusters = np.asarray(clusters, dtype=object).astype(str)
+    group_of = np.asarray(groups, dtype=object).astype(str)
+    cluster_of = np.asarray(clusters, dtype=object).astype(str)
     rng = np.random.default_rng(seed)
-    names = sorted(set(groups.tolist()))
+    names = sorted(set(group_of.tolist()))
     point: dict[str, float] = {}
     reps: dict[str, np.ndarray] = {}
     out: dict[str, dict] = {}
     for g in names:
-        sel = groups == g
-        _, inv = np.unique(clusters[sel], return_inverse=True)
+        sel = group_of == g
+        _, inv = np.unique(cluster_of[sel], return_inverse=True)
         e = np.bincount(inv, weights=errors[sel])
         n = np.bincount(inv, weights=counts[sel])
         total_e, total_n = float(e.sum()), float(n.sum())
@@ -192,7 +192,7 @@ def _one_to_one(
         if g is None:
             continue
         ok = er.probe_status[i] == OK
-        sc = er.gallery_vecs @ er.probe_vecs[i] if ok else None
+        sc = er.gallery_vecs @ er.probe_vecs[i] if ok else np.empty(0)
         mate = run.mate_of(i)
         if mate is not None:
             gen_groups.append(g)

@@ -43,7 +43,7 @@ def fill_cache(
     det_id = detector_id()
     mine = list(paths)[shard::shards]
     keys = cache.keys(mine)
-    faces = cache.faces(det_id)
+    faces: dict[str, tuple[str, str | None]] = cache.faces(det_id)
     engs = [get_engine(e) for e in engines]
     versions = {e.name: _embed_version(e.version, det_id) for e in engs}
     done = {e.name: cache.done(e.name, versions[e.name]) for e in engs}
@@ -67,7 +67,7 @@ def fill_cache(
     for start in range(0, len(todo), batch):
         idx = todo[start : start + batch]
         decoded: dict[str, np.ndarray] = {}
-        new_faces = []
+        new_faces: list[tuple[str, str, str | None]] = []
         for i in idx:
             k = keys[i]
             if k in faces and faces[k][0] != OK:
@@ -84,7 +84,7 @@ def fill_cache(
                     detector = make_detector(s.detector, s.device)
                 try:
                     _, face = choose_face(detector.detect(img), None, min_face_pixels=s.min_face_pixels)
-                    rec = (OK, json.dumps(face.to_dict()))
+                    rec: tuple[str, str | None] = (OK, json.dumps(face.to_dict()))
                 except QuorumError as exc:
                     rec = (str(exc.code), None)
                 faces[k] = rec
@@ -92,7 +92,7 @@ def fill_cache(
         cache.put_faces(det_id, new_faces)
         for e in engs:
             items = [
-                (keys[i], decoded[keys[i]], Face.from_dict(json.loads(faces[keys[i]][1])))
+                (keys[i], decoded[keys[i]], Face.from_dict(json.loads(faces[keys[i]][1] or "{}")))
                 for i in idx
                 if keys[i] not in done[e.name] and keys[i] in decoded and faces[keys[i]][0] == OK
             ]

@@ -102,7 +102,7 @@ def fit(
             key = subset_key(subset)
             coef, intercept = fit_logistic(x, y, l2=l2, sample_weight=w)
             cal.logit[key] = LogitModel(tuple(subset), [float(c) for c in coef], intercept)
-            if fit_quality:
+            if xq is not None:
                 coef, intercept = fit_logistic(xq, y, l2=l2, sample_weight=w)
                 cal.logit_q[key] = QualityLogitModel(tuple(subset), [float(c) for c in coef], intercept, dict(fill))
     return cal

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class SplitProtocol:
         )
 
     def summary(self) -> dict:
-        out = {
+        out: dict[str, Any] = {
             "seed": self.seed,
             "holdout_fraction": self.holdout,
             "gallery_identities": len(self.gallery),

@@ -249,8 +249,9 @@ def fusion_outcome(
             continue
         quality = run.quality[i] if run.quality is not None else None
         fused = fuse(lists, run.top_n, method, calibration=calibration, versions=versions, quality=quality)
-        if i < nm:
-            mate = run.subjects[run.mate_of(i)]
+        mate_index = run.mate_of(i)
+        if i < nm and mate_index is not None:
+            mate = run.subjects[mate_index]
             for f in fused:
                 if f.subject_id == mate:
                     ranks[i] = f.rank

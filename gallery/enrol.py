@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis as redis_lib
 import structlog
@@ -237,7 +238,7 @@ def _record_subjects(r, records: list[dict], dates: dict[str, str], numbers: dic
     for subject, old in zip(names, olds, strict=True):
         prev = json.loads(old) if old else {}
         imgs = subjects[subject]
-        doc = {"images": sorted(set(prev.get("images", [])) | set(imgs)), "enrolled_at": now}
+        doc: dict[str, Any] = {"images": sorted(set(prev.get("images", [])) | set(imgs)), "enrolled_at": now}
         for field_name, given in (("booking_dates", dates), ("booking_numbers", numbers)):
             merged = {**prev.get(field_name, {}), **{k: given[k] for k in imgs if k in given}}
             if merged:

@@ -165,9 +165,9 @@ class MicroBatcher:
                 self._execute([sub])
             return
         if len(out) != len(items):
-            err = RuntimeError(f"{self.name}: the model returned {len(out)} templates for {len(items)} faces")
+            wrong = RuntimeError(f"{self.name}: the model returned {len(out)} templates for {len(items)} faces")
             for sub in take:
-                sub.future.set_exception(err)
+                sub.future.set_exception(wrong)
             return
         at = 0
         for sub in take:

@@ -69,7 +69,7 @@ class Face:
             raise InputError(Code.INVALID_MESSAGE, f"bad face record: {exc}") from exc
         if len(box) != 4 or len(lms) != 5:
             raise InputError(Code.INVALID_MESSAGE, "face needs a 4-value box and 5 landmarks")
-        return cls(box=box, landmarks=lms, score=score)  # type: ignore[arg-type]
+        return cls(box=box, landmarks=lms, score=score)
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

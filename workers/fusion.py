@@ -414,7 +414,12 @@ def effective_method(
     if method not in CALIBRATED:
         return method
     problems = ["no calibration loaded"] if calibration is None else calibration.mismatches(list(engines), versions)
-    if method in ("logit", "logit_q") and not problems and calibration.model_for(method, engines) is None:
+    if (
+        method in ("logit", "logit_q")
+        and calibration is not None
+        and not problems
+        and calibration.model_for(method, engines) is None
+    ):
         problems = [f"no {method} model for {subset_key(engines)}"]
     if problems:
         log.warning("fusion.calibration_mismatch", method=method, fallback=FALLBACK_METHOD, problems=problems)

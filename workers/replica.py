@@ -191,7 +191,9 @@ class GalleryReplica:
         def flush() -> None:
             if labels:
                 self.index.add(labels, subjects, np.stack(vecs))
-                labels.clear(), subjects.clear(), vecs.clear()
+                labels.clear()
+                subjects.clear()
+                vecs.clear()
 
         for _entry_id, fields in entries:
             f = {as_str(k): v for k, v in fields.items()}

@@ -103,8 +103,8 @@ def box_crop(image: np.ndarray, face: Face, margin: float = 0.0) -> np.ndarray:
     """Baseline: the detector box (plus a margin fraction) resized to 160x160, no alignment."""
     x, y, w, h = face.box
     mx, my = w * margin / 2, h * margin / 2
-    src = np.float32([[x - mx, y - my], [x + w + mx, y - my], [x - mx, y + h + my]])
-    dst = np.float32([[0, 0], [SIZE, 0], [0, SIZE]])
+    src = np.array([[x - mx, y - my], [x + w + mx, y - my], [x - mx, y + h + my]], dtype=np.float32)
+    dst = np.array([[0, 0], [SIZE, 0], [0, SIZE]], dtype=np.float32)
     return warp(image, cv2.getAffineTransform(src, dst), SIZE)
 
 

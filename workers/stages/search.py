@@ -181,8 +181,8 @@ def search(ctx: StageContext, *, request_id: str, engine: str) -> StageResult:
     templates: int | None = None
     if not answered:
         result, templates = run_engine(ctx, job, engine)
-    send = record_engine_result(ctx, job, engine, result)
-    return StageResult("engine", Outcome.DONE, job, send=tuple(send), engine_result=result, gallery_templates=templates)
+    done = tuple(record_engine_result(ctx, job, engine, result))
+    return StageResult("engine", Outcome.DONE, job, send=done, engine_result=result, gallery_templates=templates)
 
 
 def scatter(ctx: StageContext, job: Job, engine: str) -> StageResult:
