@@ -51,6 +51,7 @@ from sqlalchemy.engine import Connection
 from ..core.config import Settings
 from ..core.errors import Code, ServiceError
 from ..core.retry import call_with_retries
+from ..schemas.case import CaseContext
 from . import db
 
 log = structlog.get_logger()
@@ -101,6 +102,26 @@ class AuditEvent:
     probe_sha256: str = ""
     code: str = ""
     details: dict = field(default_factory=dict)
+
+    @classmethod
+    def of_case(
+        cls, case: CaseContext, *, action: str, outcome: str, code: str = "", actor: str | None = None, details=None
+    ) -> AuditEvent:
+        """A record of one search, carrying its case context; ``actor``: who acted, when not the searcher
+        (a reviewer viewing the sheet)."""
+        return cls(
+            action=action,
+            outcome=outcome,
+            actor=case.user_id if actor is None else actor,
+            agency=case.agency_id,
+            request_id=case.request_id,
+            case_number=case.case_number,
+            offence_code=case.offence_code,
+            purpose=case.purpose,
+            probe_sha256=case.probe_sha256,
+            code=code,
+            details=dict(details or {}),
+        )
 
 
 HASHED_FIELDS = (
@@ -496,19 +517,7 @@ def record_result(s: Settings, job, result, *, engines: dict | None = None, atte
     else:
         outcome, code = "error", result.code
         details = {"stage": result.stage, "message": result.message[:500], "retryable": result.retryable}
-    event = AuditEvent(
-        action=SEARCH_RESULT,
-        outcome=outcome,
-        code=code,
-        actor=job.user_id,
-        agency=job.agency_id,
-        request_id=job.request_id,
-        case_number=job.case_number,
-        offence_code=job.offence_code,
-        purpose=job.purpose,
-        probe_sha256=job.probe_sha256,
-        details=details,
-    )
+    event = AuditEvent.of_case(job.case, action=SEARCH_RESULT, outcome=outcome, code=code, details=details)
 
     def once() -> bool:
         if result_recorded(s, job.request_id):

@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from ..schemas import CandidateList
+from ..schemas.case import CaseContext
 from ..schemas.messages import MAX_CANDIDATES
 from .bands import Bands
 from .render import render
@@ -49,15 +50,17 @@ def _ts_text(iso: str) -> str:
 class Submission:
     """The accepted ``search.submitted`` audit record of a request."""
 
-    request_id: str
-    agency: str
-    user: str
-    case_number: str
-    offence_code: str
-    purpose: str
-    probe_sha256: str
+    case: CaseContext
     image_key: str
     ts: str
+
+    @property
+    def request_id(self) -> str:
+        return self.case.request_id
+
+    @property
+    def agency(self) -> str:
+        return self.case.agency_id
 
 
 def find_submission(eng: Any, request_id: str, agency: str | None = None) -> Submission:
@@ -88,14 +91,17 @@ def find_submission(eng: Any, request_id: str, agency: str | None = None) -> Sub
         )
     r = accepted[0]
     details = json.loads(r["details"] or "{}")
-    return Submission(
+    case = CaseContext(
+        agency_id=r["agency"],
+        user_id=r["actor"],
         request_id=request_id,
-        agency=r["agency"],
-        user=r["actor"],
         case_number=r["case_number"],
         offence_code=r["offence_code"],
         purpose=r["purpose"],
         probe_sha256=r["probe_sha256"],
+    )
+    return Submission(
+        case=case,
         image_key=details.get("image_key") or f"probes/{r['probe_sha256']}",
         ts=r["ts"],
     )
@@ -233,9 +239,7 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
         bands = None
     return build(
         result,
-        user=sub.user,
-        offence_code=sub.offence_code,
-        purpose=sub.purpose,
+        case=sub.case,
         submitted_at=_ts_text(sub.ts),
         probe_uri=uri,
         probe_size=size,
@@ -281,21 +285,11 @@ def view_sheet(
                 ),
             )
         raise
-    audit.append(
-        eng,
-        audit.AuditEvent(
-            action=audit.SEARCH_VIEWED,
-            outcome="ok",
-            actor=actor,
-            agency=sheet.agency,
-            request_id=request_id,
-            case_number=sheet.case_number,
-            offence_code=sheet.offence_code,
-            purpose=sheet.purpose,
-            probe_sha256=sheet.probe_sha256,
-            details={"via": via, "candidates": sheet.candidates, "removed": sheet.removed, **details},
-        ),
+    details = {"via": via, "candidates": sheet.candidates, "removed": sheet.removed, **details}
+    viewed = audit.AuditEvent.of_case(
+        sheet.case, action=audit.SEARCH_VIEWED, outcome="ok", actor=actor, details=details
     )
+    audit.append(eng, viewed)
     return sheet
 
 

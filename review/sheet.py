@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import structlog
 
 from ..schemas import CandidateList, FusedCandidate
+from ..schemas.case import CaseContext
 from ..schemas.messages import MAX_CANDIDATES
 from .bands import Band, Bands
 
@@ -70,12 +71,7 @@ class Section:
 
 @dataclass(frozen=True)
 class Sheet:
-    request_id: str
-    agency: str
-    user: str
-    case_number: str
-    offence_code: str
-    purpose: str
+    case: CaseContext  # who searched, for which case and why (the audit trail's submission)
     submitted_at: str
     answered_at: str
     fusion_method: str
@@ -97,7 +93,6 @@ class Sheet:
     bands_note: str
     generated_at: str
     generated_by: str
-    probe_sha256: str = ""
     notice_short: str = NOTICE_SHORT
 
 
@@ -151,9 +146,7 @@ def _candidate(
 def build(
     result: CandidateList,
     *,
-    user: str,
-    offence_code: str,
-    purpose: str,
+    case: CaseContext,
     submitted_at: str,
     probe_uri: str | None,
     probe_size: tuple[int, int] | None,
@@ -220,12 +213,7 @@ def build(
         note = bands_note
     now = now or datetime.now(UTC)
     return Sheet(
-        request_id=result.request_id,
-        agency=result.agency_id,
-        user=user,
-        case_number=result.case_number,
-        offence_code=offence_code,
-        purpose=purpose,
+        case=case,
         submitted_at=submitted_at,
         answered_at=result.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         fusion_method=result.fusion_method,
@@ -247,5 +235,4 @@ def build(
         bands_note=note,
         generated_at=now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         generated_by=generated_by,
-        probe_sha256=result.probe_sha256,
     )

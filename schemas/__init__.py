@@ -5,6 +5,7 @@ This package imports no worker code. JSON Schema files generated from these mode
 receives; ``python -m quorum.schemas.export`` regenerates them and a test checks they are current.
 """
 
+from .case import CaseContext
 from .job import Job, SearchedFace
 from .messages import (
     INVESTIGATIVE_LEAD_NOTICE,
@@ -28,6 +29,7 @@ __all__ = [
     "INVESTIGATIVE_LEAD_NOTICE",
     "SCHEMA_VERSION",
     "CandidateList",
+    "CaseContext",
     "EngineCandidate",
     "EngineHit",
     "EngineResult",

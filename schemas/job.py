@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from .case import CaseContext
 from .messages import MAX_CANDIDATES, SCHEMA_VERSION, FaceInfo, _Model
 
 Point = tuple[float, float]
@@ -44,6 +45,35 @@ class Job(_Model):
     stream_entry_id: str = Field(description="the intake stream entry that carried the request")
     face: SearchedFace | None = Field(default=None, description="set by intake")
     intake_ms: float | None = Field(default=None, description="intake's time to fetch, decode and detect")
+
+    @classmethod
+    def for_case(cls, case: CaseContext, **rest: object) -> Job:
+        """The job of a search whose case context is ``case``; ``rest``: the job's other fields."""
+        return cls.model_validate(
+            {
+                "request_id": case.request_id,
+                "agency_id": case.agency_id,
+                "user_id": case.user_id,
+                "case_number": case.case_number,
+                "offence_code": case.offence_code,
+                "purpose": case.purpose,
+                "probe_sha256": case.probe_sha256,
+                **rest,
+            }
+        )
+
+    @property
+    def case(self) -> CaseContext:
+        """Who searched, for which case and why, and which probe."""
+        return CaseContext(
+            agency_id=self.agency_id,
+            user_id=self.user_id,
+            request_id=self.request_id,
+            case_number=self.case_number,
+            offence_code=self.offence_code,
+            purpose=self.purpose,
+            probe_sha256=self.probe_sha256,
+        )
 
     def with_face(self, face: SearchedFace) -> Job:
         return self.model_copy(update={"face": face})

@@ -75,6 +75,7 @@ from ..core.config import Settings
 from ..core.errors import Code, InputError, QuorumError, ServiceError
 from ..core.objectstore import ObjectStore, put_content
 from ..schemas import InlineImage, ProbeRequest
+from ..schemas.case import CaseContext
 from ..schemas.job import Job
 from ..schemas.messages import SCHEMA_VERSION
 
@@ -355,30 +356,22 @@ def store(ctx: AdmissionContext, req: ProbeRequest) -> StoredImage:
 
 def admit(ctx: AdmissionContext, agency: str, entry_id: str, req: ProbeRequest, image: StoredImage) -> Admission:
     """Audit the accepted submission, then save its job (nothing runs unaudited)."""
-    audit.record(
-        ctx.settings,
-        audit.AuditEvent(
-            action=audit.SEARCH_SUBMITTED,
-            outcome="accepted",
-            agency=agency,
-            actor=req.user_id,
-            request_id=req.request_id,
-            case_number=req.case_number,
-            offence_code=req.offence_code,
-            purpose=req.purpose,
-            probe_sha256=image.sha256,
-            details={"entry_id": entry_id, "image_key": image.key},
-        ),
-    )
-    job = Job(
-        request_id=req.request_id,
+    case = CaseContext(
         agency_id=agency,
         user_id=req.user_id,
+        request_id=req.request_id,
         case_number=req.case_number,
         offence_code=req.offence_code,
         purpose=req.purpose,
-        image_key=image.key,
         probe_sha256=image.sha256,
+    )
+    details = {"entry_id": entry_id, "image_key": image.key}
+    audit.record(
+        ctx.settings, audit.AuditEvent.of_case(case, action=audit.SEARCH_SUBMITTED, outcome="accepted", details=details)
+    )
+    job = Job.for_case(
+        case,
+        image_key=image.key,
         candidates=req.candidates,
         face_index=req.face_index,
         engines=tuple(ctx.settings.engines),
@@ -406,40 +399,31 @@ def snapshot(ctx: AdmissionContext) -> RegistrySnapshot:
 def record_refusal(ctx: AdmissionContext, agency: str, entry_id: str, refusal: Refusal) -> None:
     """Write a refusal's audit record (before it is answered). Raises ``AUDIT_UNAVAILABLE`` if it cannot."""
     err = refusal.error
-    c = audit_context(refusal.doc)
-    audit.record(
-        ctx.settings,
-        audit.AuditEvent(
-            action=audit.SEARCH_SUBMITTED,
-            outcome="refused",
-            code=err.code.value,
-            agency=agency,
-            actor=c.get("user_id", ""),
-            request_id=refusal.request_id or "",
-            case_number=c.get("case_number", ""),
-            offence_code=c.get("offence_code", ""),
-            purpose=c.get("purpose", ""),
-            probe_sha256=c.get("probe_sha256", ""),
-            details={"entry_id": entry_id, "reason": err.message[:500]},
-        ),
+    case = audit_context(refusal.doc, agency, refusal.request_id or "")
+    details = {"entry_id": entry_id, "reason": err.message[:500]}
+    event = audit.AuditEvent.of_case(
+        case, action=audit.SEARCH_SUBMITTED, outcome="refused", code=err.code.value, details=details
     )
+    audit.record(ctx.settings, event)
 
 
-def audit_context(doc: object) -> dict[str, str]:
+def audit_context(doc: object, agency: str = "", request_id: str = "") -> CaseContext:
     """What a (possibly broken) request says about who, why and which image, for its audit record."""
     if not isinstance(doc, dict):
-        return {}
-    out = {
-        k: doc[k] for k in ("user_id", "case_number", "offence_code", "purpose") if isinstance(doc.get(k), (str, int))
+        return CaseContext(agency_id=agency, request_id=request_id)
+    said = {
+        k: str(doc[k])
+        for k in ("user_id", "case_number", "offence_code", "purpose")
+        if isinstance(doc.get(k), (str, int))
     }
     image = doc.get("image")
     if isinstance(image, dict):
         if isinstance(image.get("key"), str):
-            out["probe_sha256"] = image["key"].rsplit("/", 1)[-1]
+            said["probe_sha256"] = image["key"].rsplit("/", 1)[-1]
         elif isinstance(image.get("data_b64"), str):
             with contextlib.suppress(binascii.Error, ValueError):
-                out["probe_sha256"] = hashlib.sha256(base64.b64decode(image["data_b64"], validate=True)).hexdigest()
-    return out
+                said["probe_sha256"] = hashlib.sha256(base64.b64decode(image["data_b64"], validate=True)).hexdigest()
+    return CaseContext(agency_id=agency, request_id=request_id, **said)
 
 
 def _validation_summary(exc: ValidationError) -> str:

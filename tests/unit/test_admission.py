@@ -22,6 +22,7 @@ from quorum.core.config import Settings
 from quorum.core.errors import Code, InputError, ServiceError
 from quorum.core.objectstore import DiskStore, put_content
 from quorum.schemas import CandidateList, ErrorResult, parse_result
+from quorum.schemas.case import CaseContext
 from quorum.schemas.job import Job
 from quorum.workers import admission
 from quorum.workers.admission import Admission, AdmissionContext, Refusal, admit_entry
@@ -330,10 +331,10 @@ def test_a_long_request_id_is_not_echoed(world):
 
 
 def test_audit_context_of_broken_requests():
-    assert admission.audit_context("not a dict") == {}
+    assert admission.audit_context("not a dict") == CaseContext()
     ctx = admission.audit_context({"user_id": "u", "purpose": 3, "image": {"data_b64": "@@"}, "case_number": None})
-    assert ctx == {"user_id": "u", "purpose": 3}
-    assert admission.audit_context({"image": {"key": "probes/abc"}})["probe_sha256"] == "abc"
+    assert ctx == CaseContext(user_id="u", purpose="3")
+    assert admission.audit_context({"image": {"key": "probes/abc"}}).probe_sha256 == "abc"
 
 
 # ---- dependencies failing: the claim is released in one place ----------------------------------------------

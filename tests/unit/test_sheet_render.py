@@ -14,6 +14,7 @@ from quorum.review.images import probe_uri, thumbnail_uri
 from quorum.review.render import render
 from quorum.review.sheet import NOTICE_SHORT, SECTION_SIZE, agreement, build
 from quorum.schemas import CandidateList, FaceInfo, FusedCandidate
+from quorum.schemas.case import CaseContext
 from tests.htmldom import parse
 
 ENGINES = ["dlib", "facenet", "sface"]
@@ -56,10 +57,16 @@ def _result(candidates, *, method="logit", face_index=0, faces=2, failed=None) -
 def _sheet(result, **kw):
     probe = np.full((200, 160, 3), 128, dtype=np.uint8)
     subjects = [c.subject_id for c in result.candidates]
+    said = {"user_id": kw.pop("user", "inv-0042"), "offence_code": "PC211", "purpose": "criminal-investigation"}
+    case = CaseContext(
+        agency_id=result.agency_id,
+        request_id=result.request_id,
+        case_number=result.case_number,
+        probe_sha256=result.probe_sha256,
+        **said,
+    )
     defaults = dict(
-        user="inv-0042",
-        offence_code="PC211",
-        purpose="criminal-investigation",
+        case=case,
         submitted_at="2026-11-29 22:59:58 UTC",
         probe_uri=probe_uri(probe),
         probe_size=(160, 200),
