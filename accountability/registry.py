@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection
 from ..broker import keys
 from ..core.config import Settings
 from ..core.errors import Code, InputError
+from ..core.files import atomic_write
 from . import audit, db
 from .audit import AuditEvent
 from .policy import ROLES, Agency, RegistrySnapshot, User
@@ -451,11 +452,8 @@ def write_local_acl(eng: Engine, home: str | Path, passwords: Mapping[str, str])
 
     path = local_redis.acl_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     services = {u: p for u, p in passwords.items() if u in local_redis.SERVICE_USERS}
-    tmp.write_text(render_redis_acl(eng, services=local_redis.password_hashes(services)))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, render_redis_acl(eng, services=local_redis.password_hashes(services)))
 
 
 def sync_local_redis(s: Settings) -> list[str] | None:

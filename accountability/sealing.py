@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from ..core.config import settings
 from ..core.errors import Code, ServiceError
+from ..core.files import atomic_write
 
 log = structlog.get_logger()
 
@@ -95,19 +96,11 @@ class SecretBox:
 def add_new_key(path: Path) -> None:
     """Put a fresh key at the top of the key file (the others stay, to open what they sealed)."""
     old = read_keys(path, create=False)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(b"\n".join([Fernet.generate_key(), *old]) + b"\n")
-    os.replace(tmp, path)
+    atomic_write(path, b"\n".join([Fernet.generate_key(), *old]) + b"\n", mode=0o600)
 
 
 def drop_old_keys(path: Path) -> int:
     """Keep only the newest key; returns how many were removed."""
     keys = read_keys(path, create=False)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(keys[0] + b"\n")
-    os.replace(tmp, path)
+    atomic_write(path, keys[0] + b"\n", mode=0o600)
     return len(keys) - 1

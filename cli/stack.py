@@ -37,6 +37,7 @@ from ..broker import keys
 from ..broker.app import ROLE_QUEUES, parse_reindex_role, parse_shard_role, shard_role
 from ..core import local_redis
 from ..core.config import Settings
+from ..core.files import atomic_write
 from .common import redacted
 
 log = structlog.get_logger()
@@ -401,9 +402,7 @@ class Stack:
 def write_pidfile(path: Path, pid: int) -> None:
     """Write a pid file at once (a new file renamed over it): the supervisor must never read one that is
     still empty, which it would take for a dead process and start a second one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(str(pid))
-    os.replace(tmp, path)
+    atomic_write(path, str(pid))
 
 
 def _reap_children() -> None:

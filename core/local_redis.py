@@ -16,12 +16,13 @@ in the same home whose URL carries no credentials and points at that server (whi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse, urlunparse
+
+from .files import atomic_write
 
 # The local stack's service users; their rights are accountability.registry.SERVICE_ACL's (as compose's).
 SERVICE_USERS = ("gateway", "worker", "review", "admin")
@@ -72,17 +73,7 @@ def role_user(role: str) -> str:
 
 def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600 from the start (never readable by others, not even briefly)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRETS_FILE_MODE)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, SECRETS_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    atomic_write(path, text, mode=SECRETS_FILE_MODE)
 
 
 def read_passwords(home: str | Path) -> dict[str, str]:

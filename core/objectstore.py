@@ -13,12 +13,12 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 from .config import Settings
 from .errors import Code, InputError, ServiceError
+from .files import atomic_write
 
 _KEY = re.compile(r"^[a-z][a-z0-9_-]*(/[A-Za-z0-9._-]+)+$")
 
@@ -66,13 +66,9 @@ class DiskStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            atomic_write(path, data)
         except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
             raise ServiceError(Code.STORE_UNAVAILABLE, f"disk store write failed: {exc}") from exc
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:

@@ -182,14 +182,12 @@ def run_searches(
             )
         runs[e] = EngineRun(e, eng.version, status[:ng], status[ng:], vecs[:ng], vecs[ng:], hits)
     result = Run(protocol, subjects, runs, top_n)
-    import os
     import pickle
 
+    from ..core.files import atomic_write
+
     run_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, run_file)
+    atomic_write(run_file, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     result.quality = probe_qualities(cache, det, keys[ng:])
     return result
 

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...core.files import atomic_write
 from .tf_graphdef import TFNode, parse_graphdef
 
 OPSET = 17
@@ -542,9 +543,7 @@ def convert_file(pb: str | Path, out: str | Path) -> ConversionReport:
     model, report = convert_graphdef(Path(pb).read_bytes())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{time.time_ns()}.tmp")
-    tmp.write_bytes(model.SerializeToString())
-    tmp.replace(out)
+    atomic_write(out, model.SerializeToString())
     report.bytes = out.stat().st_size
     return report
 
