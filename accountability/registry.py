@@ -26,6 +26,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
 
 from ..broker import keys
+from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..core.errors import Code, InputError
 from ..core.files import atomic_write
@@ -461,7 +462,6 @@ def sync_local_redis(s: Settings) -> list[str] | None:
     again from the registry (the next start loads it) and apply the agency users to the running server as
     its ``admin`` user (:func:`apply_redis_acl`). Returns the agency users applied; None when there is no
     such server (a deployment's Redis: ``quorum registry redis-acl``, then ``ACL LOAD``)."""
-    import redis as redis_lib
 
     from ..core import local_redis
 
@@ -470,7 +470,7 @@ def sync_local_redis(s: Settings) -> list[str] | None:
         return None
     eng = db.get_engine(s)
     write_local_acl(eng, s.home, local_redis.read_passwords(s.home))
-    client = redis_lib.Redis.from_url(admin_url, socket_connect_timeout=5)
+    client = connect(admin_url, socket_connect_timeout=5)
     try:
         applied = apply_redis_acl(eng, client)
         # A user turned off keeps the connections it has: close them, so that a suspension takes effect now.

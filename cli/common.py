@@ -27,6 +27,7 @@ from urllib.parse import urlparse, urlunparse
 import click
 from pydantic import ValidationError
 
+from ..broker.redis_errors import connect
 from ..core.errors import Code, QuorumError
 
 ERROR_EXIT = 2  # a stable-coded error, a value that does not validate, the stack not reachable
@@ -90,9 +91,8 @@ def stack_failures() -> Iterator[None]:
 def require_redis(url: str) -> None:
     """Fail now, with the stack-down hint, when Redis does not answer (Celery would retry for a while and
     then end in a traceback)."""
-    import redis as redis_lib
 
-    redis_lib.Redis.from_url(url, socket_connect_timeout=2).ping()
+    connect(url, socket_connect_timeout=2).ping()
 
 
 # ---- errors ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..broker.redis_errors import connect
 from ..core.config import settings
 from .common import operator_name, require_redis, tqdm_bar
 
@@ -110,15 +111,13 @@ def gallery_reindex(engine: str, batch: int, window: int, snapshot_every: int, a
     enrolled since): what is done is skipped. Audited."""
     import time
 
-    import redis as redis_lib
-
     from ..gallery.reindex import reindex
     from ..gallery.versions import GalleryRefused, gallery_items
 
     s = settings()
     require_redis(s.redis_url)
 
-    total = len(gallery_items(redis_lib.Redis.from_url(s.redis_url)))
+    total = len(gallery_items(connect(s.redis_url)))
     bar = tqdm_bar(f"reindexing {engine} (images)", total)
     t0, last = time.monotonic(), [0.0]
 
@@ -214,14 +213,13 @@ def gallery_migrate_keys() -> None:
     """Once, when upgrading Quorum to the release that keeps gallery state per engine version: move each
     configured engine's log and snapshot pointer to its version's names (before the new workers start;
     idempotent)."""
-    import redis as redis_lib
 
     from ..core.objectstore import open_store
     from ..workers.replica import migrate_unversioned
 
     s = settings()
     require_redis(s.redis_url)
-    r, store = redis_lib.Redis.from_url(s.redis_url), open_store(s)
+    r, store = connect(s.redis_url), open_store(s)
     for engine in s.engines:
         click.echo(json.dumps(migrate_unversioned(r, store, engine, s.shards_of(engine))))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from ..broker.redis_errors import connect
 from .common import actor_option, db_engine, emit, operator_name
 
 
@@ -149,12 +150,11 @@ def user_certify(user_id: str, cert_id: str, expires, actor: str | None) -> None
 @actor_option
 def user_review_token(user_id: str, ttl_hours: float, actor: str | None) -> None:
     """Issue a one-time sign-in token for quorum review (printed once; the user must be certified)."""
-    import redis as redis_lib
 
     from ..core.config import settings
     from ..review import signin
 
-    r = redis_lib.Redis.from_url(settings().redis_url)
+    r = connect(settings().redis_url)
     token = signin.issue_token(r, db_engine(), user_id, actor=operator_name(actor), ttl_s=round(ttl_hours * 3600))
     click.echo(token)
     click.echo(f"one-time sign-in token for {user_id}, valid {ttl_hours:g} h: it is not shown again", err=True)
@@ -241,8 +241,6 @@ def redis_acl(
     from .deploy import read_service_hashes
 
     if apply_live:
-        import redis as redis_lib
-
         if _apply_to_local_redis():
             return
 
@@ -250,7 +248,7 @@ def redis_acl(
 
         url = load_settings_or_fail().redis_url
         require_redis(url)
-        users = registry.apply_redis_acl(db_engine(), redis_lib.Redis.from_url(url))
+        users = registry.apply_redis_acl(db_engine(), connect(url))
         click.echo(f"applied {len(users)} agency users to the running Redis: {' '.join(users) or '(none)'}")
         return
     if services_file and service_user:

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis as redis_lib
 import structlog
 from celery.result import AsyncResult
 
 from ..accountability import audit, db
 from ..broker import keys
 from ..broker.app import ENROL_QUEUE, GALLERY_QUEUE, TASK_ENROL_DETECT, TASK_SNAPSHOT, make_app
+from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..core.errors import Code, InputError
 from ..core.objectstore import ObjectStore, put_content
@@ -124,7 +124,7 @@ class _Enrolment:
 
     def __init__(self, s: Settings, store: ObjectStore, todo: list[EnrolItem], actor: str) -> None:
         self.s, self.store, self.actor = s, store, actor
-        self.r = redis_lib.Redis.from_url(s.redis_url)
+        self.r = connect(s.redis_url)
         self.app = make_app(s.redis_url)
         self.engines = list(s.engines)
         self.report = EnrolReport(images=len(todo), job_id=enrol_job_id(todo, self.engines))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import redis as redis_lib
 import structlog
 
 from ..accountability import audit
 from ..broker import keys
+from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..core.objectstore import ObjectStore
 from ..workers.replica import log_remove
@@ -24,7 +24,7 @@ def expunge(s: Settings, store: ObjectStore, subject: str, *, reason: str, actor
     its record, and only then the ``remove`` entries: an add is written only while the record exists
     (``workers.replica.log_add_entries``), so an enrolment or reindex in flight cannot write the subject
     back, into any version. Running it again after a failure finishes the job."""
-    r = redis_lib.Redis.from_url(s.redis_url)
+    r = connect(s.redis_url)
     raw = r.hget(keys.GALLERY_SUBJECTS, subject)
     images = json.loads(raw)["images"] if raw else []
     versions = {e: sorted(keys.as_str(v) for v in r.hkeys(keys.gallery_versions(e))) for e in s.engines}

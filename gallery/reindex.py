@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis as redis_lib
 import structlog
 from celery.result import AsyncResult
 
 from ..accountability import audit
 from ..broker import keys
 from ..broker.app import TASK_ENROL, make_app, reindex_queue
+from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..workers.replica import enrolled_member
 from .batches import run_batches
@@ -110,7 +110,7 @@ class _Reindex:
 
     def __init__(self, s: Settings, engine: str, actor: str) -> None:
         self.s, self.engine, self.actor = s, engine, actor
-        self.r = redis_lib.Redis.from_url(s.redis_url)
+        self.r = connect(s.redis_url)
         self.app = make_app(s.redis_url)
         self.version, workers = reindex_version(self.r, engine)
         self.items = gallery_items(self.r)

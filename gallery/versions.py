@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import redis as redis_lib
 import structlog
 
 from ..accountability import audit
 from ..broker import keys, liveness
 from ..broker.app import TASK_SNAPSHOT
+from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..core.errors import InputError
 from ..core.objectstore import ObjectStore
@@ -58,7 +58,7 @@ def snapshot_version(app, engine: str, shards: int, queue: str, *, wait: bool, t
 def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
     """Per engine: the versions its gallery holds (templates counted at enrolment and expunge; each
     shard's newest snapshot), and the versions its live workers run (searching, per shard, reindexing)."""
-    r = redis_lib.Redis.from_url(s.redis_url)
+    r = connect(s.redis_url)
     out = []
     for engine in s.engines:
         shards = s.shards_of(engine)
@@ -91,7 +91,7 @@ def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
 def drop_version(s: Settings, store: ObjectStore, engine: str, version: str, *, actor: str = "operator") -> dict:
     """Delete an engine version's gallery state once no worker runs it: its logs, snapshots and pointers,
     its members of ``keys.gallery_enrolled`` and its count (audited as ``gallery.drop_version``)."""
-    r = redis_lib.Redis.from_url(s.redis_url)
+    r = connect(s.redis_url)
     users = {
         k: n
         for k, w in ((k, live_versions(r, k, engine)) for k in ("engine", "shard", "reindex"))

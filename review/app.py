@@ -27,7 +27,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis as redis_lib
 import structlog
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +35,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..accountability import audit, db, dispositions
+from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..core.errors import Code, QuorumError
 from . import signin
@@ -109,7 +109,7 @@ def searches(eng: Any, agency: str, limit: int = LIST_LIMIT) -> list[dict]:
 
 def create_app(s: Settings) -> Starlette:
     eng = db.get_engine(s)
-    r = redis_lib.Redis.from_url(s.redis_url)
+    r = connect(s.redis_url)
 
     def who(request: Request) -> signin.Reviewer | None:
         return signin.reviewer(r, eng, request.cookies.get(COOKIE))

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from ..broker.redis_errors import connect
 from ..schemas import CandidateList
 from ..schemas.case import CaseContext
 from ..schemas.messages import MAX_CANDIDATES
@@ -196,7 +197,6 @@ def probe_faces(s: Any, store: Any, image_key: str) -> tuple[str | None, tuple[i
 
 def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: str = "") -> Sheet:
     """Everything a sheet shows for ``request_id``, read from the audit trail, Redis and the object store."""
-    import redis as redis_lib
 
     from ..accountability import db
     from ..core.objectstore import open_store
@@ -205,7 +205,7 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
     from .images import thumbnail_uri
 
     eng = db.get_engine(s)
-    r = redis_lib.Redis.from_url(s.redis_url)
+    r = connect(s.redis_url)
     sub = find_submission(eng, request_id, agency)
     result = load_result(s, r, eng, sub)
     store = open_store(s)

@@ -13,6 +13,7 @@ from functools import cached_property
 import redis as redis_lib
 import structlog
 
+from ..broker.redis_errors import connect
 from ..core.config import Settings, settings
 
 log = structlog.get_logger()
@@ -30,7 +31,7 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis_lib.Redis:
-        return redis_lib.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+        return connect(self.settings.redis_url, health_check_interval=30)
 
     @cached_property
     def store(self):
