@@ -1,11 +1,9 @@
-"""onnxruntime, as every onnxruntime model here runs it (the engines, SCRFD): providers, sessions, runs
-with IO binding on CUDA, and the checksum of a weights file (a leaf: imports nothing of Quorum's).
+"""onnxruntime, as every onnxruntime model here runs it (the engines, SCRFD): providers, sessions, and
+runs with IO binding on CUDA (a leaf: imports nothing of Quorum's).
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,11 +51,3 @@ def ort_run(session: Any, input_name: str, blob: np.ndarray, bind: str | None = 
     binding.bind_output(output, bind)
     session.run_with_iobinding(binding)
     return np.asarray(binding.copy_outputs_to_cpu()[0])
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

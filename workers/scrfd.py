@@ -94,7 +94,8 @@ class ScrfdDetector:
         device: str = "cpu",
         threads: int = 0,
     ) -> None:
-        from .ort import file_sha256, ort_session
+        from .ort import ort_session
+        from .weights import file_sha256
 
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold

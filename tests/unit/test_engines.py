@@ -111,7 +111,7 @@ def test_arcface_batches_in_one_call_without_the_declared_batch_of_one(samples) 
 
 def test_every_engine_records_its_weights_checksum_and_it_matches() -> None:
     from quorum.core.engines import ENGINES as SPECS
-    from quorum.workers.ort import file_sha256
+    from quorum.workers.weights import file_sha256
 
     for name, spec in SPECS.items():
         eng = get_engine(name, "cpu")
@@ -219,7 +219,7 @@ def test_facenet_onnx_batch_equals_one_at_a_time(ci_faces: list[tuple[np.ndarray
 def test_facenet_conversion_is_cached_by_the_graphs_sha256(monkeypatch: pytest.MonkeyPatch) -> None:
     from quorum.workers.conversion import tf_to_onnx
     from quorum.workers.engines import facenet
-    from quorum.workers.ort import file_sha256
+    from quorum.workers.weights import file_sha256
 
     eng = get_engine("facenet", "cpu")
     path = Path(eng.onnx_file)  # type: ignore[attr-defined]

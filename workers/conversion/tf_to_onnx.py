@@ -549,7 +549,7 @@ def convert_file(pb: str | Path, out: str | Path) -> ConversionReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..engines import package_dir
+    from ..weights import package_dir
 
     prog = "python -m quorum.workers.conversion.tf_to_onnx"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])

@@ -11,11 +11,9 @@ and hundreds of MB), and every failure inside a model call is turned into
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -25,7 +23,7 @@ from ...core.config import Settings, settings
 from ...core.engines import EngineSpec, engine_spec
 from ...core.errors import Code, QuorumError, ServiceError
 from ..faces import Face
-from ..ort import file_sha256
+from ..weights import file_sha256
 
 log = structlog.get_logger()
 
@@ -50,23 +48,6 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
-
-
-def package_dir(name: str) -> Path:
-    """A package's folder without importing it (some import broken deps: see MODELS.md)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ServiceError(Code.ENGINE_FAILED, f"package {name} is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def package_version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class BaseEngine(ABC):

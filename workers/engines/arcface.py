@@ -22,7 +22,8 @@ import onnx
 
 from ..faces import Face, align_arcface
 from ..ort import ort_provider, ort_run, ort_session, providers_for
-from . import BaseEngine, package_dir, package_version
+from ..weights import package_dir, package_version
+from . import BaseEngine
 
 MODEL_FILE = "w600k_mbf.onnx"
 

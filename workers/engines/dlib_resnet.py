@@ -16,7 +16,8 @@ import dlib
 import numpy as np
 
 from ..faces import Face
-from . import BaseEngine, package_dir, package_version
+from ..weights import package_dir, package_version
+from . import BaseEngine
 
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"

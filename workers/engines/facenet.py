@@ -32,8 +32,9 @@ import numpy as np
 import structlog
 
 from ..faces import Face, umeyama, warp
-from ..ort import file_sha256, ort_provider, ort_run, ort_session, providers_for
-from . import BaseEngine, package_dir, package_version
+from ..ort import ort_provider, ort_run, ort_session, providers_for
+from ..weights import file_sha256, package_dir, package_version
+from . import BaseEngine
 
 log = structlog.get_logger()
 

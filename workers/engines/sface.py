@@ -23,7 +23,8 @@ from onnx import helper, numpy_helper
 
 from ..faces import Face, align_arcface
 from ..ort import ort_provider, ort_run, ort_session, providers_for
-from . import BaseEngine, package_dir, package_version
+from ..weights import package_dir, package_version
+from . import BaseEngine
 
 MODEL_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 
