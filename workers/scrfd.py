@@ -18,7 +18,7 @@ outputs ``score_{8,16,32}`` (N, A, 1), ``bbox_{8,16,32}`` (N, A, 4), ``kps_{8,16
 
 Keypoints come in the order left eye, right eye, nose, left mouth corner, right mouth corner *as seen in
 the picture*, which is YuNet's order (the subject's right eye first, on the left of the picture): the
-:class:`~workers.detect.Face` landmarks need no reordering for :func:`~workers.detect.align_arcface`.
+:class:`~workers.faces.Face` landmarks need no reordering for :func:`~workers.faces.align_arcface`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fusion: merge the engines' ranked lists into the candidate list, once, when every engine has answered
 or a deadline has passed.
 
-:func:`search` (``workers.stages.search``) asks for a ``fuse`` at ``fusion_deadline_s`` when the first engine
+``workers.stages.search`` asks for a ``fuse`` at ``fusion_deadline_s`` when the first engine
 answers and for one at once when the last does. If the deadline passes with engines missing, an engine
 whose workers are alive (their heartbeat holds) is busy, not down: fusion waits another deadline for it,
 up to ``search_timeout_s`` from receipt; one with no live worker is left out and the list is marked
