@@ -153,8 +153,8 @@ def admit_entry(
     """Run the steps for one entry of ``agency``'s intake stream.
 
     Returns the :class:`Admission` (after ``dispatch(job)``, when given, has returned) or the
-    :class:`Refusal`. Raises :class:`~core.errors.ServiceError` when a dependency fails: the entry must
-    then stay pending, and its request id claim has been released.
+    :class:`Refusal`. Raises a ``retryable`` error when a dependency fails: the entry must then stay
+    pending, and its request id claim has been released.
     """
     parsed: Parsed | None = None
     try:
@@ -162,11 +162,15 @@ def admit_entry(
         check_version(parsed)
         authenticate(ctx, agency, entry_id, parsed)
         req = validate(agency, parsed)
-    except InputError as err:
+    except QuorumError as err:
+        if err.retryable:  # a dependency away: the entry stays pending and is tried again
+            raise
         return Refusal(err, parsed.request_id if parsed else None, keyed=False, doc=parsed.doc if parsed else None)
     try:
         claim_key = claim(ctx, agency, entry_id, req)
-    except InputError as err:  # DUPLICATE_REQUEST: the audit record names no more than the request id
+    except QuorumError as err:  # DUPLICATE_REQUEST: the audit record names no more than the request id
+        if err.retryable:
+            raise
         return Refusal(err, req.request_id, keyed=False)
     try:
         authorise(ctx, agency, req)
@@ -175,9 +179,9 @@ def admit_entry(
         if dispatch is not None:
             dispatch(admission.job)
         return admission
-    except InputError as err:
-        return Refusal(err, req.request_id, keyed=True, doc=parsed.doc)
-    except ServiceError:
+    except QuorumError as err:
+        if not err.retryable:
+            return Refusal(err, req.request_id, keyed=True, doc=parsed.doc)
         release(ctx, claim_key)
         raise
 
