@@ -356,6 +356,14 @@ def test_no_engine_result_is_an_error_and_an_empty_gallery_says_so(w):
     res2 = stages.fuse(w.ctx(), request_id=job2.request_id)
     assert isinstance(res2.published, ErrorResult) and res2.published.code == Code.NO_ENGINE_RESULT.value
 
+    job3 = w.prepared()  # the probe's image out of reach for every engine (the store away): said so
+    for e in ENGINES:
+        w.engines[e].fail = ServiceError(Code.STORE_UNAVAILABLE, "store away")
+    _both_engines(w, job3)
+    res3 = stages.fuse(w.ctx(), request_id=job3.request_id)
+    assert isinstance(res3.published, ErrorResult) and res3.published.code == Code.STORE_UNAVAILABLE.value
+    assert res3.published.retryable
+
 
 def test_the_intake_watchdog_sends_prepare_again_only_when_intake_has_nothing_queued(w):
     job = w.job()  # admitted, but its prepare message never reached a worker

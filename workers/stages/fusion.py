@@ -36,6 +36,9 @@ from .context import (
 from .search import record_engine_result
 from .shards import merge_now
 
+# When every engine failed for one of these reasons, the request is answered with it.
+SAID_AS_IT_IS = frozenset({Code.GALLERY_EMPTY.value, Code.STORE_UNAVAILABLE.value})
+
 
 def _alive(r: Any, key: str) -> bool:
     """Whether a worker's heartbeat in ``key`` still holds (a live engine or shard worker)."""
@@ -140,7 +143,9 @@ def _partial_shards(ctx: StageContext, job: Job, missing: Sequence[str]) -> dict
 
 def _answer_fused(ctx: StageContext, job: Job, results: dict[str, EngineResult]) -> StageResult:
     """The request's answer from the engines' results: the fused candidate list, or an error when no
-    engine gave a list (engines that never answered count as ``ENGINE_TIMEOUT``)."""
+    engine gave a list (engines that never answered count as ``ENGINE_TIMEOUT``). The error is
+    ``NO_ENGINE_RESULT``, unless every engine failed for one reason the agency can act on: an empty
+    gallery (``GALLERY_EMPTY``) or the probe's image out of reach (``STORE_UNAVAILABLE``)."""
     ok = {e: res for e, res in results.items() if res.status == "ok"}
     failed = {e: res.error_code or Code.ENGINE_FAILED.value for e, res in results.items() if res.status != "ok"}
     for e in job.engines:
@@ -148,7 +153,7 @@ def _answer_fused(ctx: StageContext, job: Job, results: dict[str, EngineResult])
             failed[e] = Code.ENGINE_TIMEOUT.value
     if not ok:
         codes = set(failed.values())
-        code = Code.GALLERY_EMPTY if codes == {Code.GALLERY_EMPTY.value} else Code.NO_ENGINE_RESULT
+        code = Code(codes.pop()) if len(codes) == 1 and codes <= SAID_AS_IT_IS else Code.NO_ENGINE_RESULT
         err = ServiceError(code, f"no engine answered: {failed}")
         reply = error_result(job, err, "fusion")
         return answer_or_retry(ctx, job, lambda: answer(ctx, job, reply), Outcome.FAILED, results, code.value)
