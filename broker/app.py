@@ -14,7 +14,7 @@ import json
 import re
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from ..core.config import settings
 from ..core.engines import ENGINE_NAMES
@@ -121,12 +121,18 @@ def oldest_message_age(raw: bytes | str | None, now: float) -> float:
         return 0.0
 
 
+def own_queue(name: str) -> Queue:
+    """A queue bound to an exchange of its own, its name the routing key: a message for one queue reaches
+    no other (the queues Celery creates on first use, shards' and reindex queues, are made so too)."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def make_app(redis_url: str | None = None) -> Celery:
     s = settings()
     url = redis_url or s.redis_url
     app = Celery("quorum", broker=url, backend=url, include=["quorum.workers.tasks"])
     app.conf.update(
-        task_queues=[Queue(q) for q in ALL_QUEUES],
+        task_queues=[own_queue(q) for q in ALL_QUEUES],
         task_default_queue=INTAKE_QUEUE,
         task_routes={
             "quorum.intake.*": {"queue": INTAKE_QUEUE},

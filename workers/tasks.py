@@ -3,7 +3,9 @@
 Each task runs its stage with this process's context (``workers.runtime``) and hands the result to
 :func:`finish`, which tells the observers (``broker.lifecycle``: metrics, logs) and sends the messages
 the stage asked for, by task name. Tasks take named arguments only (``request_id=``, ``engine=``...); the
-names are in ``broker.app``. The probe's path and the idempotence that makes redelivery safe are
+names are in ``broker.app``. The probe's tasks keep no result (``ignore_result``: nobody reads their
+return, and each would leave a ``celery-task-meta-*`` key in Redis for a day); enrolment's and snapshots'
+results are read by the operator's command that sent them. The probe's path and the idempotence that makes redelivery safe are
 described in ``workers.stages``.
 """
 
@@ -47,7 +49,7 @@ def finish(result: stages.StageResult) -> stages.StageResult:
     return result
 
 
-@app.task(name=TASK_PREPARE, bind=True, max_retries=5)
+@app.task(name=TASK_PREPARE, bind=True, max_retries=5, ignore_result=True)
 def prepare(self: Task, *, request_id: str) -> str:
     last = self.request.retries >= self.max_retries
     try:
@@ -59,20 +61,20 @@ def prepare(self: Task, *, request_id: str) -> str:
     return finish(result).status
 
 
-@app.task(name=TASK_SEARCH)
+@app.task(name=TASK_SEARCH, ignore_result=True)
 def search(*, request_id: str, engine: str) -> str:
     with runtime.embedding_slot(engine):  # this task's face joins a shared model call (workers.batching)
         result = stages.search(runtime.context(), request_id=request_id, engine=engine)
     return finish(result).status
 
 
-@app.task(name=TASK_SHARD_SEARCH)
+@app.task(name=TASK_SHARD_SEARCH, ignore_result=True)
 def shard_search(*, request_id: str, engine: str, shard: int, shards: int) -> str:
     ctx = runtime.context()
     return finish(stages.shard_search(ctx, request_id=request_id, engine=engine, shard=shard, shards=shards)).status
 
 
-@app.task(name=TASK_FUSE)
+@app.task(name=TASK_FUSE, ignore_result=True)
 def fuse(*, request_id: str, final: bool = False, watchdog: bool = False) -> str:
     return finish(stages.fuse(runtime.context(), request_id=request_id, final=final, watchdog=watchdog)).status
 
