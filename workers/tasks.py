@@ -5,8 +5,8 @@ Each task runs its stage with this process's context (``workers.runtime``) and h
 the stage asked for, by task name. Tasks take named arguments only (``request_id=``, ``engine=``...); the
 names are in ``broker.app``. The probe's tasks keep no result (``ignore_result``: nobody reads their
 return, and each would leave a ``celery-task-meta-*`` key in Redis for a day); enrolment's and snapshots'
-results are read by the operator's command that sent them. The probe's path and the idempotence that makes redelivery safe are
-described in ``workers.stages``.
+results are read by the operator's command that sent them. The probe's path and the idempotence that
+makes redelivery safe are described in ``workers.stages``.
 """
 
 from __future__ import annotations
