@@ -115,12 +115,16 @@ def stack_supervise() -> None:
     import signal
     import threading
 
+    from ..core.logs import relay_foreign_output
     from .stack import Stack
 
+    s = settings()
+    if s.log_json:
+        relay_foreign_output()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    Stack(settings()).supervise(stop)
+    Stack(s).supervise(stop)
 
 
 @click.command("redis-url")

@@ -7,6 +7,7 @@ import ipaddress
 import click
 
 from ..core.config import settings
+from ..core.logs import relay_foreign_output
 
 
 def _loopback(host: str) -> bool:
@@ -31,8 +32,12 @@ def review(host: str, port: int, allow_remote: bool) -> None:
 
     if not _loopback(host) and not allow_remote:
         raise click.UsageError(f"{host} is not a loopback address: pass --allow-remote (and put TLS in front)")
+    s = _review_settings()
+    if s.log_json:
+        relay_foreign_output()
     click.echo(f"quorum review on http://{host}:{port}/  (sign in with: quorum registry user review-token USER)")
-    uvicorn.run(create_app(_review_settings()), host=host, port=port, log_level="warning", access_log=False)
+    # log_config=None: uvicorn's records go to the process's one log stream (core.logs), not its own format
+    uvicorn.run(create_app(s), host=host, port=port, log_level="warning", access_log=False, log_config=None)
 
 
 def _review_settings():

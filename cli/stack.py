@@ -330,6 +330,7 @@ class Stack:
                     "stack.process_restarted", role=role, index=int(i), pid=pid, next_backoff_s=backoff[pidfile.stem]
                 )
             _reap_children()
+            rotate_logs(self.log_dir, max_bytes=self.s.log_max_bytes, backups=self.s.log_backups)
             stop.wait(interval_s)
         log.info("stack.supervisor_stopped")
 
@@ -397,6 +398,27 @@ class Stack:
         for role in (*stack_roles(self.s), SUPERVISOR):  # what this stack runs (configured engines, shards)
             out[role] = "running" if self._alive(self._pidfile(role)) else "stopped"
         return out
+
+
+def rotate_logs(log_dir: Path, *, max_bytes: int, backups: int) -> list[Path]:
+    """Rotate each process log past ``max_bytes``: ``x.log`` is copied to ``x.log.1`` (older copies move up,
+    ``backups`` kept) and emptied in place. Its process keeps writing to the same open file: every
+    process log is opened for appending, so its next line lands at the new end. Returns the logs rotated."""
+    rotated = []
+    for path in sorted(log_dir.glob("*.log")):
+        try:
+            if path.stat().st_size <= max_bytes:
+                continue
+            for n in range(backups - 1, 0, -1):
+                older = path.with_name(f"{path.name}.{n}")
+                if older.exists():
+                    os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+            shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+            os.truncate(path, 0)
+            rotated.append(path)
+        except OSError as exc:  # a log that cannot be rotated now is tried again on the next round
+            log.warning("stack.log_rotation_failed", log=str(path), error=str(exc))
+    return rotated
 
 
 def write_pidfile(path: Path, pid: int) -> None:

@@ -176,6 +176,9 @@ class Settings(BaseSettings):
     data_dir: str = ""  # labelled faces for the demo; default ../shared/data next to the repo
     log_level: str = "INFO"
     log_json: bool = False
+    # The local stack's process logs (<home>/logs): rotated by its supervisor past this size, this many kept.
+    log_max_bytes: int = Field(default=50 * 1024 * 1024, ge=64 * 1024)
+    log_backups: int = Field(default=3, ge=1, le=100)
     # Accountability (see README "Accountability"): registry + audit database, signatures, retention.
     database_url: str = ""  # empty: SQLite at <home>/quorum.db; else e.g. postgresql+psycopg://u@host/db
     signature_window_s: int = 300  # a submission's timestamp must be within this of the gateway's clock

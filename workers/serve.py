@@ -14,7 +14,7 @@ from ..broker.app import ROLE_QUEUES, app, parse_reindex_role, parse_shard_role,
 from ..broker.lifecycle import Observer
 from ..core import metrics
 from ..core.config import settings
-from ..core.logs import configure_logging
+from ..core.logs import configure_logging, relay_foreign_output
 
 log = structlog.get_logger()
 
@@ -44,6 +44,8 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     s = settings()
     _check_shard_role(role, s)
     configure_logging(s.log_level, s.log_json)
+    if s.log_json:
+        relay_foreign_output()
     from . import observers
     from .runtime import runtime
 
@@ -64,7 +66,7 @@ def run_worker(role: str, concurrency: int = 1) -> None:
         runtime.batcher(role)
         pool = ["--pool", "threads", "--concurrency", str(s.embed_batch)]
     argv = ["worker", "-Q", queue, "-n", node, *pool, "--loglevel", s.log_level, "--without-gossip", "--without-mingle"]
-    app.worker_main(argv)
+    app.worker_main(["--quiet", *argv] if s.log_json else argv)  # JSON mode: no banner, records only
 
 
 def _check_shard_role(role: str, s) -> None:
@@ -179,6 +181,8 @@ def _start_timer_sweeper(redis, every_s: float = 0.5) -> None:
 def run_gateway() -> None:
     s = settings()
     configure_logging(s.log_level, s.log_json)
+    if s.log_json:
+        relay_foreign_output()
     from .gateway import Gateway
     from .runtime import runtime
 

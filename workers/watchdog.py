@@ -32,6 +32,7 @@ import structlog
 from ..broker import keys
 from ..broker.app import TASK_ENROL, TASK_ENROL_DETECT, TASK_FUSE, TASK_PREPARE, TASK_SEARCH, TASK_SHARD_SEARCH
 from ..broker.lifecycle import Observer
+from ..core.logs import drain_relay
 
 log = structlog.get_logger()
 
@@ -111,6 +112,7 @@ def overruns(redis: Any, request_id: str, part: str) -> int:
 def _exit_process(code: int) -> None:  # pragma: no cover - ends the process
     sys.stdout.flush()
     sys.stderr.flush()
+    drain_relay()  # the last records (why the process ends) reach the log before os._exit skips atexit
     os._exit(code)
 
 

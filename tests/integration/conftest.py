@@ -82,10 +82,11 @@ def own_stack(home: Path, data_dir: Path, *, agency: str, gallery: int, **overri
 
 @pytest.fixture(scope="session")
 def s3_stack(tmp_path_factory, s3_server):
-    """The full stack on a real S3 server; the main accuracy run uses it."""
+    """The full stack on a real S3 server, logging JSON; the main accuracy run uses it."""
     s, stack, redis_server = _stack(
         tmp_path_factory,
         "stack-s3",
+        log_json=True,
         s3_endpoint=s3_server.env["S3_ENDPOINT"],
         s3_access_key=s3_server.env["S3_ACCESS_KEY"],
         s3_secret_key=s3_server.env["S3_SECRET_KEY"],

@@ -70,3 +70,24 @@ def test_candidate_list_contract(run):
 
     assert res.fusion_method == load_calibration().default_method
     assert len(res.probe_sha256) == 64 and res.face.faces_found >= 1
+
+
+def test_every_line_of_every_process_log_is_a_json_record(run, s3_stack):
+    """QUORUM_LOG_JSON=true: one format for a log shipper, whichever library wrote the line (Celery,
+    kombu, onnxruntime, the supervisor, a print). redis.log is redis-server's own log, not ours."""
+    import json
+    from pathlib import Path
+
+    logs = [p for p in sorted((Path(s3_stack.home) / "logs").glob("*.log")) if p.name != "redis.log"]
+    assert len(logs) >= 6  # gateway, intake, fusion, three engines (and the gallery worker)
+    plain = []
+    for path in logs:
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line)
+                ok = isinstance(record, dict) and {"event", "level", "timestamp"} <= set(record)
+            except ValueError:
+                ok = False
+            if not ok:
+                plain.append(f"{path.name}:{n}: {line[:200]}")
+    assert not plain, "\n".join(plain[:20])
