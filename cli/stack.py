@@ -59,6 +59,11 @@ def shard_roles(s: Settings) -> tuple[str, ...]:
     )
 
 
+def _runs_engine(roles: tuple[str, ...], engine: str) -> bool:
+    """Whether one of ``roles`` loads ``engine``: its worker, a shard of it, or its reindex worker."""
+    return any(r == engine or r.startswith(engine + ".") for r in roles)
+
+
 def _known_role(s: Settings, role: str) -> bool:
     return role in ROLES or role in shard_roles(s)
 
@@ -94,6 +99,7 @@ class Stack:
         self.home = Path(s.home)
         self.run_dir = self.home / "run"
         self.log_dir = self.home / "logs"
+        self._started_redis = False  # by this object's last start_redis (what a failed ``up`` stops)
 
     # ---- redis ------------------------------------------------------------------------------
     def _redis_answer(self, url: str | None = None) -> str:
@@ -189,6 +195,7 @@ class Stack:
         # Recorded at once (``down`` stops it even if it never answers); from now on this home's
         # commands log in as its admin user.
         local_redis.record_started(self.home, self.s.redis_url)
+        self._started_redis = True
         log.info(
             "stack.redis_started",
             server=local_redis.server_address(self.s.redis_url),
@@ -281,15 +288,42 @@ class Stack:
         timeout: float = 180.0,
         supervise: bool = True,
     ) -> None:
+        """Start ``roles`` (default: the whole stack) and wait until each takes work.
+
+        First a preflight: every model package the configured engines and detector open is installed
+        (``ENGINE_NOT_INSTALLED`` names the command that installs what is missing), before anything
+        starts. An ``up`` that then fails (a process that exits while starting, not ready in time, an
+        interrupt) stops everything it started, its redis-server included, so the port is free again."""
+        from ..core.engines import require_models
+
         roles = stack_roles(self.s) if roles is None else roles
-        self.start_redis()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "metrics_base").write_text(str(metrics_base))
-        for role in roles:
-            self.start_process(role)
-        if supervise:
-            self.start_process(SUPERVISOR)
-        self.wait_ready(roles, timeout=timeout)
+        needs_detector = any(r == "intake" or parse_reindex_role(r) for r in roles)
+        require_models(
+            tuple(e for e in self.s.engines if _runs_engine(roles, e)), self.s.detector if needs_detector else None
+        )
+        started: list[str] = []
+        self._started_redis = False
+        try:
+            self.start_redis()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "metrics_base").write_text(str(metrics_base))
+            for role in (*roles, SUPERVISOR) if supervise else roles:
+                if not self._alive(self._pidfile(role)):
+                    started.append(role)
+                self.start_process(role)
+            self.wait_ready(roles, timeout=timeout)
+        except BaseException:
+            self._undo_up(started)
+            raise
+
+    def _undo_up(self, started: list[str]) -> None:
+        """Stop what a failed ``up`` started: the supervisor first (or it restarts the rest), the processes,
+        and the redis-server if this ``up`` started it."""
+        for role in sorted(started, key=lambda r: r != SUPERVISOR):
+            self.stop_process(role)
+        if self._started_redis:
+            self._stop_redis()
+        log.warning("stack.up_failed_stopped", roles=",".join(started), redis=self._started_redis)
 
     def supervise(
         self,
@@ -384,14 +418,20 @@ class Stack:
             role, _, i = pidfile.stem.rpartition("-")
             if self.stop_process(role, int(i)):
                 stopped.append(pidfile.stem)
-        marker = local_redis.started_file(self.home)
-        if marker.exists():
-            pid = self._alive(local_redis.pid_file(self.home))
-            if pid:
-                _terminate(pid)
-                stopped.append("redis")
-            marker.unlink(missing_ok=True)
+        if self._stop_redis():
+            stopped.append("redis")
         return stopped
+
+    def _stop_redis(self) -> bool:
+        """Stop the redis-server this home's stack started, if it runs. True if it was running."""
+        marker = local_redis.started_file(self.home)
+        if not marker.exists():
+            return False
+        pid = self._alive(local_redis.pid_file(self.home))
+        if pid:
+            _terminate(pid)
+        marker.unlink(missing_ok=True)
+        return pid is not None
 
     def status(self) -> dict[str, str]:
         out = {"redis": "up" if self._redis_reachable() else "down"}

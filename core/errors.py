@@ -59,6 +59,7 @@ class Code(StrEnum):
     SEARCH_TIMEOUT = "SEARCH_TIMEOUT"  # the search timeout passed before the probe's face was found
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"  # the audit database cannot be written: nothing runs unaudited
     LICENCE_NOT_ACCEPTED = "LICENCE_NOT_ACCEPTED"  # a research-only engine the operator has not accepted
+    ENGINE_NOT_INSTALLED = "ENGINE_NOT_INSTALLED"  # an engine's model package or files are missing (names the fix)
     INTERNAL = "INTERNAL"
 
 

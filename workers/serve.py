@@ -46,6 +46,7 @@ def run_worker(role: str, concurrency: int = 1) -> None:
     configure_logging(s.log_level, s.log_json)
     if s.log_json:
         relay_foreign_output()
+    _preflight(role, s)
     from . import observers
     from .runtime import runtime
 
@@ -78,6 +79,22 @@ def _check_shard_role(role: str, s) -> None:
             f"{role}: {shard[0]} is configured with {configured} shard(s) here (QUORUM_ENGINES, QUORUM_SHARDS), "
             f"not {shard[2]}"
         )
+
+
+def _preflight(role: str, s) -> None:
+    """Before anything loads: the model packages this role opens are installed, or the process ends
+    saying which command installs them (``ENGINE_NOT_INSTALLED``)."""
+    from ..core.engines import require_models
+    from ..core.errors import QuorumError
+
+    shard = parse_shard_role(role)
+    engine = shard[0] if shard else parse_reindex_role(role) or (role if role in s.engines else None)
+    detects = role == "intake" or parse_reindex_role(role) is not None
+    try:
+        require_models((engine,) if engine else (), s.detector if detects else None)
+    except QuorumError as exc:
+        log.error("worker.models_missing", role=role, code=exc.code.value, error=exc.message)
+        raise SystemExit(f"{role}: {exc}") from None
 
 
 def _load(runtime, role: str, node: str, s) -> None:
@@ -193,4 +210,7 @@ def run_gateway() -> None:
     gateway = Gateway(
         runtime.redis, runtime.store, s, consumer=s.gateway_consumer or None, claim_idle_ms=s.gateway_claim_idle_ms
     )
+    from ..accountability.registry import AclWatch
+
+    AclWatch(s, runtime.redis).run()  # quorum_redis_acl_stale: a registry change that has not reached Redis
     gateway.run(stop)  # ready (GET /ready) once it has found and recovered the intake streams
