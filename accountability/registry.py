@@ -22,18 +22,22 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
 
 from ..broker import keys
 from ..broker.redis_errors import connect
 from ..core.config import Settings
-from ..core.errors import Code, InputError
+from ..core.errors import Code, InputError, ServiceError, require_id
 from ..core.files import atomic_write
+from ..schemas.ids import IdKind, problem
 from . import audit, db
 from .audit import AuditEvent
 from .policy import ROLES, Agency, RegistrySnapshot, User
 from .sealing import SecretBox
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ def _exists(conn: Connection, table, col, value) -> bool:
 def add_agency(
     eng: Engine, agency_id: str, name: str, *, daily_quota: int = 0, member: bool = True, actor: str = "operator"
 ) -> AgencyCredentials:
+    require_id(IdKind.AGENCY, agency_id)  # INVALID_ID, nothing stored: the id names Redis keys and its ACL user
     creds = AgencyCredentials(agency_id, secrets.token_hex(32), redis_user(agency_id), secrets.token_urlsafe(24))
     with db.write_tx(eng) as conn:
         if _exists(conn, db.agencies, db.agencies.c.id, agency_id):
@@ -165,6 +170,7 @@ def add_user(
     cert_expires: date | None = None,
     actor: str = "operator",
 ) -> None:
+    require_id(IdKind.USER, user_id)
     if role not in ROLES:
         raise InputError(Code.ROLE_NOT_ALLOWED, f"role must be one of {ROLES}")
     with db.write_tx(eng) as conn:
@@ -369,6 +375,53 @@ def render_service_acl(services: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def agency_key_patterns(agency_id: str) -> tuple[str, ...]:
+    """The key patterns of an agency's Redis user, with their read/write marks (see
+    :func:`render_redis_acl`). Each is the agency's own name, or its name followed by ``:`` and ``*``;
+    with the id grammar (no ``:``, no glob character) none can match another agency's keys."""
+    return (
+        f"%W~{keys.intake_stream(agency_id)}",
+        f"%R~{keys.results_stream(agency_id)}",
+        f"%R~{keys.result_key(agency_id, '*')}",
+        f"%R~{keys.request_key(agency_id, '*')}",
+    )
+
+
+def _agency_line(row: Any) -> str:
+    state = "on" if row.status == "active" and row.redis_password_sha256 else "off"
+    pw = f"#{row.redis_password_sha256}" if row.redis_password_sha256 else "nopass"
+    return (
+        f"user {redis_user(row.id)} {state} {pw} resetkeys resetchannels {' '.join(agency_key_patterns(row.id))} "
+        "-@all +xadd +xread +get +mget +ping +hello +client|setname "
+        # a selector: XRANGE, and only XRANGE, may read its own intake stream (is my entry still there?)
+        f"(%R~{keys.intake_stream(row.id)} +xrange)"
+    )
+
+
+def _agency_rows(eng: Engine) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The agencies whose Redis user may be rendered (ids inside the grammar, by id), and those refused:
+    ``(id, why)``. A refused id is never written into an ACL line: a space or a control character breaks
+    the file (``redis-server`` then refuses to start) and ``ACL SETUSER``, a ``:`` or a glob character
+    widens a key pattern over another agency's keys. ``add_agency`` refuses such ids; these are rows
+    stored before it did, or written around it."""
+    with eng.connect() as conn:
+        rows = list(conn.execute(select(db.agencies).order_by(db.agencies.c.id)))
+    good, refused = [], []
+    for row in rows:
+        why = problem(IdKind.AGENCY, row.id)
+        if why is None:
+            good.append(row)
+        else:
+            refused.append((row.id, why))
+            log.error("registry.acl_user_refused", agency=ascii(row.id), reason=why)
+    return good, refused
+
+
+def refused_acl_agencies(eng: Engine) -> list[tuple[str, str]]:
+    """Registered agencies left out of every ACL rendering because their id is outside the grammar."""
+    return _agency_rows(eng)[1]
+
+
 def render_redis_acl(
     eng: Engine,
     *,
@@ -382,6 +435,8 @@ def render_redis_acl(
     selector: is my entry still waiting?) and read ``quorum:results:<agency>`` (``XREAD``),
     ``quorum:result:<agency>:*`` and ``quorum:request:<agency>:*`` (``GET``/``MGET``: its results, and
     whether the gateway has claimed a request id), nothing else; a suspended agency's user is ``off``.
+    An agency whose id is outside the grammar (``schemas.ids``) is left out, logged
+    (``registry.acl_user_refused``): its user cannot log in, and the file stays loadable and confined.
     With ``services`` (``{user: sha256}``: ``quorum deploy init``'s ``redis-services.sha256``) the file
     also defines one least-privilege user per service (:func:`render_service_acl`) and turns ``default``
     off; with ``service_user`` instead, one user for every service (all keys and commands) and ``default``
@@ -389,20 +444,7 @@ def render_redis_acl(
     Regenerate it after every agency change and ``ACL LOAD`` it; it holds password hashes only, never
     passwords.
     """
-    lines: list[str] = []  # (Redis ACL files allow no comments)
-    with eng.connect() as conn:
-        rows = list(conn.execute(select(db.agencies).order_by(db.agencies.c.id)))
-    for a in rows:
-        state = "on" if a.status == "active" and a.redis_password_sha256 else "off"
-        pw = f"#{a.redis_password_sha256}" if a.redis_password_sha256 else "nopass"
-        lines.append(
-            f"user {redis_user(a.id)} {state} {pw} resetkeys resetchannels "
-            f"%W~{keys.intake_stream(a.id)} %R~{keys.results_stream(a.id)} %R~{keys.result_key(a.id, '*')} "
-            f"%R~{keys.request_key(a.id, '*')} "
-            "-@all +xadd +xread +get +mget +ping +hello +client|setname "
-            # a selector: XRANGE, and only XRANGE, may read its own intake stream (is my entry still there?)
-            f"(%R~{keys.intake_stream(a.id)} +xrange)"
-        )
+    lines = [_agency_line(a) for a in _agency_rows(eng)[0]]  # (Redis ACL files allow no comments)
     if services:
         return "\n".join(lines) + "\n" + render_service_acl(services)
     if service_user:
@@ -431,19 +473,119 @@ def acl_rules(line: str) -> list[str]:
     return out
 
 
+def _agency_users(client: Any) -> list[str]:
+    return [
+        keys.as_str(u) for u in client.execute_command("ACL", "USERS") or [] if keys.as_str(u).startswith("agency-")
+    ]
+
+
 def apply_redis_acl(eng: Engine, redis_client: Any) -> list[str]:
     """Load every agency's Redis user into a running Redis with ``ACL SETUSER <user> reset <rules>``:
     for a server started without an ACL file, where ``ACL LOAD`` cannot work, and for the local stack's
     (:func:`sync_local_redis`), where ``ACL LOAD`` would also close every service's connections (Redis 7.0
     disconnects the clients of the users it replaces). Only the agency users are touched (never ``default``
-    or a service user). Returns the user names applied."""
-    done = []
-    for line in render_redis_acl(eng).splitlines():
-        words = acl_rules(line)
-        if len(words) > 2 and words[0] == "user" and words[1].startswith("agency-"):
+    or a service user); an ``agency-*`` user Redis has and the registry does not render (an agency id
+    outside the grammar, stored before the grammar was enforced) is deleted. One user that fails does not
+    stop the others: every user is tried, then ``REDIS_ACL_NOT_APPLIED`` names those that failed. Returns
+    the user names applied."""
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    for row in _agency_rows(eng)[0]:
+        words = acl_rules(_agency_line(row))
+        try:
             redis_client.execute_command("ACL", "SETUSER", words[1], "reset", *words[2:])
             done.append(words[1])
+        except Exception as exc:  # redis' ResponseError, or BROKER_UNAVAILABLE: reported below, never silent
+            failed[words[1]] = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ServiceError):
+                break  # Redis is away: the other users would fail alike
+    if not failed:
+        for user in sorted(set(_agency_users(redis_client)) - set(done)):
+            redis_client.execute_command("ACL", "DELUSER", user)
+            log.warning("registry.acl_user_removed", user=ascii(user), why="not an agency the registry renders")
+    if failed:
+        log.error("registry.acl_not_applied", failed=failed, applied=done)
+        raise ServiceError(
+            Code.REDIS_ACL_NOT_APPLIED,
+            f"{len(failed)} agency user(s) not applied to Redis ({'; '.join(f'{u}: {e}' for u, e in failed.items())})",
+            failed=failed,
+        )
     return done
+
+
+def agency_acl_digest(eng: Engine) -> str:
+    """SHA-256 of the agency users the registry renders now: what :data:`broker.keys.REDIS_ACL_APPLIED`
+    must hold once Redis has them (the gateway exports the comparison as ``quorum_redis_acl_stale``)."""
+    return hashlib.sha256("\n".join(_agency_line(a) for a in _agency_rows(eng)[0]).encode()).hexdigest()
+
+
+def _pattern_words(value: Any) -> set[str]:
+    words = value.split() if isinstance(value, str) else list(value or [])
+    return {keys.as_str(w) for w in words}
+
+
+def check_redis_acl(eng: Engine, client: Any) -> list[str]:
+    """How the agency users of a running Redis (``ACL GETUSER``, as a user allowed ``@admin``) differ from
+    what the registry renders: a user missing, on where it should be off or the other way, another
+    password, other key patterns, or an ``agency-*`` user the registry does not render. Empty when they
+    match."""
+    problems = []
+    wanted: set[str] = set()
+    for row in _agency_rows(eng)[0]:
+        user = redis_user(row.id)
+        wanted.add(user)
+        got = client.acl_getuser(user)
+        if not got:
+            problems.append(f"{user}: missing")
+            continue
+        on = row.status == "active" and bool(row.redis_password_sha256)
+        if bool(got.get("enabled")) != on:
+            problems.append(f"{user}: {'off' if on else 'on'} in Redis, {'on' if on else 'off'} in the registry")
+        if set(got.get("passwords") or []) != ({row.redis_password_sha256} if row.redis_password_sha256 else set()):
+            problems.append(f"{user}: another password")
+        if _pattern_words(got.get("keys")) != set(agency_key_patterns(row.id)):
+            problems.append(f"{user}: other key patterns ({' '.join(sorted(_pattern_words(got.get('keys'))))})")
+    problems += [f"{u!a}: not in the registry" for u in sorted(set(_agency_users(client)) - wanted)]
+    return problems
+
+
+def mark_redis_acl(eng: Engine, client: Any) -> list[str]:
+    """Compare the running Redis with the registry (:func:`check_redis_acl`); when they match, record
+    the registry's digest under :data:`broker.keys.REDIS_ACL_APPLIED` (what the gateway's
+    ``quorum_redis_acl_stale`` compares). Returns the differences (nothing recorded then)."""
+    problems = check_redis_acl(eng, client)
+    if problems:
+        log.error("registry.acl_differs", problems=problems)
+        return problems
+    client.hset(
+        keys.REDIS_ACL_APPLIED,
+        mapping={"digest": agency_acl_digest(eng), "at": audit.now_iso(), "registry_version": version(eng)},
+    )
+    return []
+
+
+def push_redis_acl(eng: Engine, client: Any) -> list[str]:
+    """Bring a running Redis's agency users to the registry (a user allowed ``@admin``): apply them
+    (:func:`apply_redis_acl`), close the connections of the users turned off (a user turned off keeps the
+    connections it has, so that a suspension takes effect now), check the result and record it
+    (:func:`mark_redis_acl`). Any failure is ``REDIS_ACL_NOT_APPLIED`` (retryable: the next registry
+    change, ``quorum registry redis-acl --apply`` or ``quorum up`` push the whole ACL again). Returns the
+    agency users applied."""
+    try:
+        applied = apply_redis_acl(eng, client)
+        for row in _agency_rows(eng)[0]:
+            if row.status != "active":
+                client.execute_command("CLIENT", "KILL", "USER", redis_user(row.id))
+        problems = mark_redis_acl(eng, client)
+    except ServiceError as exc:
+        if exc.code == Code.REDIS_ACL_NOT_APPLIED:
+            raise
+        raise ServiceError(Code.REDIS_ACL_NOT_APPLIED, exc.message) from exc
+    except Exception as exc:  # a Redis answer (NOPERM, ...): the same report
+        raise ServiceError(Code.REDIS_ACL_NOT_APPLIED, f"{type(exc).__name__}: {exc}") from exc
+    if problems:
+        raise ServiceError(Code.REDIS_ACL_NOT_APPLIED, f"Redis differs from the registry: {'; '.join(problems)}")
+    return applied
 
 
 def write_local_acl(eng: Engine, home: str | Path, passwords: Mapping[str, str]) -> Path:
@@ -459,9 +601,10 @@ def write_local_acl(eng: Engine, home: str | Path, passwords: Mapping[str, str])
 
 def sync_local_redis(s: Settings) -> list[str] | None:
     """When ``s.redis_url`` is the Redis this home's local stack started (and it runs): write its ACL file
-    again from the registry (the next start loads it) and apply the agency users to the running server as
-    its ``admin`` user (:func:`apply_redis_acl`). Returns the agency users applied; None when there is no
-    such server (a deployment's Redis: ``quorum registry redis-acl``, then ``ACL LOAD``)."""
+    again from the registry (the next start loads it) and push the agency users to the running server as
+    its ``admin`` user (:func:`push_redis_acl`: ``REDIS_ACL_NOT_APPLIED`` when it could not). Returns the
+    agency users applied; None when there is no such server (a deployment's Redis: ``quorum registry
+    redis-acl``, then ``ACL LOAD``)."""
 
     from ..core import local_redis
 
@@ -470,16 +613,52 @@ def sync_local_redis(s: Settings) -> list[str] | None:
         return None
     eng = db.get_engine(s)
     write_local_acl(eng, s.home, local_redis.read_passwords(s.home))
-    client = connect(admin_url, socket_connect_timeout=5)
+    client = connect(admin_url, socket_connect_timeout=5, socket_timeout=10)  # a hung server is reported
     try:
-        applied = apply_redis_acl(eng, client)
-        # A user turned off keeps the connections it has: close them, so that a suspension takes effect now.
-        for agency in snapshot(eng).agencies.values():
-            if agency.status != "active":
-                client.execute_command("CLIENT", "KILL", "USER", redis_user(agency.id))
-        return applied
+        return push_redis_acl(eng, client)
     finally:
         client.close()
+
+
+class AclWatch:
+    """In the gateway: every ``every_s``, whether the agency users Redis was last given
+    (:data:`broker.keys.REDIS_ACL_APPLIED`, written by :func:`mark_redis_acl`) are what the registry
+    renders now, exported as ``quorum_redis_acl_stale`` (1: a registry change, a suspension say, has not
+    reached Redis; alert QuorumRedisAclStale). The gateway's Redis user cannot read the ACL itself
+    (``-@admin``), so it compares digests. With no agency and nothing recorded, nothing is stale."""
+
+    def __init__(self, s: Settings | Engine, redis_client: Any) -> None:
+        self._source, self.redis = s, redis_client
+
+    def stale(self) -> bool:
+        eng = self._source if isinstance(self._source, Engine) else db.get_engine(self._source)
+        applied = self.redis.hget(keys.REDIS_ACL_APPLIED, "digest")
+        if applied is None:
+            return bool(_agency_rows(eng)[0])
+        return keys.as_str(applied) != agency_acl_digest(eng)
+
+    def once(self) -> bool | None:
+        from ..core import metrics
+
+        try:
+            stale = self.stale()
+        except Exception as exc:  # the database or Redis away: the gauge keeps its value, logged
+            log.warning("registry.acl_watch_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+        metrics.REDIS_ACL_STALE.set(1 if stale else 0)
+        if stale:
+            log.warning("registry.acl_stale", hint="quorum registry redis-acl --apply, or render and ACL LOAD")
+        return stale
+
+    def run(self, every_s: float = 30.0) -> None:
+        import threading
+
+        def loop() -> None:
+            while True:
+                self.once()
+                time.sleep(every_s)
+
+        threading.Thread(target=loop, name="acl-watch", daemon=True).start()
 
 
 # ---- convenience for the demo and tests ------------------------------------------------------------------

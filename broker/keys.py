@@ -168,6 +168,9 @@ def gateway_alive(consumer: str) -> str:
 
 GALLERY_SUBJECTS = "quorum:gallery:subjects"  # hash subject id -> JSON {images: [...], enrolled_at}
 REJECTED_STREAM = "quorum:rejected"  # every refused message, for the operators
+# Hash: the digest of the agency users last pushed to (or found in) Redis's ACL, when, at which registry
+# version (accountability.registry.mark_redis_acl); the gateway compares it with the registry's.
+REDIS_ACL_APPLIED = "quorum:acl:applied"
 
 
 def review_token(token_sha256: str) -> str:

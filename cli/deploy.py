@@ -278,6 +278,29 @@ def acl_load() -> None:
     users = [u.decode() if isinstance(u, bytes) else u for u in client.execute_command("ACL", "USERS")]
     said = "ACL LOAD sent, the connection closed before its reply" if closed else "ACL reloaded"
     click.echo(f"{said}: {len(users)} users now ({', '.join(users)})")
+    _compare_with_registry(client)
+
+
+def _compare_with_registry(client) -> None:
+    """After ``ACL LOAD``: do the agency users Redis now has match the registry? If so, record it (the
+    gateway's ``quorum_redis_acl_stale`` goes to 0); if not, say how they differ (a file rendered before
+    the last registry change: render it again)."""
+    from ..accountability import registry
+    from .common import db_engine
+
+    try:
+        problems = registry.mark_redis_acl(db_engine(), client)
+    except Exception as exc:  # the registry database unreachable from here: the reload stands, said so
+        click.echo(f"warning: could not compare the ACL with the registry: {type(exc).__name__}: {exc}", err=True)
+        return
+    if problems:
+        click.echo(
+            "warning: Redis's agency users differ from the registry (render the ACL file again, then "
+            f"acl-load): {'; '.join(problems[:10])}",
+            err=True,
+        )
+    else:
+        click.echo("agency users match the registry")
 
 
 def _fernet_key() -> str:

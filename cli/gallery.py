@@ -51,6 +51,11 @@ def enroll(folder: Path | None, manifest: Path | None, batch: int, snapshot_ever
         f"failed to enrol: { {e: len(f) for e, f in report.failed.items()} } in {report.seconds:.1f}s "
         f"({rate:.1f} images/s)"
     )
+    shown = list(
+        dict.fromkeys((f["subject_id"], f["image_key"], f["code"]) for fs in report.failed.values() for f in fs)
+    )
+    for subject, image, code in shown[:20]:
+        click.echo(f"  failed: {subject} {image} {code}")
 
 
 @click.group("gallery")

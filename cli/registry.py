@@ -11,18 +11,38 @@ from pathlib import Path
 import click
 
 from ..broker.redis_errors import connect
-from .common import actor_option, db_engine, emit, operator_name
+from .common import CliError, actor_option, db_engine, emit, operator_name
+
+RETRY_HINT = (
+    "the registry change is saved; Redis gets it with the next registry change, `quorum registry redis-acl "
+    "--apply` or the next `quorum up` (until then the gateway reports quorum_redis_acl_stale 1)"
+)
+
+
+def _warn_refused() -> None:
+    """Say which registered agencies no ACL rendering includes (an id outside the grammar)."""
+    from ..accountability import registry
+
+    for agency, why in registry.refused_acl_agencies(db_engine()):
+        click.echo(f"warning: agency {agency!a} has no Redis user: {why}", err=True)
 
 
 def _apply_to_local_redis() -> bool:
     """Apply the agency users to the local stack's Redis when it runs (``registry.sync_local_redis``).
-    True if it did; False when the configured Redis is not one the local stack started."""
+    True if it did; False when the configured Redis is not one the local stack started. A push that
+    fails ends the command with ``REDIS_ACL_NOT_APPLIED`` (exit status 2), the change itself being saved."""
     from ..accountability import registry
     from ..core.config import settings
+    from ..core.errors import QuorumError
 
-    users = registry.sync_local_redis(settings())
+    try:
+        users = registry.sync_local_redis(settings())
+    except QuorumError as exc:
+        _warn_refused()
+        raise CliError(f"{exc.code.value}: {exc.message}\n       {RETRY_HINT}") from exc
     if users is None:
         return False
+    _warn_refused()
     click.echo(f"applied {len(users)} agency users to the local stack's Redis: {' '.join(users) or '(none)'}")
     return True
 
@@ -248,7 +268,14 @@ def redis_acl(
 
         url = load_settings_or_fail().redis_url
         require_redis(url)
-        users = registry.apply_redis_acl(db_engine(), connect(url))
+        from ..core.errors import QuorumError
+
+        try:
+            users = registry.push_redis_acl(db_engine(), connect(url))
+        except QuorumError as exc:
+            _warn_refused()
+            raise CliError(f"{exc.code.value}: {exc.message}\n       {RETRY_HINT}") from exc
+        _warn_refused()
         click.echo(f"applied {len(users)} agency users to the running Redis: {' '.join(users) or '(none)'}")
         return
     if services_file and service_user:
@@ -259,6 +286,7 @@ def redis_acl(
         service_password_sha256=service_password_sha256,
         services=read_service_hashes(services_file) if services_file else None,
     )
+    _warn_refused()
     emit(text, out)
 
 

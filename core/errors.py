@@ -13,6 +13,7 @@ from enum import StrEnum
 class Code(StrEnum):
     # The request itself is wrong: fix the input, do not retry.
     INVALID_MESSAGE = "INVALID_MESSAGE"  # not JSON, or breaks the schema
+    INVALID_ID = "INVALID_ID"  # an agency, user or subject id outside the id grammar (schemas.ids)
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"  # the entry's payload is over what any valid request needs
     UNSUPPORTED_SCHEMA_VERSION = "UNSUPPORTED_SCHEMA_VERSION"
     DUPLICATE_REQUEST = "DUPLICATE_REQUEST"  # request id seen before (replay)
@@ -60,6 +61,7 @@ class Code(StrEnum):
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"  # the audit database cannot be written: nothing runs unaudited
     LICENCE_NOT_ACCEPTED = "LICENCE_NOT_ACCEPTED"  # a research-only engine the operator has not accepted
     ENGINE_NOT_INSTALLED = "ENGINE_NOT_INSTALLED"  # an engine's model package or files are missing (names the fix)
+    REDIS_ACL_NOT_APPLIED = "REDIS_ACL_NOT_APPLIED"  # a registry change did not reach Redis's ACL (retry the sync)
     INTERNAL = "INTERNAL"
 
 
@@ -72,6 +74,7 @@ RETRYABLE = frozenset(
         Code.NO_ENGINE_RESULT,
         Code.SEARCH_TIMEOUT,
         Code.AUDIT_UNAVAILABLE,
+        Code.REDIS_ACL_NOT_APPLIED,
         Code.INTERNAL,
     }
 )
@@ -97,3 +100,14 @@ class InputError(QuorumError):
 
 class ServiceError(QuorumError):
     """A dependency (store, broker, engine) failed; the same request may succeed later."""
+
+
+def require_id(kind: str, value: object) -> str:
+    """``value`` when it is a valid id of ``kind`` (a ``schemas.ids.IdKind``); else ``INVALID_ID``
+    naming it safely (escaped: a bidi or control character is never printed as such)."""
+    from ..schemas.ids import IdKind, problem
+
+    why = problem(IdKind(kind), value)
+    if why is not None:
+        raise InputError(Code.INVALID_ID, why, kind=str(kind))
+    return str(value)

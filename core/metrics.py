@@ -85,6 +85,10 @@ TASK_OVERRUNS = Gauge(
 )
 TASKS = Counter("quorum_tasks_total", "Celery tasks run by this process", ["task", "outcome"])
 
+REDIS_ACL_STALE = Gauge(
+    "quorum_redis_acl_stale",
+    "1 when the agency users Redis was last given differ from the registry's (a change not applied yet)",
+)
 READY = Gauge("quorum_ready", "1 once this process has loaded what it needs and takes work (GET /ready)")
 
 _started = False

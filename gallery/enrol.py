@@ -32,6 +32,7 @@ from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..core.errors import Code, InputError
 from ..core.objectstore import ObjectStore, put_content
+from ..schemas.ids import IdKind, problem
 from .batches import run_batches
 from .items import EnrolItem, enrol_job_id
 
@@ -183,19 +184,23 @@ def _store_batch(
     Returns the records to enrol and the manifest positions the batch covers (failures included: an
     image that is missing is reported, not retried forever)."""
 
-    def missing(it: EnrolItem, image: str) -> None:
-        miss = {"subject_id": it.subject_id, "image_key": image, "code": Code.IMAGE_MISSING.value}
+    def missing(it: EnrolItem, image: str, code: Code = Code.IMAGE_MISSING) -> None:
+        miss = {"subject_id": it.subject_id, "image_key": image, "code": code.value}
         for engine in s.engines:
             report.failed.setdefault(engine, []).append(miss)
 
+    positions = [pos for pos, _ in chunk]
+    chunk = _refuse_bad_ids(s, chunk, report)
     files: list[tuple[int, EnrolItem, bytes]] = []
     for pos, it in chunk:
         if it.path is None:
             continue
         try:
-            files.append((pos, it, it.path.read_bytes()))
+            files.append((pos, it, it.read_bytes()))
         except OSError:  # a manifest naming a file that is not there (or not readable): reported, not fatal
             missing(it, str(it.path))
+        except InputError as err:  # an image in a transaction file that does not decode (gallery.nist)
+            missing(it, it.source, err.code)
     refuse_probes(s, store, [(it.subject_id, data) for _, it, data in files], actor=actor)
     records: list[dict] = []
     dates: dict[str, str] = {}
@@ -219,7 +224,31 @@ def _store_batch(
         if it.booking_number:
             numbers[it.key] = it.booking_number
     _record_subjects(r, records, dates, numbers)
-    return records, [pos for pos, _ in chunk]
+    return records, positions
+
+
+def _refuse_bad_ids(
+    s: Settings, chunk: list[tuple[int, EnrolItem]], report: EnrolReport
+) -> list[tuple[int, EnrolItem]]:
+    """The items whose subject id fits the grammar (``schemas.ids``); each other one is reported failed
+    with ``INVALID_ID`` for every engine (its id escaped: a bidi or control character is never shown as
+    such), nothing of it stored, and the rest of the batch goes on."""
+    good = []
+    for pos, it in chunk:
+        why = problem(IdKind.SUBJECT, it.subject_id)
+        if why is None:
+            good.append((pos, it))
+            continue
+        log.warning("gallery.subject_id_refused", subject_id=ascii(it.subject_id), source=ascii(it.source), reason=why)
+        refused = {
+            "subject_id": ascii(it.subject_id),
+            "image_key": ascii(it.source),
+            "code": Code.INVALID_ID.value,
+            "message": why,
+        }
+        for engine in s.engines:
+            report.failed.setdefault(engine, []).append(refused)
+    return good
 
 
 def _record_subjects(r, records: list[dict], dates: dict[str, str], numbers: dict[str, str] | None = None) -> None:

@@ -17,6 +17,8 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from .ids import AGENCY_ID_PATTERN, REQUEST_ID_PATTERN, USER_ID_PATTERN
+
 SCHEMA_VERSION: Final = 1
 MAX_CANDIDATES = 250
 
@@ -26,7 +28,6 @@ INVESTIGATIVE_LEAD_NOTICE = (
     "independent investigation."
 )
 
-_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _SHA256_KEY = r"^[a-z]+/[0-9a-f]{64}$"
 
 
@@ -60,9 +61,11 @@ class ProbeRequest(_Model):
     """A search request, as an agency writes it onto ``quorum:intake:<agency_id>``."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(pattern=_ID, description="unique per request; also the idempotency key")
-    agency_id: str = Field(pattern=_ID)
-    user_id: str = Field(pattern=_ID, description="the investigator submitting the search")
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN, description="unique per request; also the idempotency key")
+    agency_id: str = Field(pattern=AGENCY_ID_PATTERN, description="lower-case letters, digits, - and _ (schemas.ids)")
+    user_id: str = Field(
+        pattern=USER_ID_PATTERN, description="the investigator submitting the search: ASCII letters, digits, -_."
+    )
     case_number: str = Field(min_length=1, max_length=64)
     offence_code: str = Field(min_length=1, max_length=32)
     purpose: str = Field(min_length=1, max_length=64)
