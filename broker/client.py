@@ -14,9 +14,11 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis as redis_lib
 
+from ..core import nist
 from ..core.errors import Code
 from ..schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
 from . import keys, signing
@@ -75,6 +77,30 @@ class QuorumClient:
         self.payloads[req.request_id] = payload
         self.entries[req.request_id] = self.submit_raw(payload)
         return req.request_id
+
+    def submit_transaction(
+        self,
+        transaction: str | Path,
+        *,
+        purpose: str,
+        case_number: str | None = None,
+        offence_code: str | None = None,
+        case_field: str = "2.010",
+        offence_field: str = "",
+        max_record_bytes: int = 15 * 1024 * 1024,
+        **options: Any,
+    ) -> str:
+        """An ANSI/NIST-ITL transaction as the probe (``core.nist``): its first frontal Type-10 face is the
+        image. The case number and offence are read from ``case_field`` / ``offence_field`` of its Type-1
+        or Type-2 record only where they are not given (what is given is never overridden). A file that
+        cannot be used raises ``InputError`` with its ``NIST_*`` code, before anything is sent."""
+        tx = nist.read_transaction(Path(transaction), max_record_bytes=max_record_bytes)
+        image = nist.face_bytes(tx.path, nist.first_frontal(tx))
+        if case_number is None:
+            case_number = (tx.value(case_field) if case_field else None) or ""
+        if offence_code is None:
+            offence_code = (tx.value(offence_field) if offence_field else None) or ""
+        return self.submit(image, case_number=case_number, offence_code=offence_code, purpose=purpose, **options)
 
     def submit_raw(self, payload: str | bytes, *, sign: bool = True) -> str:
         """Write an arbitrary payload (used by tests to send broken messages), signed when it is a JSON
@@ -230,6 +256,14 @@ def _entry_order(entry_id: str) -> tuple[int, int]:
 
 def _just_before(entry_id: str) -> str:
     """A stream id just before the millisecond of ``entry_id``: an answer to that entry, written later
-    by the same Redis clock, has a larger id on any stream (XREAD is exclusive of the id it is given)."""
+    by the same Redis clock, has a larger id on any stream (XREAD is exclusive of the id it is given).
+    An intake stream someone pushed into the future (``XADD <id>`` far ahead) gives every later entry a
+    future id while answers keep the clock's: then the answers are read from 5 minutes ago."""
     ms, _ = _entry_order(entry_id)
+    now_ms = int(time.time() * 1000)
+    if ms > now_ms + FUTURE_MS:
+        ms = now_ms - FUTURE_MS
     return f"{max(ms - 1, 0)}-0"
+
+
+FUTURE_MS = 300_000  # an entry id this far past the client's clock was not stamped by Redis's clock

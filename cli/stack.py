@@ -189,6 +189,7 @@ class Stack:
                 "yes",
                 "--aclfile",
                 str(aclfile),
+                *local_redis.limit_args(self.s),
             ],
             check=True,
         )

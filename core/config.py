@@ -90,11 +90,19 @@ class _MappingEnvSource(EnvSettingsSource):
         return _with_secret_files(_environ(), self.settings_cls.model_fields)
 
 
+_NIST_TAG = r"^[12]\.[0-9]{3}$"  # a Type-1 or Type-2 field: 2.015
+_NIST_TAG_OR_NONE = r"^([12]\.[0-9]{3})?$"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", case_sensitive=False)
 
     home: str = Field(default_factory=_default_home)  # local state: embedded store, pids, logs
     redis_url: str = "redis://127.0.0.1:6390/0"  # broker, result backend, streams
+    # The local stack's redis-server (``quorum up``): its memory limit (nothing is evicted; the alert
+    # QuorumRedisMemoryHigh warns at 80 %) and the largest single value it accepts.
+    redis_maxmemory: str = Field(default="2gb", pattern=r"^[0-9]+(kb|mb|gb)$")
+    redis_max_bulk: str = Field(default="64mb", pattern=r"^[0-9]+(kb|mb|gb)$")
     # Object store: an S3 endpoint (host:port) selects the S3 store; empty selects the embedded disk store.
     s3_endpoint: str = ""
     s3_access_key: str = ""
@@ -130,6 +138,14 @@ class Settings(BaseSettings):
     engine_version_suffix: str = ""
     max_image_bytes: int = 15 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # ANSI/NIST-ITL transactions (core.nist; `quorum enroll --nist`, `quorum search FILE.eft`): the Type-1
+    # or Type-2 fields that name the subject enrolled, the booking number kept with each image, and, for a
+    # probe, the case number and offence used when the search does not give them ("": not read). The
+    # booking date is each Type-10 record's 10.005 (photo date), else the transaction's 1.005.
+    nist_subject_field: str = Field(default="2.015", pattern=_NIST_TAG)  # State Identification Number (SID)
+    nist_booking_number_field: str = Field(default="1.009", pattern=_NIST_TAG_OR_NONE)  # TCN
+    nist_case_field: str = Field(default="2.010", pattern=_NIST_TAG_OR_NONE)  # CIN (contributor case number)
+    nist_offence_field: str = Field(default="", pattern=_NIST_TAG_OR_NONE)
     min_face_pixels: int = 20  # smaller boxes are refused as FACE_TOO_SMALL
     # The face detector (workers.detect.make_detector): YuNet (OpenCV), SCRFD-500M (InsightFace, on
     # onnxruntime), or YuNet with SCRFD asked only when YuNet finds no face. Every engine's templates are
@@ -181,6 +197,9 @@ class Settings(BaseSettings):
     log_backups: int = Field(default=3, ge=1, le=100)
     # Accountability (see README "Accountability"): registry + audit database, signatures, retention.
     database_url: str = ""  # empty: SQLite at <home>/quorum.db; else e.g. postgresql+psycopg://u@host/db
+    # The gateway reads at most this many entries of one agency's stream before it reads the others'
+    # again: one agency's backlog delays another's search by at most this many of its entries.
+    gateway_reads_per_agency: int = Field(default=1, ge=1, le=100)
     signature_window_s: int = 300  # a submission's timestamp must be within this of the gateway's clock
     probe_retention_days: int = 90  # `quorum probes purge` deletes older probe images unless a case holds them
     audit_anchor_interval_s: float = 600.0  # the gateway anchors the audit chain head this often (0: never)

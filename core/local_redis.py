@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote, urlparse, urlunparse
 
 from .files import atomic_write
@@ -192,3 +193,17 @@ def write_url_file(home: str | Path, url: str, user: str) -> Path:
     path = url_file(home, user)
     _write_private(path, with_credentials(url, user, password))
     return path
+
+
+def limit_args(s: Any) -> list[str]:
+    """redis-server's limits for the local stack, as docker-compose.yml sets them: memory bounded and
+    never evicted (the broker and the agencies' streams live here), no single value over
+    ``redis_max_bulk`` (an agency cannot write a 500 MB field)."""
+    return [
+        "--maxmemory",
+        s.redis_maxmemory,
+        "--maxmemory-policy",
+        "noeviction",
+        "--proto-max-bulk-len",
+        s.redis_max_bulk,
+    ]

@@ -11,16 +11,22 @@ counts a metric or writes a refusal's audit record: the gateway does that once p
 
 The rules, in order (the first failure wins):
 
-1. ``parse``: the entry has a ``payload`` field holding JSON (``INVALID_MESSAGE``). A ``request_id``
-   string in it (at most 128 characters) is remembered for the answer, unvalidated.
+0. ``screen``, before anything is parsed: at most ``MAX_FIELDS`` fields (``INVALID_MESSAGE``) and
+   ``entry_limit`` bytes in all (``PAYLOAD_TOO_LARGE``). The gateway's intake reader (``broker.intake``)
+   measures entries inside Redis and never brings one over the limits into the gateway at all.
+1. ``parse``: the entry has a ``payload`` field (at most ``payload_limit`` bytes: ``PAYLOAD_TOO_LARGE``)
+   with at most ``MAX_JSON_STRUCTURE`` brackets, commas and colons (``INVALID_MESSAGE``: a bounded parse)
+   holding JSON (``INVALID_MESSAGE``). A ``request_id`` string in it (at most 128 characters) is
+   remembered for the answer, unvalidated.
 2. ``check_version``: a ``schema_version`` other than the one supported (``UNSUPPORTED_SCHEMA_VERSION``).
 3. ``authenticate`` (README "Accountability"; only for a JSON object): the agency of the stream is
    registered (``UNKNOWN_AGENCY``), an inline image is not over ``max_image_bytes`` (``IMAGE_TOO_LARGE``,
    before it is hashed for the signature), the entry is signed with the agency's secret
    (``broker.signing``: ``BAD_SIGNATURE``), recently (``STALE_TIMESTAMP``: judged at the entry's
    arrival, which Redis stamps into its id, so an entry redelivered after an outage is judged as it
-   was then; an id in the future is stale too), and once (``REPLAYED_NONCE``: ``SET
-   broker.keys.nonce_key NX`` for twice the window; the same entry redelivered keeps its nonce).
+   was then; an id in the future, which a client may choose, counts as arriving now), and once
+   (``REPLAYED_NONCE``: ``SET broker.keys.nonce_key NX`` for twice the window; the same entry
+   redelivered keeps its nonce).
 4. ``validate``: a case number is present and not a placeholder (``CASE_NUMBER_MISSING``, before the
    schema, so that a missing one is named as such), the message fits :class:`~schemas.ProbeRequest`
    (``INVALID_MESSAGE`` with a summary of the first five problems), and names the agency of the stream
@@ -82,6 +88,10 @@ from ..schemas.messages import SCHEMA_VERSION
 log = structlog.get_logger()
 
 MAX_REQUEST_ID = 128  # longer request ids are not echoed back in a refusal
+MAX_FIELDS = 16  # an entry's fields: payload, timestamp, nonce, signature and a few of the client's own
+# Brackets, commas and colons a payload may hold: a probe request has about 25 (its strings are short);
+# the bound makes every parse cheap, however the payload is built (1.5 million keys in 18 MB, say).
+MAX_JSON_STRUCTURE = 1024
 
 
 class Registry(Protocol):
@@ -158,6 +168,7 @@ def admit_entry(
     """
     parsed: Parsed | None = None
     try:
+        screen(entry_size(fields), len(fields), max_bytes=entry_limit(ctx.settings.max_image_bytes))
         parsed = parse(fields, max_bytes=payload_limit(ctx.settings.max_image_bytes))
         check_version(parsed)
         authenticate(ctx, agency, entry_id, parsed)
@@ -202,6 +213,33 @@ def payload_limit(max_image_bytes: int) -> int:
     return max_image_bytes * 4 // 3 + 4 + 64 * 1024
 
 
+def entry_limit(max_image_bytes: int) -> int:
+    """The largest entry read, all its fields' names and values together: a payload at its limit and
+    64 KiB for the others."""
+    return payload_limit(max_image_bytes) + 64 * 1024
+
+
+def entry_size(fields: Mapping[Any, Any]) -> int:
+    """An entry's bytes as the intake reader counts them: every field's name and value."""
+    return sum(len(k) + len(v) for k, v in fields.items() if isinstance(v, (bytes, str)))
+
+
+def screen(size: int, n_fields: int, *, max_bytes: int) -> None:
+    """Step 0, before anything is parsed: the entry's field count and bytes are within the limits."""
+    if n_fields > MAX_FIELDS:
+        raise InputError(Code.INVALID_MESSAGE, f"the entry has {n_fields} fields, at most {MAX_FIELDS}")
+    if size > max_bytes:
+        raise InputError(Code.PAYLOAD_TOO_LARGE, f"entry of {size} bytes, over the limit of {max_bytes}")
+
+
+def _structure(raw: bytes | str) -> int:
+    """How many brackets, commas and colons ``raw`` holds (inside strings too: an upper bound on the
+    values a parse would build)."""
+    if isinstance(raw, str):
+        return raw.count("{") + raw.count("[") + raw.count(",") + raw.count(":")
+    return raw.count(b"{") + raw.count(b"[") + raw.count(b",") + raw.count(b":")
+
+
 def parse(fields: Mapping[Any, Any], *, max_bytes: int | None = None) -> Parsed:
     """The entry's fields (keys as str) and its payload parsed as JSON (strict: one value per key, UTF-8,
     nesting bounded by Python's recursion limit, at most ``max_bytes``)."""
@@ -211,6 +249,14 @@ def parse(fields: Mapping[Any, Any], *, max_bytes: int | None = None) -> Parsed:
         raise InputError(Code.INVALID_MESSAGE, "the entry has no 'payload' field")
     if max_bytes is not None and len(raw) > max_bytes:
         raise InputError(Code.PAYLOAD_TOO_LARGE, f"payload of {len(raw)} bytes, over the limit of {max_bytes}")
+    if not isinstance(raw, (bytes, str)):
+        raise InputError(Code.INVALID_MESSAGE, "the 'payload' field is not a string")
+    structure = _structure(raw)
+    if structure > MAX_JSON_STRUCTURE:
+        raise InputError(
+            Code.INVALID_MESSAGE,
+            f"payload has {structure} brackets, commas and colons, at most {MAX_JSON_STRUCTURE}: not a probe request",
+        )
     try:
         doc = json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -249,9 +295,11 @@ def authenticate(ctx: AdmissionContext, agency: str, entry_id: str, parsed: Pars
     if isinstance(b64, str) and len(b64) * 3 // 4 > limit + 3:  # before hashing it for the signature
         raise InputError(Code.IMAGE_TOO_LARGE, f"inline image over the limit of {limit} bytes")
     window = ctx.settings.signature_window_s
-    received = int(entry_id.split("-", 1)[0]) / 1000.0
-    if received > ctx.now() + window:
-        raise InputError(Code.STALE_TIMESTAMP, "the stream entry id lies in the future")
+    # Judged at the entry's arrival: Redis stamps it into the id, so an entry redelivered after an
+    # outage is judged as it was then. The id is the client's choice when it gives one (XADD <id>):
+    # one in the future counts as arriving now, and blocks nothing. One in the past cannot be chosen
+    # (Redis takes only ids above the stream's last, and an agency's user may not delete its stream).
+    received = min(int(entry_id.split("-", 1)[0]) / 1000.0, ctx.now())
     signed = signing.verify(secret, doc, parsed.fields, now=received, window_s=window)
     key = keys.nonce_key(agency, signed.nonce)
     with redis_boundary("checking a nonce"):

@@ -3,10 +3,13 @@
 Agencies need no Python: each writes ``XADD quorum:intake:<agency> * payload <ProbeRequest JSON> ...``
 (signed: see ``broker.signing``). The gateway owns the stream I/O only:
 
-1. It discovers every ``quorum:intake:<agency>`` stream and reads them all through one consumer group
-   (``broker.redis_errors.ensure_group``; several gateways share the work), new entries with
-   ``XREADGROUP``; on start and every ``claim_idle_ms / 2`` it takes back its own pending entries and
-   claims others' idle longer than ``claim_idle_ms`` (a gateway that died).
+1. It reads one ``quorum:intake:<agency>`` stream per registered agency (the registry, never a keyspace
+   SCAN) through one consumer group (``broker.redis_errors.ensure_group``; several gateways share the
+   work) with the intake reader (``broker.intake``): entries are measured inside Redis, one over the
+   size or field limit never enters the gateway (it is answered by its measure), at most
+   ``gateway_reads_per_agency`` entries of one agency are read before the others' again, and they are
+   handled one agency at a time. On start and every ``claim_idle_ms / 2`` it takes back its own
+   pending entries and claims others' idle longer than ``claim_idle_ms`` (a gateway that died).
 2. Each entry goes through the admission chain (``workers.admission.admit_entry``: signature, policy,
    quota, image storage, the accepted audit record, the saved job; the rules are described there).
 3. An admitted entry is dispatched: ``quorum.intake.prepare`` is sent by name (``broker.app.TASK_PREPARE``)
@@ -40,6 +43,7 @@ from ..accountability import audit
 from ..accountability.policy import RegistrySnapshot
 from ..broker import deadlines, keys
 from ..broker.app import INTAKE_QUEUE, TASK_PREPARE, app, oldest_message_age, queues_of
+from ..broker.intake import IDLE_S, Entry, IntakeReader, Limits, interleave, rotated
 from ..broker.keys import as_str
 from ..broker.redis_errors import ensure_group, redis_boundary
 from ..broker.results import publish
@@ -49,7 +53,17 @@ from ..core.errors import Code, QuorumError, ServiceError
 from ..core.objectstore import ObjectStore
 from ..schemas import ErrorResult
 from ..schemas.job import Job
-from .admission import Admission, AdmissionContext, Refusal, Registry, admit_entry, record_refusal
+from .admission import (
+    MAX_FIELDS,
+    Admission,
+    AdmissionContext,
+    Refusal,
+    Registry,
+    admit_entry,
+    entry_limit,
+    record_refusal,
+    screen,
+)
 
 log = structlog.get_logger()
 UNACKED_HASH = "unacked"  # kombu's Redis transport: messages delivered to a worker, not yet acknowledged
@@ -113,6 +127,20 @@ class Gateway:
         self.backoff_s = backoff_s
         self.admission = AdmissionContext(redis, store, settings, self.registry)
         self.streams: set[str] = set()
+        limit = entry_limit(settings.max_image_bytes)
+        self.reader = IntakeReader(
+            redis,
+            keys.INTAKE_GROUP,
+            self.consumer,
+            Limits(
+                max_entry_bytes=limit,
+                max_fields=MAX_FIELDS,
+                per_stream=settings.gateway_reads_per_agency,
+                max_batch_bytes=4 * limit,
+            ),
+        )
+        self._turn = 0
+        self._last_heartbeat = 0.0
         self._last_discover = 0.0
         self._last_sample = 0.0
         self._last_anchor = time.monotonic()
@@ -143,15 +171,15 @@ class Gateway:
 
     # ---- stream bookkeeping ----------------------------------------------------------------
     def discover(self, force: bool = False) -> None:
+        """The intake streams to read: one per registered agency (from the registry snapshot, never a
+        keyspace SCAN), each with the consumer group created on first sight."""
         if not force and time.monotonic() - self._last_discover < 2.0:
             return
         self._last_discover = time.monotonic()
-        with redis_boundary("listing intake streams"):
-            found = [
-                as_str(k)
-                for k in self.redis.scan_iter(match=keys.INTAKE_STREAM_PREFIX + "*", _type="STREAM", count=1000)
-            ]
-        for name in found:
+        from .admission import snapshot
+
+        for agency in snapshot(self.admission).agencies:
+            name = keys.intake_stream(agency)
             if name in self.streams:
                 continue
             ensure_group(self.redis, name, keys.INTAKE_GROUP)
@@ -186,8 +214,11 @@ class Gateway:
             metrics.AUDIT_ANCHOR_AGE.set(time.monotonic() - self._last_anchor_ok)
 
     def heartbeat(self) -> None:
+        if time.monotonic() - self._last_heartbeat < 1.0:
+            return
         with redis_boundary("setting the heartbeat"):
             self.redis.set(keys.gateway_alive(self.consumer), "1", ex=15)
+        self._last_heartbeat = time.monotonic()
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, block_ms: int = 1000) -> None:
@@ -214,50 +245,81 @@ class Gateway:
         log.info("gateway.stopped", consumer=self.consumer)
 
     def recover(self) -> int:
-        """Handle entries left pending: ours from a previous life, and others' idle too long."""
+        """Handle entries left pending: ours from a previous life, and others' idle too long (claimed by
+        id only, then read, measured, like new ones, through the intake reader)."""
         n = 0
         for stream in sorted(self.streams):
-            with redis_boundary("reading pending entries"):
-                resp = self.redis.xreadgroup(keys.INTAKE_GROUP, self.consumer, {stream: "0"}, count=1000)
-            for _, entries in resp or []:
-                for entry_id, fields in entries:
-                    if fields:
-                        self.handle(stream, as_str(entry_id), fields)
-                        n += 1
             start = "0-0"
             while True:
                 with redis_boundary("claiming idle entries"):
-                    nxt, claimed, *_ = self.redis.xautoclaim(
-                        stream, keys.INTAKE_GROUP, self.consumer, self.claim_idle_ms, start_id=start, count=100
+                    resp = self.redis.xautoclaim(
+                        stream, keys.INTAKE_GROUP, self.consumer, self.claim_idle_ms, start_id=start, justid=True
                     )
-                for entry_id, fields in claimed:
-                    if fields:
-                        self.handle(stream, as_str(entry_id), fields)
-                        n += 1
-                start = as_str(nxt)
+                start = as_str(resp[0]) if resp else "0-0"  # [next id, ids, deleted ids]
                 if start == "0-0":
                     break
+            n += self._pending(stream)
         return n
+
+    def _pending(self, stream: str) -> int:
+        """Handle this consumer's pending entries of ``stream``, oldest first, ``per_stream`` at a time."""
+        n, after = 0, "0"
+        while True:
+            with redis_boundary("reading pending entries"):
+                per_stream, errors = self.reader.read([(stream, after)])
+            self._forget(errors)
+            batch = per_stream[0] if per_stream else []
+            if not batch:
+                return n
+            for entry in batch:
+                self.handle_entry(entry)
+                n += 1
+            after = batch[-1].id
 
     def poll(self, block_ms: int = 1000) -> int:
+        """Read every agency's stream once (the first stream in turn), handle what came, one entry per
+        agency at a time; when nothing came, read again every ``intake.IDLE_S`` for up to ``block_ms``."""
         self.discover()
         self.sample_queues()
-        if not self.streams:
-            time.sleep(block_ms / 1000)
-            return 0
-        with redis_boundary("reading intake streams"):
-            resp = self.redis.xreadgroup(
-                keys.INTAKE_GROUP, self.consumer, {s: ">" for s in self.streams}, count=50, block=block_ms
-            )
-        n = 0
-        for stream, entries in resp or []:
-            for entry_id, fields in entries:
-                self.handle(as_str(stream), as_str(entry_id), fields)
-                n += 1
-        return n
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            order = rotated(self.streams, self._turn)
+            self._turn += 1
+            if order:
+                with redis_boundary("reading intake streams"):
+                    per_stream, errors = self.reader.read([(s, ">") for s in order])
+                self._forget(errors)
+                n = 0
+                for entry in interleave(per_stream):
+                    self.handle_entry(entry)
+                    n += 1
+                if n:
+                    return n
+            if time.monotonic() >= deadline:
+                return 0
+            time.sleep(IDLE_S)
+
+    def _forget(self, errors: list) -> None:
+        """A stream Redis would not read (its group gone: deleted by an administrator) is set up again
+        at the next discovery."""
+        for err in errors:
+            log.warning("gateway.stream_unreadable", stream=err.stream, error=str(err))
+            self.streams.discard(err.stream)
+            self._last_discover = 0.0
 
     # ---- one message ----------------------------------------------------------------------
-    def handle(self, stream: str, entry_id: str, fields: Mapping[Any, Any]) -> None:
+    def handle_entry(self, entry: Entry) -> None:
+        """One entry as the intake reader measured it: handled whole, answered by its size, or (deleted
+        from the stream while it was pending) acknowledged."""
+        if entry.whole:
+            self.handle(entry.stream, entry.id, entry.fields)
+        elif entry.deleted:
+            with redis_boundary("acknowledging a deleted entry"):
+                self.redis.xack(entry.stream, keys.INTAKE_GROUP, entry.id)
+        else:
+            self.handle(entry.stream, entry.id, {}, measured=entry)
+
+    def handle(self, stream: str, entry_id: str, fields: Mapping[Any, Any], measured: Entry | None = None) -> None:
         """Admit and dispatch, or answer, one entry, then acknowledge it.
 
         Never raises on bad input; when a dependency fails the entry is left pending (not acknowledged)
@@ -267,7 +329,7 @@ class Gateway:
         metrics.PROBES_RECEIVED.labels(agency).inc()
         structlog.contextvars.bind_contextvars(agency=agency, entry_id=entry_id)
         try:
-            outcome = self._admit(agency, entry_id, fields)
+            outcome = self._admit(agency, entry_id, fields) if measured is None else self._too_big(measured)
             if isinstance(outcome, Refusal):
                 self.answer(agency, entry_id, outcome)
             else:
@@ -299,6 +361,14 @@ class Gateway:
         except Exception as exc:  # a bug must not take the gateway down or lose the message
             log.exception("gateway.unexpected")
             return Refusal(QuorumError(Code.INTERNAL, type(exc).__name__), None, keyed=True)
+
+    def _too_big(self, entry: Entry) -> Refusal:
+        """An entry the reader did not bring in (over the size or field limit): refused by its measure."""
+        try:
+            screen(entry.size, entry.n_fields, max_bytes=entry_limit(self.settings.max_image_bytes))
+        except QuorumError as err:
+            return Refusal(err, None, keyed=False)
+        return Refusal(QuorumError(Code.INTERNAL, "entry measured over the limits but within them"), None)
 
     def answer(self, agency: str, entry_id: str, refusal: Refusal) -> None:
         """Audit, publish and count one refusal (raises ``ServiceError`` if any of it cannot be done)."""

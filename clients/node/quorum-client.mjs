@@ -146,7 +146,11 @@ export class QuorumClient {
   async wait(requestId, entryId, timeoutMs = 300_000) {
     const key = `quorum:result:${this.agencyId}:${requestId}`;
     const stream = `quorum:results:${this.agencyId}`;
-    let last = `${Math.max(Number(entryId.split("-")[0]) - 1, 0)}-0`;
+    let ms = Number(entryId.split("-")[0]);
+    // A stream pushed into the future (XADD <id>) gives later entries future ids, while answers keep
+    // Redis's clock: read them from 5 minutes ago.
+    if (ms > Date.now() + 300_000) ms = Date.now() - 300_000;
+    let last = `${Math.max(ms - 1, 0)}-0`;
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       const raw = await this.redis.get(key);

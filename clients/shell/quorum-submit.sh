@@ -173,7 +173,11 @@ cmd_submit() {
   log submitted agency="$agency" request_id="$rid" entry_id="$entry"
 
   # Wait: the result key, or an error on the results stream naming our intake entry.
-  local last="$((${entry%%-*} - 1))-0" deadline=$(($(date +%s) + timeout)) raw
+  local ms="${entry%%-*}" now_ms=$(($(date +%s) * 1000))
+  # A stream pushed into the future (XADD <id>) gives later entries future ids; answers keep Redis's
+  # clock: read them from 5 minutes ago.
+  if [ "$ms" -gt $((now_ms + 300000)) ]; then ms=$((now_ms - 300000)); fi
+  local last="$((ms - 1))-0" deadline=$(($(date +%s) + timeout)) raw
   while :; do
     raw=$(rcli --json -2 GET "quorum:result:$agency:$rid")
     if [ "$raw" != "null" ] && [ -n "$raw" ]; then

@@ -302,3 +302,19 @@ def test_a_restart_keeps_passwords_users_and_data(acl_stack):
         _agency_url(port, creds["lapd"]), "lapd", registry.agency_secret(db.get_engine(s), "lapd") or "", probes[0]
     )
     assert isinstance(result, CandidateList), result
+
+
+def test_redis_memory_is_bounded_and_an_agency_cannot_write_a_huge_value(acl_stack):
+    """The local stack's redis-server runs as compose's does: maxmemory set, nothing evicted, and no
+    single value over 64 MB (an agency's 150 MB field is refused by Redis before it is stored)."""
+    s, _, port, creds, _ = acl_stack
+    admin = redis.Redis.from_url(s.redis_url)
+    cfg = {k: admin.config_get(k)[k] for k in ("maxmemory", "maxmemory-policy", "proto-max-bulk-len")}
+    assert cfg == {"maxmemory": str(2 * 2**30), "maxmemory-policy": "noeviction", "proto-max-bulk-len": str(64 * 2**20)}
+    stream = keys.intake_stream("lapd")
+    before = admin.xinfo_stream(stream)["last-generated-id"] if admin.exists(stream) else None
+    agency = _redis(port, username=creds["lapd"].redis_user, password=creds["lapd"].redis_password)
+    with pytest.raises((redis.ConnectionError, redis.ResponseError)):
+        agency.xadd(stream, {"payload": b"x" * (150 * 2**20)})
+    after = admin.xinfo_stream(stream)["last-generated-id"] if admin.exists(stream) else None
+    assert after == before

@@ -25,7 +25,7 @@ from quorum.schemas import CandidateList, ErrorResult, parse_result
 from quorum.schemas.case import CaseContext
 from quorum.schemas.job import Job
 from quorum.workers import admission
-from quorum.workers.admission import Admission, AdmissionContext, Refusal, admit_entry
+from quorum.workers.admission import Admission, AdmissionContext, Refusal, admit_entry, entry_limit
 from quorum.workers.gateway import Gateway
 
 A = "agency-a"
@@ -178,14 +178,34 @@ def test_stale_timestamp_and_entry_id_in_the_future(world):
     # Judged at the entry's arrival (its id), not at handling: redelivered after an outage, still fine.
     old = now - 3600
     assert isinstance(admit_entry(ctx, A, _entry_id(old), _fields(secrets[A], _doc(), timestamp=int(old))), Admission)
-    r = _refused(
-        admit_entry(ctx, A, _entry_id(now + 900), _fields(secrets[A], _doc())), Code.STALE_TIMESTAMP, keyed=False
-    )
-    assert "future" in r.error.message
-    # The context's clock is the one that judges the future.
+    # An id the client chose in the future counts as arriving now: a fresh signature is admitted (it used
+    # to be refused, and so was every later entry of the stream, whose ids Redis put after it) ...
+    far = 9_999_999_999.999
+    assert isinstance(admit_entry(ctx, A, _entry_id(far), _fields(secrets[A], _doc())), Admission)
+    assert isinstance(admit_entry(ctx, A, _entry_id(far + 1), _fields(secrets[A], _doc())), Admission)
+    # ... and the id cannot make a signature of the future fresh: the gateway's clock judges it.
+    ahead = _fields(secrets[A], _doc(), timestamp=int(now) + 900)
+    _refused(admit_entry(ctx, A, _entry_id(now + 900), ahead), Code.STALE_TIMESTAMP, keyed=False)
     later = AdmissionContext(ctx.redis, ctx.store, ctx.settings, ctx.registry, now=lambda: now + 900)
     ahead = _fields(secrets[A], _doc(), timestamp=int(now) + 900)
     assert isinstance(admit_entry(later, A, _entry_id(now + 900), ahead), Admission)
+
+
+def test_an_entry_over_the_field_or_byte_limit_is_refused_before_it_is_parsed(world, monkeypatch):
+    ctx, _, secrets = world
+    signed = _fields(secrets[A], _doc())
+    many = {**signed, **{f"x{i}": "1" for i in range(20)}}
+    r = _refused(admit_entry(ctx, A, _entry_id(), many), Code.INVALID_MESSAGE, keyed=False)
+    assert "fields" in r.error.message
+    limit = entry_limit(ctx.settings.max_image_bytes)
+    big = {**signed, "x-extra": "y" * limit}  # a signed entry with one large extra field
+    _refused(admit_entry(ctx, A, _entry_id(), big), Code.PAYLOAD_TOO_LARGE, keyed=False)
+    # A payload built to be slow to parse (many small keys) is refused before json.loads sees it.
+    parsed: list = []
+    monkeypatch.setattr("quorum.workers.admission.json.loads", lambda *a, **k: parsed.append(1))
+    slow = {"payload": "{" + ",".join(f'"k{i}":{i}' for i in range(5_000)) + "}"}  # 5,000 keys within the byte limit
+    r = _refused(admit_entry(ctx, A, _entry_id(), slow), Code.INVALID_MESSAGE, keyed=False)
+    assert "brackets, commas and colons" in r.error.message and parsed == []
 
 
 def test_replayed_nonce(world):
