@@ -19,6 +19,15 @@ from .common import operator_name, require_redis, tqdm_bar
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="CSV with a header subject_id,image[,booking_date]; image is a file path or key:<object key>",
 )
+@click.option(
+    "--nist",
+    "nist_paths",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="ANSI/NIST-ITL transaction files (or folders of *.eft, *.an2, *.nist, *.int, *.ebts): each Type-10 "
+    "face enrolled under the transaction's QUORUM_NIST_SUBJECT_FIELD (2.015); repeatable",
+)
+@click.option("--profiles", is_flag=True, help="with --nist: enrol profile faces (10.020 L, R, A) too")
 @click.option("--batch", default=16, show_default=True, help="images per task")
 @click.option(
     "--snapshot-every",
@@ -26,19 +35,30 @@ from .common import operator_name, require_redis, tqdm_bar
     show_default=True,
     help="snapshot the galleries (trimming their logs) after this many images, and at the end; 0: never",
 )
-def enroll(folder: Path | None, manifest: Path | None, batch: int, snapshot_every: int) -> None:
-    """Enrol FOLDER/<subject>/<image>, or a booking system's --manifest, into every engine's gallery.
+def enroll(
+    folder: Path | None,
+    manifest: Path | None,
+    nist_paths: tuple[Path, ...],
+    profiles: bool,
+    batch: int,
+    snapshot_every: int,
+) -> None:
+    """Enrol FOLDER/<subject>/<image>, a booking system's --manifest, or its --nist transactions, into
+    every engine's gallery.
 
     Run it again with the same input to resume: what was enrolled is skipped."""
     from ..core.objectstore import open_store
     from ..gallery.enrol import enrol
     from ..gallery.items import folder_items, manifest_items
 
-    if (folder is None) == (manifest is None):
-        raise click.UsageError("give a FOLDER or --manifest FILE (one of them)")
-    # A bad manifest (or, below, a probe image among the gallery's) is a QuorumError: QuorumGroup prints it.
-    items = manifest_items(manifest) if manifest is not None else folder_items(folder)  # type: ignore[arg-type]
+    if sum(x is not None and x != () for x in (folder, manifest, nist_paths)) != 1:
+        raise click.UsageError("give a FOLDER or --manifest FILE or --nist FILE (one of them)")
     s = settings()
+    # A bad manifest (or, below, a probe image among the gallery's) is a QuorumError: QuorumGroup prints it.
+    if nist_paths:
+        items = _nist_items(s, nist_paths, profiles)
+    else:
+        items = manifest_items(manifest) if manifest is not None else folder_items(folder)  # type: ignore[arg-type]
     require_redis(s.redis_url)
     bar = tqdm_bar("enrolling (images)", len(items))
     report = enrol(
@@ -56,6 +76,21 @@ def enroll(folder: Path | None, manifest: Path | None, batch: int, snapshot_ever
     )
     for subject, image, code in shown[:20]:
         click.echo(f"  failed: {subject} {image} {code}")
+
+
+def _nist_items(s, paths: tuple[Path, ...], profiles: bool) -> list:
+    """The transactions' items; what is refused (with its code) or skipped is said before enrolling."""
+    from ..gallery.nist import nist_items
+
+    found = nist_items(s, paths, profiles=profiles)
+    click.echo(f"{found.transactions} transaction(s): {len(found.items)} face image(s) to enrol")
+    if found.profiles_skipped:
+        click.echo(f"  not enrolled: {found.profiles_skipped} profile face(s) (10.020 not F; --profiles enrols them)")
+    if found.other_images:
+        click.echo(f"  not enrolled: {found.other_images} Type-10 image(s) that are not faces (10.003)")
+    for bad in found.refused:
+        click.echo(f"  refused: {bad.code.value}: {bad.message}")
+    return found.items
 
 
 @click.group("gallery")

@@ -79,8 +79,20 @@ def print_list(result: Any, **context: str) -> None:
 
 @click.command("search")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--case", "case_number", required=True)
-@click.option("--offence", "offence_code", required=True)
+@click.option(
+    "--case",
+    "case_number",
+    default=None,
+    help="the case number (needed; for an ANSI/NIST-ITL IMAGE, read from QUORUM_NIST_CASE_FIELD, 2.010, "
+    "when not given)",
+)
+@click.option(
+    "--offence",
+    "offence_code",
+    default=None,
+    help="the offence code (needed; for an ANSI/NIST-ITL IMAGE, read from QUORUM_NIST_OFFENCE_FIELD when "
+    "set and not given)",
+)
 @click.option("--purpose", required=True)
 @click.option("--top", default=250, show_default=True, type=click.IntRange(1, 250))
 @click.option("--face-index", type=int, default=None, help="which face when there are several (0 = largest)")
@@ -103,8 +115,8 @@ def print_list(result: Any, **context: str) -> None:
 )
 def search(
     image: Path,
-    case_number: str,
-    offence_code: str,
+    case_number: str | None,
+    offence_code: str | None,
     purpose: str,
     top: int,
     face_index: int | None,
@@ -115,8 +127,14 @@ def search(
     as_json: bool,
     sheet_out: Path | None,
 ) -> None:
-    """Search IMAGE through the queue and print the fused candidate list."""
+    """Search IMAGE through the queue and print the fused candidate list. IMAGE may be an ANSI/NIST-ITL
+    transaction (traditional encoding): its first frontal Type-10 face is the probe."""
     from ..broker.client import QuorumClient
+    from ..core.nist import is_transaction
+
+    transaction = is_transaction(image)
+    if not transaction and (case_number is None or offence_code is None):
+        raise click.UsageError("--case and --offence are needed (a transaction may carry them: see --help)")
 
     # A ProbeRequest that does not validate is reported under the options the user typed.
     label_fields(
@@ -138,14 +156,28 @@ def search(
 
         secret = registry.agency_secret(db.get_engine(settings()), agency)
     client = QuorumClient(settings().redis_url, agency, user, secret)
-    rid = client.submit(
-        image,
-        case_number=case_number,
-        offence_code=offence_code,
-        purpose=purpose,
-        candidates=top,
-        face_index=face_index,
-    )
+    if transaction:
+        s = settings()
+        rid = client.submit_transaction(
+            image,
+            case_number=case_number,
+            offence_code=offence_code,
+            purpose=purpose,
+            case_field=s.nist_case_field,
+            offence_field=s.nist_offence_field,
+            max_record_bytes=s.max_image_bytes,
+            candidates=top,
+            face_index=face_index,
+        )
+    else:
+        rid = client.submit(
+            image,
+            case_number=case_number or "",
+            offence_code=offence_code or "",
+            purpose=purpose,
+            candidates=top,
+            face_index=face_index,
+        )
     try:
         result = client.wait(rid, timeout=timeout)
     except TimeoutError:
@@ -156,7 +188,7 @@ def search(
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     else:
-        print_list(result, agency=agency, user=user, offence=offence_code, purpose=purpose)
+        print_list(result, agency=agency, user=user, offence=offence_code or "", purpose=purpose)
     if sheet_out is not None and result.type == "candidate_list":
         from .sheet import write
 

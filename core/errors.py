@@ -27,6 +27,15 @@ class Code(StrEnum):
     NO_FACE = "NO_FACE"
     FACE_INDEX_OUT_OF_RANGE = "FACE_INDEX_OUT_OF_RANGE"
     FACE_TOO_SMALL = "FACE_TOO_SMALL"
+    # ANSI/NIST-ITL transactions (core.nist): a file, or one record of it, that cannot be used.
+    NIST_NOT_A_TRANSACTION = "NIST_NOT_A_TRANSACTION"  # does not begin with a Type-1 record (1.001)
+    NIST_TRUNCATED = "NIST_TRUNCATED"  # ends before a record its lengths or 1.003 promise
+    NIST_LENGTH_MISMATCH = "NIST_LENGTH_MISMATCH"  # a record's length field does not end it where it ends
+    NIST_RECORD_TOO_LARGE = "NIST_RECORD_TOO_LARGE"  # a record declares more bytes than the image limit allows
+    NIST_MALFORMED = "NIST_MALFORMED"  # fields that do not parse, a 1.003 that does not list the records
+    NIST_NO_IMAGE = "NIST_NO_IMAGE"  # a Type-10 record without image data (or no Type-10 face at all)
+    NIST_UNSUPPORTED_COMPRESSION = "NIST_UNSUPPORTED_COMPRESSION"  # 10.011 not read, or data not as declared
+    NIST_SUBJECT_MISSING = "NIST_SUBJECT_MISSING"  # the field that names the subject (2.015) is absent
     # Accountability: who may search, and why (checked by the gateway before any image is stored).
     BAD_SIGNATURE = "BAD_SIGNATURE"  # unsigned, or the HMAC does not match the agency's secret
     STALE_TIMESTAMP = "STALE_TIMESTAMP"  # signed timestamp outside the allowed window

@@ -29,6 +29,11 @@ class EnrolItem:
     def source(self) -> str:
         return str(self.path) if self.path is not None else f"key:{self.key}"
 
+    def read_bytes(self) -> bytes:
+        """The image file's bytes (an item from a transaction file reads its record: gallery.nist)."""
+        assert self.path is not None
+        return self.path.read_bytes()
+
 
 def folder_items(root: Path) -> list[tuple[str, Path]]:
     """``<root>/<subject>/<image>`` -> [(subject, path)], sorted."""
