@@ -26,7 +26,6 @@ from .items import EnrolItem
 log = structlog.get_logger()
 
 
-
 @dataclass(frozen=True)
 class NistEnrolItem(EnrolItem):
     """One Type-10 image of a transaction file, read (and JPEG 2000 decoded) when it is uploaded."""
