@@ -13,6 +13,7 @@ def as_str(v: bytes | str) -> str:
 
 
 INTAKE_STREAM_PREFIX = "quorum:intake:"
+AUDIT_HEAD = "quorum:audit:head"  # the audit chain's head outside the database (accountability.audit_head)
 DEADLINES = "quorum:deadlines"  # timers due later (broker.deadlines): sorted set scored by due epoch second
 INTAKE_GROUP = "quorum-gateway"
 
@@ -28,6 +29,11 @@ def results_stream(agency: str) -> str:
 def result_key(agency: str, request_id: str) -> str:
     """The published result of one request, kept for ``result_ttl_s`` (lookup and idempotency)."""
     return f"quorum:result:{agency}:{request_id}"
+
+
+def result_object(agency: str, request_id: str) -> str:
+    """Where a published result is kept in the object store once Redis has let it go (``result_hold_s``)."""
+    return f"results/{agency}/{request_id}.json"
 
 
 def request_key(agency: str, request_id: str) -> str:

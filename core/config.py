@@ -188,6 +188,10 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = 1000  # bench/index_scale.py: recall@250 0.88 at 400, 0.99 at 1000 (100k, +3 ms)
     gallery_capacity: int = 100_000  # initial; the index grows in steps as needed
     result_ttl_s: int = 7 * 24 * 3600
+    # How long Redis holds a published result (its key, its results-stream entry, the job's lists) for
+    # delivery; after it only the request-id claim stays (idempotency), and the result is read from the
+    # object store (results/<agency>/<request id>.json) until result_ttl_s.
+    result_hold_s: int = Field(default=3600, ge=10)
     metrics_port: int = 0  # 0: no HTTP exporter in this process
     data_dir: str = ""  # labelled faces for the demo; default ../shared/data next to the repo
     log_level: str = "INFO"

@@ -197,6 +197,7 @@ def create_app(s: Settings) -> Starlette:
 
     async def decide(request: Request, rv: signin.Reviewer) -> Response:
         from ..core.errors import InputError
+        from ..core.objectstore import open_store
         from .gather import find_submission, load_result, removed_subjects
 
         rid = request.path_params["request_id"]
@@ -209,7 +210,7 @@ def create_app(s: Settings) -> Starlette:
             # What the sheet shows (this agency's search, its list still kept, removed subjects left out),
             # without decoding the probe and the thumbnails again.
             sub = find_submission(eng, rid, rv.agency_id)
-            result = load_result(s, r, eng, sub)
+            result = load_result(s, r, eng, sub, open_store(s))
             gone, _ = removed_subjects(r, eng, [c.subject_id for c in result.candidates], sub.ts)
             shown = {c.subject_id: c.rank for c in result.candidates if c.subject_id not in gone}
             if subject not in shown:

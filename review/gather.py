@@ -108,13 +108,14 @@ def find_submission(eng: Any, request_id: str, agency: str | None = None) -> Sub
     )
 
 
-def load_result(s: Any, redis: Any, eng: Any, sub: Submission) -> CandidateList:
-    """The request's candidate list from Redis, or why there is none (a coded error)."""
+def load_result(s: Any, redis: Any, eng: Any, sub: Submission, store: Any = None) -> CandidateList:
+    """The request's candidate list (from Redis while it holds it, then from the object store), or why
+    there is none (a coded error)."""
     from ..accountability import audit
     from ..broker.results import fetch
     from ..core.errors import Code, InputError
 
-    result = fetch(redis, sub.agency, sub.request_id)
+    result = fetch(redis, sub.agency, sub.request_id, store)
     if result is None:
         answered = audit.query(eng, request_id=sub.request_id, action=audit.SEARCH_RESULT)
         if answered:
@@ -207,8 +208,8 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
     eng = db.get_engine(s)
     r = connect(s.redis_url)
     sub = find_submission(eng, request_id, agency)
-    result = load_result(s, r, eng, sub)
     store = open_store(s)
+    result = load_result(s, r, eng, sub, store)
     uri, size, boxes, note = probe_faces(s, store, sub.image_key)
     gone, records = removed_subjects(r, eng, [c.subject_id for c in result.candidates], sub.ts)
     thumbs: dict[str, str | None] = {}

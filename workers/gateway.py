@@ -46,7 +46,7 @@ from ..broker.app import INTAKE_QUEUE, TASK_PREPARE, app, oldest_message_age, qu
 from ..broker.intake import IDLE_S, Entry, IntakeReader, Limits, interleave, rotated
 from ..broker.keys import as_str
 from ..broker.redis_errors import ensure_group, redis_boundary
-from ..broker.results import publish
+from ..broker.results import archive, publish
 from ..core import metrics
 from ..core.config import Settings
 from ..core.errors import Code, QuorumError, ServiceError
@@ -141,6 +141,7 @@ class Gateway:
         )
         self._turn = 0
         self._last_heartbeat = 0.0
+        self._last_trim = 0.0
         self._last_discover = 0.0
         self._last_sample = 0.0
         self._last_anchor = time.monotonic()
@@ -213,6 +214,21 @@ class Gateway:
         if self.settings.audit_anchor_interval_s > 0:
             metrics.AUDIT_ANCHOR_AGE.set(time.monotonic() - self._last_anchor_ok)
 
+    def trim_results(self) -> None:
+        """Every agency's results stream keeps the answers of the last ``result_hold_s`` only (also trimmed
+        at each publish; this catches a stream no answer has been published to since)."""
+        if time.monotonic() - self._last_trim < 5.0:
+            return
+        self._last_trim = time.monotonic()
+        min_id = f"{int((time.time() - self.settings.result_hold_s) * 1000)}-0"
+        with redis_boundary("trimming results streams"):
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in sorted(self.streams):
+                pipe.xtrim(
+                    keys.results_stream(stream[len(keys.INTAKE_STREAM_PREFIX) :]), minid=min_id, approximate=True
+                )
+            pipe.execute()
+
     def heartbeat(self) -> None:
         if time.monotonic() - self._last_heartbeat < 1.0:
             return
@@ -281,6 +297,7 @@ class Gateway:
         agency at a time; when nothing came, read again every ``intake.IDLE_S`` for up to ``block_ms``."""
         self.discover()
         self.sample_queues()
+        self.trim_results()
         deadline = time.monotonic() + block_ms / 1000
         while True:
             order = rotated(self.streams, self._turn)
@@ -383,8 +400,16 @@ class Gateway:
             retryable=err.retryable,
             stage="gateway",
         )
+        s = self.settings
+        hold = s.result_ttl_s
+        if refusal.keyed:  # the request's answer: kept in the object store, held in Redis for delivery
+            try:
+                archive(self.store, result)
+                hold = s.result_hold_s
+            except Exception as exc:  # the store away: Redis keeps the answer for result_ttl_s instead
+                log.warning("result.archive_failed", request_id=result.request_id, error=f"{type(exc).__name__}")
         with redis_boundary("publishing a refusal"):
-            publish(self.redis, result, ttl_s=self.settings.result_ttl_s, keyed=refusal.keyed)
+            publish(self.redis, result, ttl_s=hold, keyed=refusal.keyed, stream_age_s=s.result_hold_s)
             self.redis.xadd(
                 keys.REJECTED_STREAM,
                 {

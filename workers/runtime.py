@@ -63,6 +63,7 @@ class Runtime:
     def context(self):
         """The stage context (``workers.stages.StageContext``) over this process's lazily loaded parts."""
         from ..accountability import audit
+        from ..broker.results import archive
         from .stages import StageContext
 
         return StageContext(
@@ -75,6 +76,7 @@ class Runtime:
             calibration=lambda: self.calibration,
             record_result=lambda job, result, engines: audit.record_result(self.settings, job, result, engines=engines),
             embed=self.embed if self.batching else None,
+            archive=lambda result: archive(self.store, result),
         )
 
     def batcher(self, name: str):

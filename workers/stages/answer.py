@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import structlog
+
 from ...broker import keys
 from ...broker.results import publish
 from ...core.errors import Code, QuorumError, ServiceError
 from ...schemas import CandidateList, EngineResult, ErrorResult
 from ...schemas.job import Job
 from .context import Outcome, StageContext, StageResult, fuse_message
+
+log = structlog.get_logger()
 
 
 class AnswerHeld(Exception):
@@ -39,11 +43,42 @@ def answer(
         raise AnswerHeld(job.request_id)
     try:
         ctx.record_result(job, result, engines)
-        published = result if publish(r, result, ttl_s=s.result_ttl_s) else None
-        r.set(keys.job_published_key(job.request_id), 1, ex=s.result_ttl_s)
+        hold = s.result_hold_s if _archived(ctx, result) else s.result_ttl_s
+        published = result if publish(r, result, ttl_s=hold, stream_age_s=s.result_hold_s) else None
+        _let_go(r, job, hold)
         return published
     finally:
         r.delete(lock)
+
+
+def _archived(ctx: StageContext, result: CandidateList | ErrorResult) -> bool:
+    """Keep the answer in the object store; if the store is away, Redis keeps it for the whole
+    ``result_ttl_s`` instead (logged), so no lookup ever misses it."""
+    if ctx.archive is None:
+        return False
+    try:
+        ctx.archive(result)
+        return True
+    except Exception as exc:  # the store's errors: the answer still goes out, kept by Redis
+        log.warning("result.archive_failed", request_id=result.request_id, error=f"{type(exc).__name__}: {exc}")
+        return False
+
+
+def _let_go(r, job: Job, hold_s: int) -> None:
+    """What the search kept in Redis (the job, the engines' lists, the probe's templates, the shards'
+    answers) is needed no more once the answer is out: it expires with the answer's hold."""
+    pipe = r.pipeline(transaction=False)
+    pipe.set(keys.job_published_key(job.request_id), 1, ex=hold_s)
+    for key in (
+        keys.job_key(job.request_id),
+        keys.job_results_key(job.request_id),
+        keys.job_overruns_key(job.request_id),
+    ):
+        pipe.expire(key, hold_s)
+    for e in job.engines:
+        pipe.expire(keys.job_vector_key(job.request_id, e), hold_s)
+        pipe.expire(keys.job_shards_key(job.request_id, e), hold_s)
+    pipe.execute()
 
 
 def error_result(job: Job, err: QuorumError, stage: str) -> ErrorResult:

@@ -74,6 +74,9 @@ class StageContext:
     # ServiceError(AUDIT_UNAVAILABLE) if it cannot): accountability.audit.record_result in production.
     record_result: Callable[[Job, Any, dict | None], bool]
     calibration: Callable[[], Any] = lambda: None  # fusion calibration (None: uncalibrated methods only)
+    # Keeps a published result in the object store (broker.results.archive) so that Redis can let it go
+    # after result_hold_s; None: no store, Redis keeps it for result_ttl_s.
+    archive: Callable[[Any], None] | None = None
     # (engine name, [(image, face), ...]) -> (n, dim) templates. In an engine worker the call is shared
     # with the other tasks it runs at once (workers.batching); None: the engine's embed_batch directly.
     embed: Callable[[str, Sequence[tuple[np.ndarray, Face]]], np.ndarray] | None = None
