@@ -135,3 +135,12 @@ def test_quorum_is_imported_one_way_everywhere() -> None:
                     absolute_inside.append((rel, name))
     assert bare == [], f"imports of a name Quorum does not install: {bare}"
     assert absolute_inside == [], f"absolute imports inside the package (use relative ones): {absolute_inside}"
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test modules by their basename (rootdir-relative, no package in tests/unit or
+    tests/integration), so two files of one name stop the whole collection with "import file mismatch"."""
+    seen: dict[str, list[str]] = defaultdict(list)
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        seen[path.name].append(str(path.relative_to(REPO)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
