@@ -52,7 +52,7 @@ from ..core.config import Settings
 from ..core.errors import Code, ServiceError
 from ..core.retry import call_with_retries
 from ..schemas.case import CaseContext
-from . import db
+from . import audit_head, db
 
 log = structlog.get_logger()
 
@@ -73,6 +73,7 @@ PROBE_PURGED = "probe.purged"
 CASE_HOLD = "case.hold"
 CASE_RELEASE = "case.release"
 AUDIT_ANCHORED = "audit.anchored"
+HEAD_RESET = "audit.head_reset"  # the head outside the database set back by an operator (after a restore)
 # Registry changes use "registry.<what>.<verb>", e.g. registry.agency.add, registry.user.certify.
 
 
@@ -165,6 +166,14 @@ def append_in(conn: Connection, event: AuditEvent, *, now: datetime | None = Non
     row.update(seq=seq + 1, ts=now_iso(now), details=canonical_json(event.details or {}), prev_hash=prev)
     row["hash"] = record_hash(row)
     conn.execute(db.audit_log.insert().values(**row))
+    url = db.redis_url_for(conn.engine)
+    if url:  # the head outside the database moves once this record is committed (audit_head)
+        seq_, hash_, ts_ = seq + 1, str(row["hash"]), str(row["ts"])
+
+        def advance() -> None:
+            audit_head.advance_quietly(url, seq_, hash_, ts_)
+
+        db.after_commit(conn, advance)
     return row
 
 
@@ -221,20 +230,90 @@ class VerifyReport:
     first_bad_seq: int | None = None
     problem: str = ""
     anchors_checked: int = 0
+    # The head outside the database (audit_head): None when not checked; else the last seq it confirms.
+    confirmed_seq: int | None = None
+    unconfirmed_since: str = ""  # ts of the first record the outside head does not confirm
+    head_note: str = ""
+    dispositions_checked: int = 0
+    hashes: dict[int, str] = field(default_factory=dict, repr=False)  # seq -> hash of every record read
+
+    @property
+    def complete(self) -> bool:
+        """Every record is confirmed by the outside head (False when it was not checked)."""
+        return self.confirmed_seq is not None and self.confirmed_seq >= self.head_seq
 
     def summary(self) -> str:
-        if self.ok:
-            return (
-                f"OK: {self.records} records, chain intact up to seq {self.head_seq} ({self.head_hash[:16]}...), "
-                f"{self.anchors_checked} anchors match"
-            )
-        return f"BROKEN at seq {self.first_bad_seq}: {self.problem}"
+        if not self.ok:
+            where = f" at seq {self.first_bad_seq}" if self.first_bad_seq is not None else ""
+            return f"BROKEN{where}: {self.problem}"
+        body = (
+            f"{self.records} records, chain intact up to seq {self.head_seq} ({self.head_hash[:16]}...), "
+            f"{self.anchors_checked} anchors match, {self.dispositions_checked} dispositions match their records"
+        )
+        if self.confirmed_seq is None:
+            return f"OK: {body}; completeness not checked ({self.head_note or 'no outside head'})"
+        if self.complete:
+            return f"OK: {body}, the outside head confirms the last record"
+        return (
+            f"UNCONFIRMED: {body}; cannot confirm completeness since seq {self.confirmed_seq + 1} "
+            f"({self.unconfirmed_since or 'time unknown'}): {self.head_note}"
+        )
 
 
-def verify_rows(records: Iterable[dict], anchors: Iterable[dict] = ()) -> VerifyReport:
-    """Recompute the chain over ``records`` (in stored ``seq`` order) and check ``anchors`` against it."""
+def _details(r: dict) -> dict:
+    try:
+        got = json.loads(r["details"] or "{}")
+    except ValueError:
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+@dataclass
+class _Trail:
+    """What verification gathers while it walks the chain, besides the hashes."""
+
+    submitted: dict[tuple[str, str], str] = field(default_factory=dict)  # (agency, request) -> outcome
+    orphans: list[dict] = field(default_factory=list)  # search.result rows without an audited submission
+    recorded: dict[int, dict] = field(default_factory=dict)  # disposition id -> what its record says
+    confirmed: dict[int, dict] = field(default_factory=dict)
+    ts: dict[int, str] = field(default_factory=dict)  # seq -> ts, of records the head may not confirm
+
+    def see(self, r: dict) -> None:
+        action = r["action"]
+        if action == SEARCH_SUBMITTED:
+            key = (r["agency"], r["request_id"])
+            if self.submitted.get(key) != "accepted":
+                self.submitted[key] = r["outcome"]
+        elif action == SEARCH_RESULT:
+            sub = self.submitted.get((r["agency"], r["request_id"]))
+            if sub is None or (r["outcome"] in {"ok", "degraded"} and sub != "accepted"):
+                self.orphans.append(r)
+        elif action == DISPOSITION_RECORDED and r["outcome"] in {"final", "pending"}:
+            d = _details(r)
+            if "disposition_id" in d:
+                self.recorded[int(d["disposition_id"])] = {
+                    "seq": int(r["seq"]),
+                    "request_id": r["request_id"],
+                    "agency_id": r["agency"],
+                    "case_number": r["case_number"],
+                    "user_id": d.get("user", r["actor"]),  # records before "user" was kept: the actor
+                    "outcome": d.get("disposition", ""),
+                    "candidate": d.get("candidate", ""),
+                    "note": d.get("note", ""),
+                    "status": r["outcome"],
+                }
+        elif action == DISPOSITION_CONFIRMED and r["outcome"] == "confirmed":
+            d = _details(r)
+            if "disposition_id" in d:
+                self.confirmed[int(d["disposition_id"])] = {"seq": int(r["seq"]), "by": d.get("user", r["actor"])}
+
+
+def verify_rows(records: Iterable[dict], anchors: Iterable[dict] = (), *, trail: _Trail | None = None) -> VerifyReport:
+    """Recompute the chain over ``records`` (in stored ``seq`` order) and check ``anchors`` against it,
+    and that every ``search.result`` follows an audited ``search.submitted`` of its request."""
     expected_seq, prev, n = 1, GENESIS, 0
     hashes: dict[int, str] = {}
+    trail = trail if trail is not None else _Trail()
 
     def bad(seq: int, problem: str) -> VerifyReport:
         return VerifyReport(False, n, expected_seq - 1, prev, seq, problem)
@@ -256,9 +335,11 @@ def verify_rows(records: Iterable[dict], anchors: Iterable[dict] = ()) -> Verify
             return bad(seq, "the record's content does not match its hash: edited")
         prev = r["hash"]
         hashes[seq] = prev
+        trail.ts[seq] = r["ts"]
+        trail.see(r)
         n += 1
         expected_seq += 1
-    report = VerifyReport(True, n, expected_seq - 1, prev)
+    report = VerifyReport(True, n, expected_seq - 1, prev, hashes=hashes)
     for a in sorted(anchors, key=lambda a: int(a["seq"])):
         seq = int(a["seq"])
         if seq not in hashes:
@@ -270,11 +351,125 @@ def verify_rows(records: Iterable[dict], anchors: Iterable[dict] = ()) -> Verify
             report.problem = f"anchor for seq {seq} does not match the chain: the chain was rewritten"
             return report
         report.anchors_checked += 1
+    if trail.orphans:
+        o = trail.orphans[0]
+        report.ok, report.first_bad_seq = False, int(o["seq"])
+        report.problem = (
+            f"search.result of request {o['request_id']!r} (agency {o['agency']!r}) has no accepted "
+            f"search.submitted before it: searched without an audited submission "
+            f"({len(trail.orphans)} such result{'s' if len(trail.orphans) != 1 else ''})"
+        )
     return report
 
 
-def verify(eng: Engine, anchors: AnchorStore | None = None) -> VerifyReport:
-    return verify_rows(rows(eng), anchors.read_all() if anchors else ())
+def check_head(report: VerifyReport, head: audit_head.Head | None) -> None:
+    """Check the chain ``report`` describes against the outside head read *before* the records were:
+    every record up to that head was committed before them, so the database must hold it, with that hash."""
+    if not report.ok:
+        return
+    if head is None:
+        report.confirmed_seq = 0
+        report.head_note = "no audit head in Redis (lost, reset, or never written)" if report.records else ""
+        return
+    if head.seq > report.head_seq:
+        report.ok, report.first_bad_seq = False, report.head_seq + 1
+        report.problem = (
+            f"the audit head outside the database is at seq {head.seq} ({head.ts}) but the database ends at "
+            f"seq {report.head_seq}: the newest records were deleted"
+        )
+        return
+    if report.hashes.get(head.seq) != head.hash:
+        report.ok, report.first_bad_seq = False, head.seq
+        report.problem = (
+            f"record seq {head.seq} does not match the audit head outside the database ({head.ts}): "
+            "the chain was rewritten and re-hashed"
+        )
+        return
+    report.confirmed_seq = head.seq
+
+
+def confirm_later(report: VerifyReport, head: audit_head.Head | None) -> None:
+    """The head read again *after* the records: a writer that committed before the read may have moved
+    it meanwhile. A head past the records read confirms them all (it was written on top of them)."""
+    if not report.ok or head is None or report.confirmed_seq is None:
+        return
+    if head.seq > report.head_seq:
+        report.confirmed_seq = report.head_seq
+    elif head.seq > report.confirmed_seq and report.hashes.get(head.seq) == head.hash:
+        report.confirmed_seq = head.seq
+
+
+def check_dispositions(report: VerifyReport, table: Iterable[dict], trail: _Trail) -> None:
+    """Every row of the dispositions table (which the usage report counts) must say what its audit records
+    say: the decision as recorded, and ``confirmed`` only with a ``disposition.confirmed`` record."""
+    if not report.ok:
+        return
+    seen: set[int] = set()
+    for row in table:
+        did = int(row["id"])
+        seen.add(did)
+        rec = trail.recorded.get(did)
+        if rec is None:
+            report.ok, report.first_bad_seq = False, None
+            report.problem = f"disposition {did} has no disposition.recorded audit record: written outside Quorum"
+            return
+        conf = trail.confirmed.get(did)
+        fields = ("request_id", "agency_id", "case_number", "user_id", "outcome", "candidate", "note")
+        want = {k: rec[k] for k in fields}
+        want["status"] = "confirmed" if conf else rec["status"]
+        want["confirmed_by"] = conf["by"] if conf else ""
+        for k, v in want.items():
+            got = "" if row.get(k) is None else str(row[k])
+            if got != str(v):
+                report.ok, report.first_bad_seq = False, rec["seq"]
+                report.problem = (
+                    f"disposition {did} does not match its audit record (seq {rec['seq']}): {k} is {got!r} "
+                    f"in the dispositions table, {v!r} in the audit trail: edited"
+                )
+                return
+        report.dispositions_checked += 1
+    missing = sorted(set(trail.recorded) - seen)
+    if missing:
+        rec = trail.recorded[missing[0]]
+        report.ok, report.first_bad_seq = False, rec["seq"]
+        report.problem = f"disposition {missing[0]} (recorded at seq {rec['seq']}) is missing from the table: deleted"
+
+
+def verify(
+    eng: Engine,
+    anchors: AnchorStore | None = None,
+    head: audit_head.OutsideHead | None = None,
+    *,
+    settle_s: float = 1.0,
+) -> VerifyReport:
+    """The chain, its anchors, the dispositions table against its records, and with ``head`` the outside
+    head (:mod:`audit_head`): a trail cut short or re-hashed since the last anchor is caught there."""
+    import time
+
+    before = head.read() if head is not None else None
+    trail = _Trail()
+    report = verify_rows(rows(eng), anchors.read_all() if anchors else (), trail=trail)
+    with eng.connect() as conn:
+        table = [dict(r._mapping) for r in conn.execute(select(db.dispositions).order_by(db.dispositions.c.id))]
+    if head is None:
+        check_dispositions(report, table, trail)
+        return report
+    check_head(report, before)  # first: records cut off the end explain any disposition they leave unexplained
+    check_dispositions(report, table, trail)
+    deadline = time.monotonic() + settle_s
+    while report.ok and not report.complete:
+        confirm_later(report, head.read())
+        if report.complete or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if report.ok and not report.complete and report.confirmed_seq is not None:
+        report.unconfirmed_since = trail.ts.get(report.confirmed_seq + 1, "")
+        report.head_note = report.head_note or (
+            f"the audit head outside the database is at seq {report.confirmed_seq}: records after it were "
+            "written while Redis could not be reached (audit.head_unavailable in the logs), or added to the "
+            "database outside Quorum"
+        )
+    return report
 
 
 # ---- queries ----------------------------------------------------------------------------------------

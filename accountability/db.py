@@ -17,7 +17,7 @@ and intake workers, the CLI). Every write transaction therefore takes a database
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -153,6 +153,7 @@ def is_postgres(conn: Connection | Engine) -> bool:
 
 
 _engines: dict[str, Engine] = {}
+_redis_urls: dict[Engine, str] = {}  # engine -> the Redis that keeps its audit head (accountability.audit_head)
 _lock = threading.Lock()
 
 
@@ -191,7 +192,16 @@ def get_engine(target: Settings | str, *, migrate: bool = True) -> Engine:
             if migrate:
                 upgrade(eng)
             _engines[url] = eng
+        if not isinstance(target, str) and target.redis_url:
+            _redis_urls[eng] = target.redis_url
         return eng
+
+
+def redis_url_for(eng: Engine) -> str:
+    """The Redis whose audit head this database's writers advance: the settings' ``redis_url`` of the
+    last :func:`get_engine` call with settings for it; empty for an engine opened by URL alone."""
+    with _lock:
+        return _redis_urls.get(eng, "")
 
 
 def dispose_all() -> None:
@@ -200,15 +210,35 @@ def dispose_all() -> None:
         for eng in _engines.values():
             eng.dispose()
         _engines.clear()
+        _redis_urls.clear()
+
+
+_AFTER_COMMIT = "quorum.after_commit"
 
 
 @contextmanager
 def write_tx(eng: Engine) -> Iterator[Connection]:
-    """A transaction holding the database-wide write lock (see the module docstring)."""
+    """A transaction holding the database-wide write lock (see the module docstring). Callables given
+    to :func:`after_commit` run once it has committed (not if it rolled back)."""
+    hooks: list[Callable[[], None]] = []
     with eng.begin() as conn:
         if is_postgres(conn):
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK_KEY})
-        yield conn
+        conn.info[_AFTER_COMMIT] = hooks
+        try:
+            yield conn
+        finally:
+            conn.info.pop(_AFTER_COMMIT, None)
+    for fn in hooks:
+        fn()
+
+
+def after_commit(conn: Connection, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the :func:`write_tx` transaction of ``conn`` has committed."""
+    hooks = conn.info.get(_AFTER_COMMIT)
+    if hooks is None:
+        raise RuntimeError("after_commit outside db.write_tx")
+    hooks.append(fn)
 
 
 def _alembic_config(conn: Connection):

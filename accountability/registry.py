@@ -338,14 +338,16 @@ SERVICE_ACL: dict[str, str] = {
     "gateway": f"~quorum:* {_CELERY_KEYS} +@all -@admin -@dangerous",
     "worker": (
         "~quorum:job:* ~quorum:results:* ~quorum:result:* ~quorum:request:* ~quorum:gallery:* ~quorum:alive:* "
-        f"~{keys.TASK_OVERRUNS} ~{keys.DEADLINES} ~{keys.GATEWAY_ALIVE_PREFIX}* {_CELERY_KEYS} "
+        f"~{keys.TASK_OVERRUNS} ~{keys.DEADLINES} ~{keys.GATEWAY_ALIVE_PREFIX}* ~{keys.AUDIT_HEAD} {_CELERY_KEYS} "
         "+@all -@admin -@dangerous"
     ),
     # `quorum review` (the reviewers' web app): reads results and the gallery's subject records, keeps its
-    # sign-in tokens and sessions; nothing else.
+    # sign-in tokens and sessions, and moves the audit head (accountability.audit_head) past the records it
+    # writes; nothing else.
     "review": (
-        f"%R~{keys.result_key('*', '*')} %R~{keys.GALLERY_SUBJECTS} ~quorum:review:* "
-        "-@all +get +mget +hmget +set +getdel +del +ping +hello +client|setname"
+        f"%R~{keys.result_key('*', '*')} %R~{keys.GALLERY_SUBJECTS} ~quorum:review:* ~{keys.AUDIT_HEAD} "
+        "-@all +get +mget +hget +hmget +hset +set +getdel +del +evalsha +eval +script|load +ping +hello "
+        "+client|setname"
     ),
     "admin": "~* &* +@all",
     "exporter": (

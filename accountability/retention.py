@@ -135,3 +135,44 @@ def purge(
                     ),
                 )
     return report
+
+
+@dataclass
+class ResultPurgeReport:
+    deleted: list[str] = field(default_factory=list)
+    kept: int = 0  # answered within ``result_ttl_s``
+    unanswered: list[str] = field(default_factory=list)  # no search.result record: left alone
+
+
+def purge_results(
+    eng: Engine, store: ObjectStore, ttl_s: int, *, now: datetime | None = None, dry_run: bool = False
+) -> ResultPurgeReport:
+    """Delete the kept copies of answers (``results/<agency>/<request id>.json``, written when Redis let
+    them go) answered more than ``ttl_s`` ago (the audit trail's ``search.result`` says when)."""
+    now = now or datetime.now(UTC)
+    cutoff = audit.now_iso(now - timedelta(seconds=ttl_s))
+    t = db.audit_log
+    report = ResultPurgeReport()
+    with eng.connect() as conn:
+        answered = {
+            (r.agency, r.request_id): r.last
+            for r in conn.execute(
+                select(t.c.agency, t.c.request_id, func.max(t.c.ts).label("last"))
+                .where(t.c.action == audit.SEARCH_RESULT)
+                .group_by(t.c.agency, t.c.request_id)
+            )
+        }
+    for key in store.list("results"):
+        parts = key.split("/")
+        if len(parts) != 3 or not parts[2].endswith(".json"):
+            continue
+        when = answered.get((parts[1], parts[2][: -len(".json")]))
+        if when is None:
+            report.unanswered.append(key)
+        elif when >= cutoff:
+            report.kept += 1
+        else:
+            report.deleted.append(key)
+            if not dry_run:
+                store.delete(key)
+    return report

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..core.config import settings
-from .common import actor_option, db_engine, emit, operator_name
+from .common import CliError, actor_option, db_engine, emit, operator_name
 
 
 @click.group("audit")
@@ -21,14 +21,51 @@ def audit_group() -> None:
 
 @audit_group.command("verify")
 @click.option("--no-anchors", is_flag=True, help="check the chain only, not its anchors in the object store")
-def audit_verify(no_anchors: bool) -> None:
-    """Recompute the hash chain and check the anchors; exit 1 at the first broken record."""
-    from ..accountability import audit
+@click.option(
+    "--no-head", is_flag=True, help="do not check completeness against the audit head in Redis (no Redis at hand)"
+)
+def audit_verify(no_anchors: bool, no_head: bool) -> None:
+    """Recompute the hash chain, check the anchors, the dispositions table and the audit head kept in Redis;
+    exit 1 at the first broken record, 3 when the trail is intact but its completeness cannot be confirmed
+    (the head in Redis is behind the last record, or Redis cannot be read)."""
+    from ..accountability import audit, audit_head
 
     s = settings()
-    rep = audit.verify(db_engine(), None if no_anchors else audit.open_anchors(s))
+    head: audit_head.OutsideHead | None = None
+    note = "--no-head"
+    if not no_head:
+        try:
+            head = audit_head.for_url(s.redis_url)
+            head.read()
+        except Exception as exc:  # Redis away or no rights: the chain is still checked, completeness is not
+            head, note = None, f"the audit head in Redis could not be read: {type(exc).__name__}: {exc}"
+    rep = audit.verify(db_engine(), None if no_anchors else audit.open_anchors(s), head)
+    rep.head_note = rep.head_note or (note if head is None else "")
     click.echo(rep.summary())
-    sys.exit(0 if rep.ok else 1)
+    sys.exit(1 if not rep.ok else 0 if rep.complete or no_head or not rep.records else 3)
+
+
+@audit_group.command("head-reset")
+@click.option("--reason", required=True, help="why (e.g. 'restored the 2026-12-01 backup after the disk failure')")
+@actor_option
+def audit_head_reset(reason: str, actor: str | None) -> None:
+    """Acknowledge a trail cut short (a database restored from an older backup): record an audit.head_reset
+    naming the head in Redis it replaces, and set that head to this record."""
+    from ..accountability import audit, audit_head
+
+    s = settings()
+    head = audit_head.for_url(s.redis_url)
+    try:
+        old = head.read()
+    except Exception as exc:
+        raise CliError(
+            f"the audit head in Redis cannot be read ({type(exc).__name__}: {exc}); nothing changed"
+        ) from None
+    details = {"reason": reason, "replaced_seq": old.seq if old else None, "replaced_hash": old.hash if old else ""}
+    event = audit.AuditEvent(action=audit.HEAD_RESET, outcome="ok", actor=operator_name(actor), details=details)
+    row = audit.append(db_engine(), event)
+    head.reset(int(str(row["seq"])), str(row["hash"]), str(row["ts"]))
+    click.echo(f"audit head set to seq {row['seq']} (was {old.seq if old else 'none'}): recorded as audit.head_reset")
 
 
 @audit_group.command("anchor")

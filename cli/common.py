@@ -40,6 +40,20 @@ def operator_name(actor: str | None = None) -> str:
     return actor or os.environ.get("QUORUM_OPERATOR") or getpass.getuser()
 
 
+def os_operator() -> str:
+    """Who runs this command, as the machine knows them: ``cli:<account>@<host>``, the account of the
+    process's effective uid (not ``$USER`` or ``$QUORUM_OPERATOR``, which any shell sets at will). CLI
+    actions taken in a user's name are recorded as this operator, the user as ``on_behalf_of``."""
+    import pwd
+    import socket
+
+    try:
+        account = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        account = f"uid-{os.geteuid()}"
+    return f"cli:{account}@{socket.gethostname()}"
+
+
 def emit(text: str, out: Path | None) -> None:
     """Write ``text`` to ``out`` when given, else to standard output."""
     if out:

@@ -60,7 +60,8 @@ def probes_group() -> None:
 @click.option("--dry-run", is_flag=True)
 @actor_option
 def probes_purge(days: int | None, dry_run: bool, actor: str | None) -> None:
-    """Delete probe images past retention unless their case is on hold (each deletion audited)."""
+    """Delete probe images past retention unless their case is on hold (each deletion audited), and the
+    kept copies of answers past QUORUM_RESULT_TTL_S."""
     from ..accountability import retention
     from ..core.objectstore import open_store
 
@@ -76,6 +77,11 @@ def probes_purge(days: int | None, dry_run: bool, actor: str | None) -> None:
     click.echo(
         f"{verb} {len(rep.deleted)}; kept {rep.kept} within retention, {len(rep.held)} held by a case, "
         f"{len(rep.unreferenced)} never submitted"
+    )
+    kept = retention.purge_results(db_engine(), open_store(s), s.result_ttl_s, dry_run=dry_run)
+    click.echo(
+        f"answers kept in the store: {verb} {len(kept.deleted)} past QUORUM_RESULT_TTL_S; kept {kept.kept}"
+        + (f", {len(kept.unanswered)} without an audited answer (left alone)" if kept.unanswered else "")
     )
 
 

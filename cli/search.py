@@ -193,7 +193,7 @@ def search(
         from .sheet import write
 
         # Status lines go to stderr under --json, so standard output stays the one JSON document.
-        write(rid, sheet_out, actor=user, agency=agency, via="search", err=as_json)
+        write(rid, sheet_out, on_behalf_of=user, agency=agency, via="search", err=as_json)
     elif sheet_out is not None:
         click.echo(f"no sheet written to {sheet_out}: the search has no candidate list", err=True)
     sys.exit(0 if result.type == "candidate_list" else 2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ..core.config import settings
-from .common import CliError, actor_option, operator_name
+from .common import CliError, os_operator
 
 
 def check_out(out: Path, option: str = "--out") -> None:
@@ -25,14 +25,23 @@ def check_out(out: Path, option: str = "--out") -> None:
 
 
 def write(
-    request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli", err: bool = False
+    request_id: str,
+    out: Path,
+    *,
+    on_behalf_of: str = "",
+    agency: str | None = None,
+    via: str = "cli",
+    err: bool = False,
 ) -> None:
-    """Write the sheet and say where, with what it holds."""
+    """Write the sheet and say where, with what it holds. Audited as this machine's operator
+    (``os_operator``), for ``on_behalf_of`` when named (a user of the search's agency)."""
     from ..review.gather import write_sheet
 
     check_out(out)
     try:
-        sheet = write_sheet(settings(), request_id, out, actor=actor, agency=agency, via=via)
+        sheet = write_sheet(
+            settings(), request_id, out, actor=os_operator(), agency=agency, via=via, on_behalf_of=on_behalf_of
+        )
     except OSError as exc:
         raise CliError(f"could not write {out}: {exc.strerror or exc}") from exc
     removed = f", {sheet.removed} removed from the gallery" if sheet.removed else ""
@@ -50,10 +59,17 @@ def write(
     help="the HTML file to write (default: sheet-REQUEST_ID.html here)",
 )
 @click.option("--agency", default=None, help="the agency that searched (needed only when two used the same id)")
-@actor_option
-def sheet(request_id: str, out: Path | None, agency: str | None, actor: str | None) -> None:
+@click.option(
+    "--for",
+    "--actor",
+    "on_behalf_of",
+    default="",
+    help="the registered user of the search's agency this sheet is for (audited as on behalf of; the actor "
+    "recorded is always this machine's account)",
+)
+def sheet(request_id: str, out: Path | None, agency: str | None, on_behalf_of: str) -> None:
     """Write the candidate sheet of search REQUEST_ID (a self-contained HTML file; the view is audited)."""
-    write(request_id, out or Path(f"sheet-{request_id}.html"), actor=operator_name(actor), agency=agency)
+    write(request_id, out or Path(f"sheet-{request_id}.html"), on_behalf_of=on_behalf_of, agency=agency)
 
 
 COMMANDS = (sheet,)

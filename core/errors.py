@@ -55,6 +55,8 @@ class Code(StrEnum):
     QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # the agency's daily search quota is used up
     PROBE_ENROL_REFUSED = "PROBE_ENROL_REFUSED"  # a probe image may never be enrolled in the gallery
     DISPOSITION_REFUSED = "DISPOSITION_REFUSED"  # a disposition that breaks the rules (see accountability.audit)
+    # The two-person rule: a lead confirmed by the user, or the operator, who recorded it.
+    SECOND_PERSON_REQUIRED = "SECOND_PERSON_REQUIRED"
     # Reading a finished search back (the candidate sheet, review/).
     REQUEST_UNKNOWN = "REQUEST_UNKNOWN"  # no accepted search with this request id in the audit trail
     NO_CANDIDATE_LIST = "NO_CANDIDATE_LIST"  # refused, answered with an error, or not answered yet

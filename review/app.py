@@ -198,7 +198,7 @@ def create_app(s: Settings) -> Starlette:
     async def decide(request: Request, rv: signin.Reviewer) -> Response:
         from ..core.errors import InputError
         from ..core.objectstore import open_store
-        from .gather import find_submission, load_result, removed_subjects
+        from .gather import shown_candidates
 
         rid = request.path_params["request_id"]
         form = await request.form()
@@ -208,16 +208,15 @@ def create_app(s: Settings) -> Starlette:
             if decision not in DECISIONS:
                 raise InputError(Code.DISPOSITION_REFUSED, f"decision must be one of {', '.join(DECISIONS)}")
             # What the sheet shows (this agency's search, its list still kept, removed subjects left out),
-            # without decoding the probe and the thumbnails again.
-            sub = find_submission(eng, rid, rv.agency_id)
-            result = load_result(s, r, eng, sub, open_store(s))
-            gone, _ = removed_subjects(r, eng, [c.subject_id for c in result.candidates], sub.ts)
-            shown = {c.subject_id: c.rank for c in result.candidates if c.subject_id not in gone}
-            if subject not in shown:
+            # without decoding the probe and the thumbnails again; a subject not on it is refused (audited).
+            shown = shown_candidates(s, r, eng, rid, rv.agency_id, open_store(s))
+            if not subject:
                 raise InputError(Code.DISPOSITION_REFUSED, "that candidate is not on this search's sheet")
             outcome = DECISIONS[decision][0]
             note = f"review: {DECISIONS[decision][1].lower()}"
-            d = dispositions.record(eng, rid, outcome, rv.user_id, candidate=subject, note=note)
+            d = dispositions.record(
+                eng, rid, outcome, rv.user_id, candidate=subject, note=note, via="review", shown=shown
+            )
             log.info("review.decided", request_id=rid, user=rv.user_id, outcome=outcome, status=d.status)
             return shown[subject]
 
@@ -228,7 +227,7 @@ def create_app(s: Settings) -> Starlette:
         did = int(request.path_params["disposition_id"])
 
         def work() -> str:
-            d = dispositions.confirm(eng, did, rv.user_id)
+            d = dispositions.confirm(eng, did, rv.user_id, via="review")
             log.info("review.confirmed", disposition=did, user=rv.user_id)
             return d.request_id
 

@@ -154,6 +154,17 @@ def removed_subjects(redis: Any, eng: Any, subjects: Sequence[str], since: str) 
     return gone, {n: rec for n, rec in records.items() if n not in gone}
 
 
+def shown_candidates(
+    s: Any, redis: Any, eng: Any, request_id: str, agency: str | None = None, store: Any = None
+) -> dict[str, int]:
+    """The candidates the sheet of ``request_id`` shows (subject -> rank): its list still kept, subjects
+    removed from the gallery left out; what a decision may name, in the review app and the CLI alike."""
+    sub = find_submission(eng, request_id, agency)
+    result = load_result(s, redis, eng, sub, store)
+    gone, _ = removed_subjects(redis, eng, [c.subject_id for c in result.candidates], sub.ts)
+    return {c.subject_id: c.rank for c in result.candidates if c.subject_id not in gone}
+
+
 def booking_label(record: dict, key: str) -> str:
     """``booked 2024-02-11 · no. B-1234`` for the photo ``key`` (empty when the booking system gave neither)."""
     date = record.get("booking_dates", {}).get(key)
@@ -258,33 +269,72 @@ def gather(s: Any, request_id: str, *, agency: str | None = None, generated_by: 
     )
 
 
+def _check_on_behalf(eng: Any, user_id: str, agency: str) -> None:
+    """A view for ``user_id`` is for a registered, active user of the search's agency."""
+    from ..accountability.registry import snapshot
+    from ..core.errors import Code, InputError
+
+    user = snapshot(eng).users.get(user_id)
+    if user is None:
+        raise InputError(Code.USER_UNKNOWN, f"user {user_id!r} is not registered")
+    if user.agency_id != agency:
+        raise InputError(Code.USER_OTHER_AGENCY, f"user {user_id!r} belongs to another agency than the search's")
+    if not user.active:
+        raise InputError(Code.USER_INACTIVE, f"user {user_id!r} is deactivated")
+
+
 def view_sheet(
-    s: Any, request_id: str, *, actor: str, agency: str | None = None, via: str = "cli", **details: Any
+    s: Any,
+    request_id: str,
+    *,
+    actor: str,
+    agency: str | None = None,
+    via: str = "cli",
+    on_behalf_of: str = "",
+    **details: Any,
 ) -> Sheet:
     """Gather the sheet of ``request_id`` and audit the view (``search.viewed``: who, which request, how).
 
-    A view that cannot be given (unknown request, no list, result expired) is audited as refused,
-    with its code, and raised. ``agency``: only a search of this agency (a reviewer's own)."""
+    A view that cannot be given (unknown request, no list, result expired; a user it is for who is not
+    one of the search's agency) is audited as refused, with its code, and raised. ``agency``: only a
+    search of this agency (a reviewer's own). ``on_behalf_of``: the user an operator (``actor``) acts for."""
     from ..accountability import audit, db
     from ..core.errors import QuorumError
 
     eng = db.get_engine(s)
+    if on_behalf_of:
+        details = {"on_behalf_of": on_behalf_of, **details}
+    case = None  # the search's case, once known: a refusal for the user is audited under it
     try:
-        sheet = gather(s, request_id, agency=agency, generated_by=actor)
+        sheet = gather(s, request_id, agency=agency, generated_by=on_behalf_of or actor)
+        case = sheet.case
+        if on_behalf_of:
+            _check_on_behalf(eng, on_behalf_of, sheet.case.agency_id)
     except QuorumError as err:
-        if err.code.value in {"REQUEST_UNKNOWN", "NO_CANDIDATE_LIST", "RESULT_EXPIRED"}:
-            audit.append(
-                eng,
-                audit.AuditEvent(
+        if err.code.value in {
+            "REQUEST_UNKNOWN",
+            "NO_CANDIDATE_LIST",
+            "RESULT_EXPIRED",
+            "USER_UNKNOWN",
+            "USER_OTHER_AGENCY",
+            "USER_INACTIVE",
+        }:
+            code, why = err.code.value, {"via": via, **details}
+            if case is not None:
+                event = audit.AuditEvent.of_case(
+                    case, action=audit.SEARCH_VIEWED, outcome="refused", code=code, actor=actor, details=why
+                )
+            else:
+                event = audit.AuditEvent(
                     action=audit.SEARCH_VIEWED,
                     outcome="refused",
-                    code=err.code.value,
+                    code=code,
                     actor=actor,
                     agency=agency or "",
                     request_id=request_id,
-                    details={"via": via, **details},
-                ),
-            )
+                    details=why,
+                )
+            audit.append(eng, event)
         raise
     details = {"via": via, "candidates": sheet.candidates, "removed": sheet.removed, **details}
     viewed = audit.AuditEvent.of_case(
@@ -295,10 +345,17 @@ def view_sheet(
 
 
 def write_sheet(
-    s: Any, request_id: str, out: Path, *, actor: str, agency: str | None = None, via: str = "cli"
+    s: Any,
+    request_id: str,
+    out: Path,
+    *,
+    actor: str,
+    agency: str | None = None,
+    via: str = "cli",
+    on_behalf_of: str = "",
 ) -> Sheet:
     """Gather, audit, render and write the sheet of ``request_id`` to ``out`` (audited before it is written)."""
-    sheet = view_sheet(s, request_id, actor=actor, agency=agency, via=via, file=out.name)
+    sheet = view_sheet(s, request_id, actor=actor, agency=agency, via=via, on_behalf_of=on_behalf_of, file=out.name)
     out.write_text(render(sheet), encoding="utf-8")
     log.info("sheet.written", request_id=request_id, actor=actor, candidates=sheet.candidates, path=str(out))
     return sheet

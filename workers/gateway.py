@@ -67,6 +67,7 @@ from .admission import (
 
 log = structlog.get_logger()
 UNACKED_HASH = "unacked"  # kombu's Redis transport: messages delivered to a worker, not yet acknowledged
+STRAY_SCAN_S = 30.0  # how often intake streams of unregistered agencies are looked for (a keyspace SCAN)
 
 
 class LazyRegistry:
@@ -143,6 +144,7 @@ class Gateway:
         self._last_heartbeat = 0.0
         self._last_trim = 0.0
         self._last_discover = 0.0
+        self._last_stray_scan = 0.0
         self._last_sample = 0.0
         self._last_anchor = time.monotonic()
         self._last_anchor_ok = time.monotonic()  # the age counts from start until the first anchor
@@ -179,13 +181,24 @@ class Gateway:
         self._last_discover = time.monotonic()
         from .admission import snapshot
 
-        for agency in snapshot(self.admission).agencies:
-            name = keys.intake_stream(agency)
+        names = [keys.intake_stream(agency) for agency in snapshot(self.admission).agencies]
+        if force or time.monotonic() - self._last_stray_scan >= STRAY_SCAN_S:
+            names += self._stray_streams()
+        for name in names:
             if name in self.streams:
                 continue
             ensure_group(self.redis, name, keys.INTAKE_GROUP)
             self.streams.add(name)
             log.info("gateway.stream_added", stream=name)
+
+    def _stray_streams(self) -> list[str]:
+        """Intake streams of no registered agency (written by a service or admin user, or where Redis runs
+        without the ACL), found by a keyspace SCAN only every STRAY_SCAN_S, so their entries are answered
+        UNKNOWN_AGENCY rather than left unread."""
+        self._last_stray_scan = time.monotonic()
+        with redis_boundary("looking for intake streams of unregistered agencies"):
+            found = self.redis.scan_iter(match=f"{keys.INTAKE_STREAM_PREFIX}*", count=1000, _type="STREAM")
+            return [keys.as_str(k) for k in found]
 
     def sample_queues(self) -> None:
         if time.monotonic() - self._last_sample < 5.0:

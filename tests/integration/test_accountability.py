@@ -30,6 +30,7 @@ from quorum.core.objectstore import content_key, open_store
 from quorum.gallery.enrol import enrol
 from quorum.gallery.expunge import expunge
 from quorum.schemas import CandidateList, ErrorResult, parse_result
+from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -250,8 +251,14 @@ def test_usage_report_matches_the_searches_made(world):
     assert out.returncode == 0 and '"status": "pending"' in out.stdout, out.stderr
     did = json.loads(out.stdout.splitlines()[0])["id"]
     assert _cli(s, "disposition", "confirm", str(did), "--user", "inv").returncode == 2  # not the same user
-    out = _cli(s, "disposition", "confirm", str(did), "--user", "sup")
-    assert out.returncode == 0 and '"status": "confirmed"' in out.stdout
+    # Nor the same person at the same keyboard naming another user: the CLI's operator recorded it.
+    same = _cli(s, "disposition", "confirm", str(did), "--user", "sup")
+    assert same.returncode == 2 and "SECOND_PERSON_REQUIRED" in same.stderr, same.stdout + same.stderr
+    assert "Traceback" not in same.stderr
+    from quorum.accountability import dispositions
+
+    done = dispositions.confirm(db.get_engine(s), did, "sup", via="review")  # as the review app does for sup
+    assert done.status == "confirmed"
     made[("disposition", A, "", "", "lead_pursued/confirmed")] += 1
     time.sleep(1)  # the fusion worker audits right after publishing
     after = _report_rows(s, since, until)
@@ -296,6 +303,27 @@ def test_audit_verify_catches_edit_delete_and_reorder(world, tmp_path):
         res = _cli(s, "audit", "verify", env={"QUORUM_DATABASE_URL": f"sqlite:///{copy}"})
         assert res.returncode == 1, (kind, res.stdout, res.stderr)
         assert res.stdout.startswith(f"BROKEN at seq {target}"), (kind, res.stdout)
+
+    # The newest records deleted leave an intact chain; the audit head in Redis, moved by every writer of the
+    # stack (gateway, workers, this process) once its record committed, says what is missing.
+    for i in range(2):  # the newest two records: plain registry changes (nothing else refers to them)
+        registry.add_offence(eng, f"TAIL{i}", "cut off the end", actor="test-op")
+    last = max(int(r["seq"]) for r in audit.rows(eng))
+    assert "the outside head confirms the last record" in _cli(s, "audit", "verify").stdout
+    copy = tmp_path / "cut.db"
+    with sqlite3.connect(live) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+        dst.execute(f"DELETE FROM audit_log WHERE seq > {last - 2}")
+        dst.commit()
+    env = {"QUORUM_DATABASE_URL": f"sqlite:///{copy}"}
+    cut = _cli(s, "audit", "verify", "--no-anchors", env=env)
+    assert cut.returncode == 1 and cut.stdout.startswith(f"BROKEN at seq {last - 1}"), cut.stdout + cut.stderr
+    assert "newest records were deleted" in cut.stdout
+    assert _cli(s, "audit", "verify", "--no-anchors", "--no-head", env=env).returncode == 0  # the chain alone is fine
+    # Redis out of reach: the chain is checked, its completeness cannot be, and the exit status says so.
+    away = _cli(s, "audit", "verify", env={"QUORUM_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert away.returncode == 3 and away.stdout.startswith("OK:"), away.stdout + away.stderr
+    assert "completeness not checked" in away.stdout
 
 
 def test_expunge_removes_the_subject_from_every_engine(world):

@@ -109,6 +109,16 @@ def test_the_agency_user_searches_and_reads_only_its_own(acl_stack):
     assert isinstance(result, CandidateList), result
     assert result.candidates
     assert client.redis.get(keys.result_key("lapd", rid))
+    # The fusion worker wrote the search's last audit record, as `worker`, and moved the audit head in Redis
+    # past it (accountability.audit_head): its rights cover the head.
+    from quorum.accountability import audit, audit_head
+
+    answered = max(int(r["seq"]) for r in audit.query(eng, request_id=rid, action=audit.SEARCH_RESULT))
+    head = audit_head.OutsideHead(s.redis_url)
+    deadline = time.monotonic() + 10
+    while (head.read() or audit_head.Head(0, "", "")).seq < answered:
+        assert time.monotonic() < deadline, (head.read(), answered)
+        time.sleep(0.2)
     # sfpd's user cannot see lapd's answer, nor the gallery, nor write lapd's intake.
     sfpd = redis.Redis.from_url(_agency_url(port, creds["sfpd"]), retry=Retry(NoBackoff(), 0))
     for attempt in (
@@ -240,6 +250,13 @@ def test_the_review_user_reads_results_and_keeps_its_sessions_only(acl_stack):
     for attempt in (lambda: r.hgetall(keys.GALLERY_SUBJECTS), lambda: r.set(keys.result_key("lapd", rid), "x")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()
+    # The review app writes audit records (views, decisions) and so moves the audit head: it may run the
+    # head's script (an equal seq moves nothing).
+    from quorum.accountability import audit_head
+
+    head = audit_head.OutsideHead(url)
+    now = head.read()
+    assert now is not None and head.advance(now.seq, now.hash, now.ts) is False
 
 
 def test_a_process_the_supervisor_restarts_logs_in_as_its_own_user_again(acl_stack):

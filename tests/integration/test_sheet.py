@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -152,16 +154,27 @@ def test_sheet_in_chromium_shows_probe_candidates_ranks_and_notice(searched, tmp
 
 def test_quorum_sheet_writes_the_same_sheet_and_every_view_is_audited(searched, tmp_path):
     s, _, rid, _, result = searched
-    out = _quorum(s, "sheet", rid, "--actor", "reviewer-1", cwd=tmp_path)
+    out = _quorum(s, "sheet", rid, "--for", result_user(s, rid), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     written = tmp_path / f"sheet-{rid}.html"
     assert f"wrote {written.name}" in out.stdout and f"{len(result.candidates)} candidates" in out.stdout
     dom = parse(written.read_text())
     assert len(dom.find_all("img", cls="thumb")) == len(result.candidates)
+    # A view for someone who is not a user of the search's agency is refused, and audited.
+    other = _quorum(s, "sheet", rid, "--for", "reviewer-1", "--out", str(tmp_path / "other.html"))
+    assert other.returncode == 2 and "USER_UNKNOWN" in other.stderr and "Traceback" not in other.stderr
+    assert not (tmp_path / "other.html").exists()
+    # The actor is the machine's account running the command (not a name typed), the user on behalf of.
     views = audit.query(db.get_engine(s), request_id=rid, action=audit.SEARCH_VIEWED)
-    assert [(v["actor"], v["outcome"], json.loads(v["details"])["via"]) for v in views] == [
-        (result_user(s, rid), "ok", "search"),
-        ("reviewer-1", "ok", "cli"),
+    operator = f"cli:{pwd.getpwuid(os.geteuid()).pw_name}@{socket.gethostname()}"
+    got = [
+        (v["actor"], v["outcome"], json.loads(v["details"])["via"], json.loads(v["details"])["on_behalf_of"])
+        for v in views
+    ]
+    assert got == [
+        (operator, "ok", "search", result_user(s, rid)),
+        (operator, "ok", "cli", result_user(s, rid)),
+        (operator, "refused", "cli", "reviewer-1"),
     ]
     assert all(v["case_number"] == "SHEET-1" and v["agency"] == DEMO_AGENCY for v in views)
     assert audit.verify(db.get_engine(s)).ok
@@ -192,6 +205,11 @@ def test_refusals_are_coded_without_a_traceback_and_audited(searched, tmp_path, 
     old_rid, _ = _search(s, probe, tmp_path, "--top", "3")
     r = redis_lib.Redis.from_url(s.redis_url)
     assert r.pexpire(keys.result_key(DEMO_AGENCY, old_rid), 1)
+    # Let go by Redis, the answer is still read from its kept copy in the object store ...
+    kept = _quorum(s, "sheet", old_rid, "--out", str(tmp_path / "kept.html"))
+    assert kept.returncode == 0 and (tmp_path / "kept.html").exists(), kept.stdout + kept.stderr
+    # ... until that copy is gone too (past QUORUM_RESULT_TTL_S: quorum probes purge).
+    open_store(s).delete(keys.result_object(DEMO_AGENCY, old_rid))
     expired = _quorum(s, "sheet", old_rid, "--out", str(tmp_path / "z.html"))
     assert expired.returncode == 2 and "RESULT_EXPIRED" in expired.stderr and "Traceback" not in expired.stderr
     eng = db.get_engine(s)

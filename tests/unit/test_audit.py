@@ -149,3 +149,64 @@ def test_an_unreachable_database_is_audit_unavailable():
         audit.append(bad, AuditEvent(action="x", outcome="ok"))
     assert exc.value.code == Code.AUDIT_UNAVAILABLE and exc.value.retryable
     db.dispose_all()
+
+
+# ---- completeness: the head kept outside the database (accountability.audit_head) --------------------------
+
+
+def _head_of(eng, seq=None):  # noqa: F811
+    """The outside head as a writer would have left it at ``seq`` (default: the last record)."""
+    from quorum.accountability.audit_head import Head
+
+    recs = list(audit.rows(eng))
+    r = recs[-1] if seq is None else next(x for x in recs if int(x["seq"]) == seq)
+    return Head(int(r["seq"]), r["hash"], r["ts"])
+
+
+def _checked(eng, before, after=None):  # noqa: F811
+    rep = audit.verify_rows(audit.rows(eng))
+    audit.check_head(rep, before)
+    audit.confirm_later(rep, after)
+    return rep
+
+
+def test_the_outside_head_catches_the_newest_records_deleted(eng):  # noqa: F811
+    _fill(eng)
+    head = _head_of(eng)
+    assert _checked(eng, head).complete
+    with eng.begin() as conn:  # the last two records deleted: the chain that remains is intact
+        conn.execute(text("DELETE FROM audit_log WHERE seq > 4"))
+    assert audit.verify(eng).ok
+    rep = _checked(eng, head)
+    assert not rep.ok and "newest records were deleted" in rep.problem and rep.first_bad_seq == 5
+
+
+def test_the_outside_head_catches_a_tail_rewritten_and_rehashed(eng):  # noqa: F811
+    """Records after the last anchor rewritten with a recomputed chain: the chain verifies, the head does not."""
+    _fill(eng)
+    head = _head_of(eng)
+    recs = list(audit.rows(eng))
+    with eng.begin() as conn:
+        prev = recs[2]["hash"]
+        for r in recs[3:]:
+            r = {**r, "actor": "someone-else", "prev_hash": prev}
+            r["hash"] = audit.record_hash(r)
+            conn.execute(
+                text("UPDATE audit_log SET actor = :a, prev_hash = :p, hash = :h WHERE seq = :s"),
+                {"a": r["actor"], "p": r["prev_hash"], "h": r["hash"], "s": r["seq"]},
+            )
+            prev = r["hash"]
+    assert audit.verify(eng).ok
+    rep = _checked(eng, head)
+    assert not rep.ok and "re-hashed" in rep.problem
+
+
+def test_records_the_head_does_not_confirm_are_reported_not_hidden(eng):  # noqa: F811
+    _fill(eng)
+    rep = _checked(eng, _head_of(eng, seq=4))  # records 5 and 6 written while Redis was away
+    assert rep.ok and not rep.complete and rep.confirmed_seq == 4
+    assert "UNCONFIRMED" in rep.summary() and "since seq 5" in rep.summary()
+    # A writer that moved the head while verify read the records confirms them.
+    assert _checked(eng, _head_of(eng, seq=4), _head_of(eng)).complete
+    rep = _checked(eng, None)  # no head at all (lost, never written)
+    assert rep.ok and not rep.complete and rep.confirmed_seq == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -165,10 +166,12 @@ def test_dispositions_and_the_second_look(eng):  # noqa: F811
         (lambda: dispositions.record(eng, "nope", "no_lead", "inv"), Code.DISPOSITION_REFUSED),
         (lambda: dispositions.record(eng, "r1", "guess", "inv"), Code.DISPOSITION_REFUSED),
         (lambda: dispositions.record(eng, "r1", "no_lead", "binv"), Code.USER_OTHER_AGENCY),
-        (lambda: dispositions.confirm(eng, lead.id, "inv"), Code.DISPOSITION_REFUSED),  # same user
+        (lambda: dispositions.confirm(eng, lead.id, "inv"), Code.SECOND_PERSON_REQUIRED),  # same user
         (lambda: dispositions.confirm(eng, lead.id, "aud"), Code.ROLE_NOT_ALLOWED),
         (lambda: dispositions.confirm(eng, lead.id, "old"), Code.CERTIFICATE_EXPIRED),
-        (lambda: dispositions.confirm(eng, lead.id, "binv"), Code.USER_OTHER_AGENCY),
+        # Another agency's lead is answered as one that does not exist (its ids tell that agency nothing).
+        (lambda: dispositions.confirm(eng, lead.id, "binv"), Code.DISPOSITION_REFUSED),
+        (lambda: dispositions.confirm(eng, lead.id + 1000, "binv"), Code.DISPOSITION_REFUSED),
     ]
     for fn, code in refusals:
         with pytest.raises(InputError) as exc:
@@ -182,6 +185,71 @@ def test_dispositions_and_the_second_look(eng):  # noqa: F811
     assert sum(r["outcome"] == "refused" for r in trail) == len(refusals) + 1
     assert [r["outcome"] for r in trail if r["outcome"] != "refused"] == ["final", "pending", "confirmed"]
     assert audit.verify(eng).ok
+
+
+def test_one_operator_cannot_record_and_confirm_a_lead_under_two_names(eng):  # noqa: F811
+    """The CLI acts as its operator for the users it names: the two-person rule counts people at the
+    keyboard, not user ids typed."""
+    _agency_with_users(eng)
+    _search(eng, "r1")
+    lead = dispositions.record(eng, "r1", "lead_pursued", "inv", candidate="s-1", actor="cli:op1@h", via="cli")
+    with pytest.raises(InputError) as exc:
+        dispositions.confirm(eng, lead.id, "sup", actor="cli:op1@h", via="cli")
+    assert exc.value.code == Code.SECOND_PERSON_REQUIRED
+    done = dispositions.confirm(eng, lead.id, "sup", actor="cli:op2@h", via="cli")
+    assert done.status == "confirmed" and done.confirmed_by == "sup"
+    recorded, refused, confirmed = (r for r in audit.query(eng, action="disposition.*") if r["request_id"] == "r1")
+    assert (recorded["actor"], json.loads(recorded["details"])["on_behalf_of"]) == ("cli:op1@h", "inv")
+    assert (refused["outcome"], refused["code"]) == ("refused", "SECOND_PERSON_REQUIRED")
+    assert (confirmed["actor"], json.loads(confirmed["details"])["on_behalf_of"]) == ("cli:op2@h", "sup")
+    assert audit.verify(eng).ok
+
+
+def test_a_candidate_not_on_the_sheet_is_refused_and_audited(eng):  # noqa: F811
+    _agency_with_users(eng)
+    _search(eng, "r1")
+    with pytest.raises(InputError) as exc:
+        dispositions.record(eng, "r1", "lead_pursued", "inv", candidate="s-9", shown={"s-1": 1})
+    assert exc.value.code == Code.DISPOSITION_REFUSED
+    assert dispositions.record(eng, "r1", "lead_pursued", "inv", candidate="s-1", shown={"s-1": 1}).status == "pending"
+    assert [r["outcome"] for r in audit.query(eng, action=audit.DISPOSITION_RECORDED)] == ["refused", "pending"]
+
+
+def test_verify_checks_the_dispositions_table_against_its_audit_records(eng):  # noqa: F811
+    """The usage report counts the dispositions table: a row edited, added or deleted there is caught."""
+    from sqlalchemy import delete, insert, update
+
+    _agency_with_users(eng)
+    _search(eng, "r1")
+    lead = dispositions.record(eng, "r1", "lead_pursued", "inv", candidate="s-1")
+    dispositions.confirm(eng, lead.id, "sup")
+    dispositions.record(eng, "r1", "no_lead", "inv")
+    rep = audit.verify(eng)
+    assert rep.ok and rep.dispositions_checked == 2, rep.summary()
+    t = db.dispositions
+    with eng.begin() as conn:
+        conn.execute(update(t).where(t.c.id == lead.id).values(candidate="s-2"))
+    rep = audit.verify(eng)
+    assert not rep.ok and "candidate" in rep.problem and "edited" in rep.problem
+    with eng.begin() as conn:
+        conn.execute(update(t).where(t.c.id == lead.id).values(candidate="s-1"))
+        row = dict(conn.execute(t.select().where(t.c.id == lead.id)).first()._mapping)
+        conn.execute(insert(t).values(**{**row, "id": lead.id + 100}))
+    rep = audit.verify(eng)
+    assert not rep.ok and "written outside Quorum" in rep.problem
+    with eng.begin() as conn:
+        conn.execute(delete(t).where(t.c.id.in_([lead.id, lead.id + 100])))
+    rep = audit.verify(eng)
+    assert not rep.ok and "missing from the table" in rep.problem
+
+
+def test_verify_flags_a_result_without_an_audited_submission(eng):  # noqa: F811
+    """A search.result whose request never had an accepted search.submitted: searched off the books."""
+    _search(eng, "r1")
+    assert audit.verify(eng).ok
+    audit.append(eng, AuditEvent(action=audit.SEARCH_RESULT, outcome="ok", agency="a", actor="inv", request_id="r9"))
+    rep = audit.verify(eng)
+    assert not rep.ok and "r9" in rep.problem and "no accepted search.submitted" in rep.problem
 
 
 def test_usage_report_counts_what_happened(eng):  # noqa: F811
@@ -237,6 +305,25 @@ def test_probe_retention_respects_case_holds(eng, tmp_path):  # noqa: F811
     retention.release(eng, "a", "C-2", reason="closed", actor="op")
     assert retention.purge(eng, store, 90).deleted == [keys["held"]]
     assert [r["action"] for r in audit.query(eng, action="case.*")] == ["case.hold", "case.release"]
+
+
+def test_kept_answers_are_purged_past_the_result_ttl(eng, tmp_path):  # noqa: F811
+    store = DiskStore(tmp_path / "objects")
+    long_ago = datetime.now(UTC) - timedelta(days=10)
+    _search(eng, "r-old", ts=long_ago)
+    _search(eng, "r-new")
+    for rid in ("r-old", "r-new", "r-unaudited"):
+        store.put(f"results/a/{rid}.json", b"{}")
+    ttl = 7 * 86400
+    dry = retention.purge_results(eng, store, ttl, dry_run=True)
+    assert dry.deleted == ["results/a/r-old.json"] and store.size("results/a/r-old.json") is not None
+    rep = retention.purge_results(eng, store, ttl)
+    assert rep.deleted == ["results/a/r-old.json"] and rep.kept == 1
+    assert rep.unanswered == ["results/a/r-unaudited.json"]
+    assert store.size("results/a/r-old.json") is None and store.size("results/a/r-new.json") is not None
+    # Another agency's answer of the same request id is its own.
+    store.put("results/b/r-new.json", b"{}")
+    assert retention.purge_results(eng, store, ttl).unanswered == ["results/a/r-unaudited.json", "results/b/r-new.json"]
 
 
 # ---- signing secrets sealed at rest ------------------------------------------------------------------------
