@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import keys
+from . import keys, scripts
 from .keys import DEADLINES
 
 _CLAIM = """
@@ -67,7 +67,7 @@ def schedule(redis: Any, timer: Timer, due_at: float) -> None:
 
 def claim_due(redis: Any, now: float, *, lease_s: float = 30.0, limit: int = 100) -> list[Timer]:
     """Timers due at ``now``, leased to the caller for ``lease_s`` (then due again unless done)."""
-    raw = redis.eval(_CLAIM, 1, DEADLINES, now, now + lease_s, limit)
+    raw = scripts.call(redis, _CLAIM, [DEADLINES], [now, now + lease_s, limit])
     return [Timer.decode(r) for r in raw or []]
 
 

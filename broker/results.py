@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from ..schemas import CandidateList, ErrorResult, parse_result
-from . import keys
+from . import keys, scripts
 
 _PUBLISH_ONCE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
@@ -50,17 +50,11 @@ def publish(
     min_id = f"{int((time.time() - (stream_age_s if stream_age_s is not None else ttl_s)) * 1000)}-0"
     fields = {"type": result.type, "request_id": result.request_id or "", "payload": body}
     if keyed and result.request_id:
-        entry = redis.eval(
+        entry = scripts.call(
+            redis,
             _PUBLISH_ONCE,
-            2,
-            keys.result_key(result.agency_id, result.request_id),
-            stream,
-            body,
-            ttl_s,
-            result.type,
-            result.request_id,
-            maxlen,
-            min_id,
+            [keys.result_key(result.agency_id, result.request_id), stream],
+            [body, ttl_s, result.type, result.request_id, maxlen, min_id],
         )
         if entry is None:
             return None

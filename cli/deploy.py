@@ -323,3 +323,56 @@ def read_service_hashes(path: Path) -> dict[str, str]:
 
 
 COMMANDS = (deploy_group,)
+
+
+@deploy_group.command("render")
+@click.option("--engines", metavar="E1,E2", help="the engine set (default: QUORUM_ENGINES)")
+@click.option("--shards", metavar="ENGINE=N,...", help="each engine's shard count (default: QUORUM_SHARDS)")
+@click.option(
+    "--templates",
+    type=click.IntRange(min=1),
+    default=13_500_000,
+    show_default=True,
+    help="templates per engine the shards' memory requests are sized for",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="the checkout to write deploy/k8s/ and docker-compose.shards.yml into",
+)
+@click.option("--check", is_flag=True, help="write nothing; exit 1 if the files there differ from this rendering")
+def render(engines: str | None, shards: str | None, templates: int, out: Path, check: bool) -> None:
+    """Render the Kubernetes manifests (kustomize base, cpu and gpu overlays) and the compose shard
+    services from one layout (deploy/README.md "Kubernetes")."""
+    from ..core.config import Settings, settings
+    from . import manifests
+
+    base = settings()
+    s = Settings(
+        engines=engines if engines is not None else base.engines,
+        shards=shards if shards is not None else dict(base.shards),
+    )
+    compose_file = out / "docker-compose.yml"
+    if not compose_file.is_file():
+        raise click.ClickException(f"no docker-compose.yml in {out}: give --out the Quorum checkout")
+    import yaml
+
+    files = manifests.render(manifests.Layout.from_settings(s, templates), yaml.safe_load(compose_file.read_text()))
+    stale = [p for p, text in files.items() if not (out / p).is_file() or (out / p).read_text() != text]
+    # Files an earlier rendering wrote that this one does not (a layout without shards has no shards.yaml).
+    leftover = [p for p in manifests.rendered_files(out) if p not in files]
+    if check:
+        if stale or leftover:
+            differ = ", ".join(stale + [f"{p} (not rendered now)" for p in leftover])
+            raise click.ClickException(f"not as rendered: {differ}; run `quorum deploy render` again")
+        click.echo(f"{len(files)} files as rendered")
+        return
+    for rel in stale:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(files[rel])
+    for rel in leftover:
+        (out / rel).unlink()
+    n_shards = sum(n for e, n in s.shards if n > 1 and e in s.engines)
+    click.echo(f"rendered {len(files)} files ({len(stale)} changed) into {out}: {n_shards} shard deployment(s)")

@@ -68,7 +68,8 @@ def enroll(
     click.echo(
         f"{report.images} images ({report.skipped} already enrolled by an earlier run, skipped); "
         f"templates added: {report.enrolled}; "
-        f"failed to enrol: { {e: len(f) for e, f in report.failed.items()} } in {report.seconds:.1f}s "
+        + (f"already held (same subject and image): {report.held}; " if report.held else "")
+        + f"failed to enrol: { {e: len(f) for e, f in report.failed.items()} } in {report.seconds:.1f}s "
         f"({rate:.1f} images/s)"
     )
     shown = list(

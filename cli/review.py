@@ -36,8 +36,11 @@ def review(host: str, port: int, allow_remote: bool) -> None:
     if s.log_json:
         relay_foreign_output()
     click.echo(f"quorum review on http://{host}:{port}/  (sign in with: quorum registry user review-token USER)")
+    if not _loopback(host):
+        click.echo("its cookies are Secure and __Host- prefixed: reach it through the TLS proxy (https://) only")
     # log_config=None: uvicorn's records go to the process's one log stream (core.logs), not its own format
-    uvicorn.run(create_app(s), host=host, port=port, log_level="warning", access_log=False, log_config=None)
+    app = create_app(s, remote=not _loopback(host))
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None)
 
 
 def _review_settings():

@@ -6,12 +6,15 @@ never request or subject ids. Deployment rules and dashboards in ``deploy/`` use
 
 The same HTTP server answers ``/ready``: 503 until the process calls :func:`set_ready` (a worker once
 its model and gallery are loaded and Celery consumes its queue; the gateway once it reads the intake
-streams), then 200. Container health checks (``quorum health``) ask ``/ready``, Prometheus ``/metrics``.
+streams), then 200; and ``/live``: 200 unless the process's loop stopped coming round (:func:`beat`).
+Container health checks (``quorum health``) and readiness probes ask ``/ready``, liveness probes
+``/live``, Prometheus ``/metrics``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -105,12 +108,30 @@ def is_ready() -> bool:
     return _ready.is_set()
 
 
+LIVE_STALE_S = 120.0  # a loop that has not come round for this long is stuck: /live answers 503
+_last_beat: list[float] = []  # monotonic time of the process loop's last round; empty: it has no loop
+
+
+def beat() -> None:
+    """The process's main loop came round (the gateway's poll loop, a worker's heartbeat thread): it is
+    alive. A Redis outage is not death: loops beat while they wait it out."""
+    _last_beat[:] = [time.monotonic()]
+
+
+def is_live() -> bool:
+    """``GET /live``: the HTTP server answers, and the loop (if the process has one) beat lately. Unlike
+    ``/ready`` it holds while the model loads, so an orchestrator restarts only a stuck process."""
+    return not _last_beat or time.monotonic() - _last_beat[0] < LIVE_STALE_S
+
+
 def _with_ready(metrics_app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/ready":
-            ok = _ready.is_set()
+        path = environ.get("PATH_INFO")
+        if path in ("/ready", "/live"):
+            ok = _ready.is_set() if path == "/ready" else is_live()
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"ready\n" if ok else b"not ready\n"]
+            word = path[1:].encode()
+            return [word + b"\n" if ok else b"not " + word + b"\n"]
         return metrics_app(environ, start_response)
 
     return app

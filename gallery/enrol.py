@@ -43,6 +43,7 @@ log = structlog.get_logger()
 class EnrolReport:
     images: int = 0
     enrolled: dict[str, int] = field(default_factory=dict)  # engine -> templates added
+    held: dict[str, int] = field(default_factory=dict)  # engine -> items it held already (same subject, image)
     failed: dict[str, list[dict]] = field(default_factory=dict)  # engine -> [{subject_id, image_key, code}]
     seconds: float = 0.0
     skipped: int = 0  # items a previous run of the same job enrolled already
@@ -142,6 +143,8 @@ class _Enrolment:
     def absorb(self, engine: str, out: dict) -> None:
         report = self.report
         report.enrolled[engine] = report.enrolled.get(engine, 0) + out["enrolled"]
+        if out.get("skipped"):
+            report.held[engine] = report.held.get(engine, 0) + out["skipped"]
         report.detected_in_engine += out.get("detected_here", 0)
         if out["failed"]:
             report.failed.setdefault(engine, []).extend(out["failed"])
@@ -158,6 +161,7 @@ class _Enrolment:
             "images": report.images,
             "subjects": len(self.subjects_seen),
             "enrolled": report.enrolled,
+            "held_already": report.held,
             "failed": failed,
             "skipped_as_done": report.skipped,
             "job": report.job_id,
@@ -170,6 +174,7 @@ class _Enrolment:
             "gallery.enrolled",
             images=report.images,
             enrolled=report.enrolled,
+            held_already=report.held,
             skipped=report.skipped,
             failed=failed,
             seconds=round(report.seconds, 1),

@@ -43,7 +43,9 @@ from .render import environment, render
 
 log = structlog.get_logger()
 
-COOKIE = "quorum_review"
+COOKIE = "quorum_review"  # the session; "__Host-" prefixed and Secure when served remotely (behind TLS)
+SIGNIN_COOKIE = "quorum_signin"  # the sign-in form's token (double submit: a cross-site form cannot send it)
+SIGNIN_FORM_TTL_S = 900
 REVIEW_PAGE = "review.page"
 LIST_LIMIT = 200
 # decision (what the reviewer picks) -> (disposition outcome, label)
@@ -107,12 +109,19 @@ def searches(eng: Any, agency: str, limit: int = LIST_LIMIT) -> list[dict]:
     ]
 
 
-def create_app(s: Settings) -> Starlette:
+def create_app(s: Settings, *, remote: bool = False) -> Starlette:
+    """``remote``: served on a non-loopback address behind TLS (``quorum review --allow-remote``): cookies
+    are ``Secure`` and ``__Host-`` prefixed (HTTPS only, this host only, path ``/``)."""
     eng = db.get_engine(s)
     r = connect(s.redis_url)
+    prefix = "__Host-" if remote else ""
+    session_cookie, form_cookie = prefix + COOKIE, prefix + SIGNIN_COOKIE
+
+    def set_cookie(resp: Response, name: str, value: str, max_age: int) -> None:
+        resp.set_cookie(name, value, max_age=max_age, httponly=True, samesite="strict", secure=remote, path="/")
 
     def who(request: Request) -> signin.Reviewer | None:
-        return signin.reviewer(r, eng, request.cookies.get(COOKIE))
+        return signin.reviewer(r, eng, request.cookies.get(session_cookie))
 
     Handler = Callable[[Request, signin.Reviewer], Awaitable[Response]]
 
@@ -122,7 +131,7 @@ def create_app(s: Settings) -> Starlette:
                 rv = await run_in_threadpool(who, request)
             except QuorumError as err:  # the user may no longer review (deactivated, certificate expired ...)
                 resp = _error(err)
-                resp.delete_cookie(COOKIE)
+                resp.delete_cookie(session_cookie, secure=remote, httponly=True, samesite="strict")
                 return resp
             if rv is None:
                 return _see("/signin")
@@ -139,26 +148,35 @@ def create_app(s: Settings) -> Starlette:
 
         return endpoint
 
+    def signin_page(status: int = 200, message: str = "") -> Response:
+        token = secrets.token_urlsafe(24)
+        resp = _page("review_signin.html.j2", status, message=message, form_token=token)
+        set_cookie(resp, form_cookie, token, SIGNIN_FORM_TTL_S)
+        return resp
+
     async def signin_form(request: Request) -> Response:
-        return _page("review_signin.html.j2", message="")
+        return signin_page()
 
     async def signin_post(request: Request) -> Response:
         form = await request.form()
+        sent, kept = str(form.get("form_token", "")), request.cookies.get(form_cookie, "")
+        if not kept or not secrets.compare_digest(sent, kept):  # a form posted from another site, or stale
+            log.warning("review.signin_form_refused")
+            return signin_page(403, "FORM_EXPIRED: sign in from this page (it was reloaded)")
         try:
             session, rv = await run_in_threadpool(signin.sign_in, r, eng, str(form.get("token", "")).strip())
         except QuorumError as err:
-            return _page("review_signin.html.j2", 403, message=f"{err.code.value}: {err.message}")
+            return signin_page(403, f"{err.code.value}: {err.message}")
         log.info("review.signed_in", user=rv.user_id, agency=rv.agency_id)
         resp = _see("/")
-        resp.set_cookie(
-            COOKIE, session, max_age=signin.SESSION_TTL_S, httponly=True, samesite="strict", secure=False, path="/"
-        )
+        set_cookie(resp, session_cookie, session, signin.SESSION_TTL_S)
+        resp.delete_cookie(form_cookie, secure=remote, httponly=True, samesite="strict")
         return resp
 
     async def signout(request: Request) -> Response:
-        signin.sign_out(r, request.cookies.get(COOKIE))
+        signin.sign_out(r, request.cookies.get(session_cookie))
         resp = _see("/signin")
-        resp.delete_cookie(COOKIE)
+        resp.delete_cookie(session_cookie, secure=remote, httponly=True, samesite="strict")
         return resp
 
     async def home(request: Request, rv: signin.Reviewer) -> Response:

@@ -40,7 +40,8 @@ The rules, in order (the first failure wins):
    mid-way) finds its own claim and carries on: every later step is idempotent.
 6. ``authorise``: the registry policy (``accountability.policy.check``: agency, user, role,
    certificate, case number, offence, purpose), then the agency's daily quota (``QUOTA_EXCEEDED``;
-   ``broker.keys.quota_key`` counts a UTC day, 0 is unlimited).
+   ``broker.keys.quota_key`` counts a UTC day, 0 is unlimited; searches are counted while unlimited
+   too, so a quota set mid-day sees the day's earlier ones).
 7. ``store``: an inline image (base64) is decoded (``INVALID_MESSAGE``), must not be empty
    (``IMAGE_EMPTY``) or over ``max_image_bytes`` (``IMAGE_TOO_LARGE``), and is stored under
    ``probes/<sha256>``; an object key must name an object (``IMAGE_MISSING``) that is neither empty nor
@@ -359,9 +360,10 @@ def authorise(ctx: AdmissionContext, agency: str, req: ProbeRequest) -> ProbeReq
 
 
 def take_quota(ctx: AdmissionContext, agency: str, quota: int, now: float) -> None:
-    """Count one search against the agency's daily quota (0: unlimited); ``QUOTA_EXCEEDED`` when over."""
-    if quota <= 0:
-        return
+    """Count one search against the agency's daily quota; ``QUOTA_EXCEEDED`` when over.
+
+    Searches are counted even while the quota is 0 (unlimited), so a quota set during the day counts the
+    day's earlier searches: an agency cannot run an unlimited morning and then a full quota."""
     day = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
     key = keys.quota_key(agency, day)
     with redis_boundary("counting the quota"):
@@ -369,7 +371,7 @@ def take_quota(ctx: AdmissionContext, agency: str, quota: int, now: float) -> No
         pipe.incr(key)
         pipe.expire(key, 2 * 86400)
         used, _ = pipe.execute()
-        if used > quota:
+        if 0 < quota < used:
             ctx.redis.decr(key)
             metrics.QUOTA_USED.labels(agency).set(quota)
             metrics.QUOTA_LIMIT.labels(agency).set(quota)

@@ -256,6 +256,7 @@ class Gateway:
         log.info("gateway.started", consumer=self.consumer)
         last_recover: float | None = None
         while not stop.is_set():
+            metrics.beat()  # /live: the loop comes round (also while Redis is away)
             try:
                 if last_recover is None:
                     self.discover(force=True)

@@ -146,6 +146,7 @@ class Heartbeat(Observer):
 
     def beat(self) -> None:
         while not self.stopped.is_set():
+            metrics.beat()  # /live
             try:
                 liveness.heartbeat(self.redis, self.key, self.node, ttl_s=self.every_s * 4, version=self.version())
             except Exception as exc:  # Redis briefly away: keep beating

@@ -30,6 +30,7 @@ from quorum.core.objectstore import content_key, open_store
 from quorum.gallery.enrol import enrol
 from quorum.gallery.expunge import expunge
 from quorum.schemas import CandidateList, ErrorResult, parse_result
+from tests.integration import slices
 from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,6 @@ A, B, S, Q, GHOST = "acc-a", "acc-b", "acc-s", "acc-q", "acc-ghost"
 
 @pytest.fixture(scope="module")
 def world(disk_stack, data_dir):
-    from quorum.evaluation.ci_split import read_split
 
     s = disk_stack
     eng = db.get_engine(s)
@@ -67,7 +67,7 @@ def world(disk_stack, data_dir):
     registry.set_agency_status(eng, S, "suspended", reason="test", actor="test-op")
     registry.add_offence(eng, "PC211", "robbery", actor="test-op")
     ci = data_dir / "ci" / "faces"
-    people = [ci / r.identity for r in read_split(data_dir / "ci") if r.role == "gallery"][30:36]
+    people = [ci / r.identity for r in slices.rows(data_dir, "accountability")]
     report = enrol(s, open_store(s), [(d.name, sorted(d.iterdir())[0]) for d in people], actor="test-op")
     assert all(n == len(people) for n in report.enrolled.values()), report
     return s, eng, creds, people

@@ -23,6 +23,7 @@ from quorum.core.objectstore import open_store
 from quorum.evaluation.ci_split import read_split
 from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, ErrorResult, parse_result
+from tests.integration import slices
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ CALM = "calm-agency"
 @pytest.fixture(scope="module")
 def world(disk_stack, member_client, data_dir):
     rows = read_split(data_dir / "ci")
-    gallery = [r for r in rows if r.role == "gallery"][100:110]  # this module's own slice
+    gallery = slices.rows(data_dir, "agency_isolation")
     report = enrol(disk_stack, open_store(disk_stack), [(r.identity, r.path) for r in gallery])
     assert all(n == len(gallery) for n in report.enrolled.values()), report
     known = {r.identity for r in gallery}

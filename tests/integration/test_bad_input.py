@@ -20,6 +20,7 @@ from quorum.cli.stack import Stack, stack_roles
 from quorum.core.objectstore import open_store
 from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, ErrorResult
+from tests.integration import slices
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +29,13 @@ AGENCY = "test-agency"
 
 @pytest.fixture(scope="module")
 def env(disk_stack, data_dir):
-    from quorum.evaluation.ci_split import read_split
 
     ci = data_dir / "ci" / "faces"
     # People with 4+ images (the split's gallery role), so each has images left to search with.
-    subjects = [ci / r.identity for r in read_split(data_dir / "ci") if r.role == "gallery"][:25]
+    subjects = [ci / r.identity for r in slices.rows(data_dir, "bad_input")]
     items = [(d.name, sorted(d.iterdir())[0]) for d in subjects]
     report = enrol(disk_stack, open_store(disk_stack), items)
-    assert all(n == 25 for n in report.enrolled.values()), report
+    assert all(n == len(subjects) for n in report.enrolled.values()), report
     from quorum.accountability import db, registry
 
     secret = registry.provision(

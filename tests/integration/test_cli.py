@@ -12,10 +12,10 @@ import pytest
 
 from quorum.cli.stack import Stack, settings_env, stack_roles
 from quorum.core.objectstore import open_store
-from quorum.evaluation.ci_split import read_split
 from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList
 from quorum.schemas.export import SCHEMA_DIR
+from tests.integration import slices
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +25,7 @@ def gallery(disk_stack, member_client, data_dir):
     from quorum.accountability.registry import DEMO_AGENCY, DEMO_USER
 
     member_client(DEMO_AGENCY, DEMO_USER)  # the CLI's default agency; it finds the secret in the registry
-    rows = [r for r in read_split(data_dir / "ci") if r.role == "gallery"][
-        45:60
-    ]  # disjoint from the other modules' slices
+    rows = slices.rows(data_dir, "cli")
     enrol(disk_stack, open_store(disk_stack), [(r.identity, r.path) for r in rows])
     return disk_stack, rows
 

@@ -32,6 +32,7 @@ from quorum.broker import keys, signing
 from quorum.cli.stack import settings_env
 from quorum.core.objectstore import open_store
 from quorum.gallery.enrol import enrol
+from tests.integration import slices
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +62,7 @@ def world(disk_stack, data_dir, tmp_path_factory):
     s = disk_stack
     tmp = tmp_path_factory.mktemp("clients")
     rows = read_split(data_dir / "ci")
-    gallery = [r for r in rows if r.role == "gallery"][66:75]  # this module's own slice (test_sheet has 90:100)
+    gallery = slices.rows(data_dir, "clients")
     report = enrol(s, open_store(s), [(r.identity, r.path) for r in gallery])
     assert all(n == len(gallery) for n in report.enrolled.values()), report
     known = {r.identity for r in gallery}

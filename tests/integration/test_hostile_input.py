@@ -27,6 +27,7 @@ from quorum.broker.client import QuorumClient, new_request_id
 from quorum.core.objectstore import open_store
 from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, ErrorResult, parse_result
+from tests.integration import slices
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +39,9 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 @pytest.fixture(scope="module")
 def world(disk_stack, data_dir):
     from quorum.accountability import db, registry
-    from quorum.evaluation.ci_split import read_split
 
     ci = data_dir / "ci" / "faces"
-    subjects = [ci / r.identity for r in read_split(data_dir / "ci") if r.role == "gallery"][
-        75:90
-    ]  # this module's own slice
+    subjects = [ci / r.identity for r in slices.rows(data_dir, "hostile_input")]
     report = enrol(disk_stack, open_store(disk_stack), [(d.name, sorted(d.iterdir())[0]) for d in subjects])
     assert all(n == len(subjects) for n in report.enrolled.values()), report
     secret = registry.provision(

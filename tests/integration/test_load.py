@@ -17,6 +17,7 @@ from quorum.broker.client import QuorumClient
 from quorum.core.objectstore import open_store
 from quorum.gallery.enrol import enrol
 from quorum.schemas import CandidateList, ErrorResult
+from tests.integration import slices
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def agencies(disk_stack, data_dir):
     s = disk_stack
     eng = db.get_engine(s)
     rows = read_split(data_dir / "ci")
-    gallery = [r for r in rows if r.role == "gallery"][100:130]  # this module's own slice
+    gallery = slices.rows(data_dir, "load")
     report = enrol(s, open_store(s), [(r.identity, r.path) for r in gallery])
     assert all(n == len(gallery) for n in report.enrolled.values()), report
     known = {r.identity: r for r in gallery}

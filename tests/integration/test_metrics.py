@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from quorum.core import metrics
+from tests.integration import slices
 from tests.integration.servers import REPO, free_port
 
 pytestmark = pytest.mark.integration
@@ -56,12 +57,11 @@ def _query(port: int, promql: str) -> list:
 
 def test_prometheus_scrapes_every_process(disk_stack, disk_metrics_ports, member_client, data_dir, tmp_path):
     from quorum.core.objectstore import open_store
-    from quorum.evaluation.ci_split import read_split
     from quorum.gallery.enrol import enrol
 
     exe = shutil.which("prometheus")
     assert exe, "prometheus is not installed: apt-get install -y prometheus"
-    rows = [r for r in read_split(data_dir / "ci") if r.role == "gallery"][60:66]
+    rows = slices.rows(data_dir, "metrics")
     enrol(disk_stack, open_store(disk_stack), [(r.identity, r.path) for r in rows])
     client = member_client("metrics-agency")
     rid = client.submit(

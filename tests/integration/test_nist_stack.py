@@ -16,6 +16,7 @@ from quorum.broker import keys
 from quorum.cli.stack import settings_env
 from quorum.evaluation.ci_split import read_split
 from quorum.schemas import CandidateList
+from tests.integration import slices
 from tests.nist_builder import Face, reencode, transaction
 
 pytestmark = pytest.mark.integration
@@ -40,8 +41,7 @@ def nist_gallery(disk_stack, member_client, data_dir, tmp_path_factory):
     from quorum.accountability.registry import DEMO_AGENCY, DEMO_USER
 
     member_client(DEMO_AGENCY, DEMO_USER)  # the CLI's default agency
-    rows = read_split(data_dir / "ci")
-    gallery = [r for r in rows if r.role == "gallery"][75:85]  # disjoint from the other modules' slices
+    gallery = slices.rows(data_dir, "nist_stack")
     assert len(gallery) == 10
     folder = tmp_path_factory.mktemp("bookings")
     for i, row in enumerate(gallery):

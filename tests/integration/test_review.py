@@ -20,11 +20,11 @@ from quorum.accountability import audit, db, registry
 from quorum.broker.client import QuorumClient
 from quorum.cli.stack import settings_env
 from quorum.core.objectstore import open_store
-from quorum.evaluation.ci_split import read_split
 from quorum.gallery.enrol import enrol
 from quorum.review.sheet import NOTICE_SHORT
 from quorum.schemas import CandidateList
 from tests.chromium import Browser
+from tests.integration import slices
 from tests.integration.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -53,9 +53,8 @@ def searched(disk_stack, data_dir):
         offences=("PC211",),
         purposes=("investigation",),
     )
-    split = read_split(data_dir / "ci")
-    rows = [r for r in split if r.role == "gallery"][36:45]  # this module's own slices
-    distractors = [r for r in split if r.role == "distractor_gallery"][120:150]
+    rows = slices.rows(data_dir, "review")
+    distractors = slices.rows(data_dir, "review", "distractor_gallery")
     items = [(r.identity, r.path) for r in rows + distractors]
     report = enrol(s, open_store(s), items)
     assert all(n == len(items) for n in report.enrolled.values()), report

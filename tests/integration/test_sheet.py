@@ -24,11 +24,11 @@ from quorum.broker import keys
 from quorum.broker.results import fetch
 from quorum.cli.stack import settings_env
 from quorum.core.objectstore import open_store
-from quorum.evaluation.ci_split import read_split
 from quorum.gallery.enrol import enrol
 from quorum.review.sheet import NOTICE_SHORT
 from quorum.schemas import CandidateList
 from tests.htmldom import parse
+from tests.integration import slices
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +43,9 @@ def gallery(disk_stack, member_client, data_dir):
     from quorum.accountability.registry import DEMO_USER
 
     member_client(DEMO_AGENCY, DEMO_USER)  # the CLI's default agency and user
-    split = read_split(data_dir / "ci")
     # This module's own slices: mated people (with probes), and distractors for a longer list.
-    rows = [r for r in split if r.role == "gallery"][90:100]
-    distractors = [r for r in split if r.role == "distractor_gallery"][150:200]
+    rows = slices.rows(data_dir, "sheet")
+    distractors = slices.rows(data_dir, "sheet", "distractor_gallery")
     items = [(r.identity, r.path) for r in rows + distractors]
     report = enrol(disk_stack, open_store(disk_stack), items)
     assert all(n == len(items) for n in report.enrolled.values()), report

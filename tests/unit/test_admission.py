@@ -586,3 +586,19 @@ def test_quota_use_is_a_gauge_per_agency(world):
     with pytest.raises(InputError):
         admission.take_quota(ctx, Q, 2, now)
     assert metrics.QUOTA_USED.labels(Q)._value.get() == 2
+
+
+def test_a_quota_set_during_the_day_counts_the_days_earlier_searches(world):
+    """An agency searching without a quota (0) is still counted, so a quota set at noon is not a fresh one."""
+    ctx, _, _ = world
+    agency = "noon-quota"
+    now = time.time()
+    for _ in range(3):
+        admission.take_quota(ctx, agency, 0, now)  # unlimited: never refused
+    with pytest.raises(InputError) as exc:
+        admission.take_quota(ctx, agency, 3, now)  # the quota set now: the morning used it
+    assert exc.value.code == Code.QUOTA_EXCEEDED
+    admission.take_quota(ctx, agency, 5, now)  # raised again: the 4th and 5th searches of the day pass
+    admission.take_quota(ctx, agency, 5, now)
+    with pytest.raises(InputError):
+        admission.take_quota(ctx, agency, 5, now)

@@ -5,6 +5,8 @@ functions, and every import names Quorum the one way it is installed (``quorum.<
 from __future__ import annotations
 
 import ast
+import itertools
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +146,22 @@ def test_test_modules_have_unique_names() -> None:
     for path in sorted((REPO / "tests").rglob("test_*.py")):
         seen[path.name].append(str(path.relative_to(REPO)))
     assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
+
+
+def test_shared_stack_modules_enrol_disjoint_rows() -> None:
+    """Modules that enrol into the shared session stack take disjoint rows of the ci split (an engine keeps
+    one template per subject and image, so a row enrolled twice is "already held" the second time), and
+    every module that enrols into ``disk_stack`` takes its rows from ``tests/integration/slices.py``."""
+    from tests.integration import slices
+
+    for table, role in ((slices.GALLERY, "gallery"), (slices.DISTRACTORS, "distractor_gallery")):
+        spans = sorted((start, stop, module) for module, (start, stop) in table.items())
+        for (_, stop, first), (start, _, second) in itertools.pairwise(spans):
+            assert stop <= start, f"{first} and {second} overlap in the {role} rows"
+        assert all(0 <= a < b <= slices.SPLIT_SIZES[role] for a, b, _ in spans), spans
+    enrolling = []
+    for path in sorted((REPO / "tests" / "integration").glob("test_*.py")):
+        text = path.read_text()
+        if "disk_stack" in text and re.search(r"\benrol\(|\"enroll\"", text):
+            enrolling.append(path.stem.removeprefix("test_"))
+    assert sorted(m for m in enrolling if m not in slices.GALLERY) == []
