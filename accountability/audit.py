@@ -69,6 +69,7 @@ GALLERY_ENROL = "gallery.enrol"
 GALLERY_EXPUNGE = "gallery.expunge"
 GALLERY_REINDEX = "gallery.reindex"  # outcome started | ok: an engine's gallery rebuilt for a new version
 GALLERY_DROP_VERSION = "gallery.drop_version"  # an old engine version's gallery state deleted
+GALLERY_RESHARD = "gallery.reshard"  # outcome started | built | finished | aborted: a new shard layout
 PROBE_PURGED = "probe.purged"
 CASE_HOLD = "case.hold"
 CASE_RELEASE = "case.release"

@@ -338,7 +338,7 @@ SERVICE_ACL: dict[str, str] = {
     "gateway": f"~quorum:* {_CELERY_KEYS} +@all -@admin -@dangerous",
     "worker": (
         "~quorum:job:* ~quorum:results:* ~quorum:result:* ~quorum:request:* ~quorum:gallery:* ~quorum:alive:* "
-        f"~{keys.TASK_OVERRUNS} ~{keys.DEADLINES} ~{keys.GATEWAY_ALIVE_PREFIX}* ~{keys.AUDIT_HEAD} {_CELERY_KEYS} "
+        f"~{keys.TASK_OVERRUNS} ~{keys.DEADLINES} ~{keys.AUDIT_HEAD} {_CELERY_KEYS} "
         "+@all -@admin -@dangerous"
     ),
     # `quorum review` (the reviewers' web app): reads results and the gallery's subject records, keeps its

@@ -84,6 +84,13 @@ def gallery_dropped(engine: str) -> str:
     return f"quorum:gallery:dropped:{engine}"
 
 
+def gallery_reshard(engine: str) -> str:
+    """Hash of an engine's reshard in progress (``quorum gallery reshard``): ``layout`` ("2:4", the shard
+    counts from and to), ``version``, ``started_at``, ``actor``, and ``done:<i>`` per new shard built. While
+    it exists every add and expunge of that version is written to both layouts' logs."""
+    return f"quorum:gallery:reshard:{engine}"
+
+
 def gallery_versions(engine: str) -> str:
     """Hash engine version -> templates its logs hold (adds less expunged): the versions present, which
     an expunge writes its removal to, and ``quorum gallery status``'s counts."""
@@ -138,9 +145,10 @@ def reindex_alive(engine: str) -> str:
     return f"quorum:alive:reindex:{engine}"
 
 
-def shard_alive_pattern(engine: str) -> str:
-    """The liveness sets of every shard of an engine (``quorum gallery status`` lists them)."""
-    return f"quorum:alive:shard:{engine}:*"
+def shard_alive_index(engine: str) -> str:
+    """Set of the names of an engine's shard liveness sets (:func:`shard_alive`, any shard count): each
+    shard worker's heartbeat adds its own, so ``quorum gallery status`` lists them without a SCAN."""
+    return f"quorum:alive:shards:{engine}"
 
 
 def gallery_enrolled(engine: str) -> str:
@@ -164,12 +172,9 @@ def quota_key(agency: str, day: str) -> str:
     return f"quorum:quota:{agency}:{day}"
 
 
-GATEWAY_ALIVE_PREFIX = "quorum:gateway:alive:"
-
-
-def gateway_alive(consumer: str) -> str:
-    """Set with a short expiry by a running gateway (``quorum status`` and the local stack read it)."""
-    return f"{GATEWAY_ALIVE_PREFIX}{consumer}"
+# Sorted set of the running gateways (member: consumer name), as :func:`engine_alive` (``broker.liveness``):
+# ``quorum status`` and the local stack ask it with one ZCOUNT.
+GATEWAY_ALIVE = "quorum:alive:gateway"
 
 
 GALLERY_SUBJECTS = "quorum:gallery:subjects"  # hash subject id -> JSON {images: [...], enrolled_at}

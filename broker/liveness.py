@@ -23,9 +23,13 @@ def _versions_key(key: str) -> str:
     return "quorum:alive:versions:" + key.removeprefix("quorum:alive:")
 
 
-def heartbeat(redis: Any, key: str, node: str, *, ttl_s: float, version: str = "") -> None:
+INDEX_KEEP_S = 86400  # an index of liveness sets outlives them; names of sets gone are dropped on reading
+
+
+def heartbeat(redis: Any, key: str, node: str, *, ttl_s: float, version: str = "", index: str = "") -> None:
     """``node`` is alive for ``ttl_s`` more seconds (running engine ``version``, if given); entries that
-    ran out are dropped."""
+    ran out are dropped. ``index``: a set that lists ``key`` among its kind's liveness sets (read by
+    :func:`indexed_sets`)."""
     now = server_time(redis)
     vkey = _versions_key(key)
     keep = max(1, int(ttl_s * 2))
@@ -33,6 +37,9 @@ def heartbeat(redis: Any, key: str, node: str, *, ttl_s: float, version: str = "
     pipe.zadd(key, {node: now + ttl_s})
     pipe.zremrangebyscore(key, "-inf", now)
     pipe.expire(key, keep)
+    if index:
+        pipe.sadd(index, key)
+        pipe.expire(index, INDEX_KEEP_S)
     if version:
         pipe.hset(vkey, node, version)
         pipe.expire(vkey, keep)
@@ -43,6 +50,22 @@ def heartbeat(redis: Any, key: str, node: str, *, ttl_s: float, version: str = "
         gone = set(listed) - set(redis.zrange(key, 0, -1))
         if gone:
             redis.hdel(vkey, *gone)
+
+
+def indexed_sets(redis: Any, index: str) -> list[str]:
+    """The liveness sets ``index`` lists that still exist (a set expires once its last node stops
+    beating; its name is then dropped from the index)."""
+    names = sorted(as_str(n) for n in redis.smembers(index))
+    if not names:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(name)
+    present = pipe.execute()
+    gone = [n for n, there in zip(names, present, strict=True) if not there]
+    if gone:
+        redis.srem(index, *gone)
+    return [n for n, there in zip(names, present, strict=True) if there]
 
 
 def live(redis: Any, key: str) -> int:

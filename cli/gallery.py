@@ -205,6 +205,10 @@ def print_gallery_status(s, engines: list[str] | None = None) -> None:
             continue
         shards = f" ({e['shards']} shards)" if e["shards"] > 1 else ""
         click.echo(f"gallery {e['engine']}{shards}:" + ("" if e["versions"] else " empty"))
+        if e.get("reshard"):
+            rs = e["reshard"]
+            built = sorted(int(k.split(":")[1]) for k in rs if k.startswith("done:"))
+            click.echo(f"  resharding {rs['layout'].replace(':', ' -> ')} ({rs['version']}): new shards built {built}")
         for v in e["versions"]:
             snaps = ", ".join(f"shard {x['shard']} {x['templates']} at {x['created_at']}" for x in v["snapshots"])
             workers = [
@@ -247,6 +251,51 @@ def gallery_drop_version(engine: str, version: str, actor: str | None) -> None:
         click.echo(json.dumps(drop_version(s, open_store(s), engine, version, actor=operator_name(actor))))
     except GalleryRefused as err:
         raise click.ClickException(str(err)) from None
+
+
+@gallery.command("reshard")
+@click.argument("engine")
+@click.option("--shards", type=int, default=None, help="the new shard count (to begin or resume a reshard)")
+@click.option("--finish", "step", flag_value="finish", help="after the switch: drop the old layout")
+@click.option("--abort", "step", flag_value="abort", help="give the reshard up: drop the new layout")
+@click.option("--actor", default=None, help="who does this (default: $QUORUM_OPERATOR or login)")
+def gallery_reshard(engine: str, shards: int | None, step: str | None, actor: str | None) -> None:
+    """Build a new shard layout of ENGINE's gallery from the templates it holds (no image is embedded
+    again) while the old layout serves; then set QUORUM_SHARDS=ENGINE=N, restart the engine's workers and
+    start the new shards' workers, and run it with --finish. Resumable; audited (deploy/README.md
+    "Resharding")."""
+    from ..core.objectstore import open_store
+    from ..gallery import reshard
+    from ..gallery.versions import GalleryRefused
+
+    s = settings()
+    require_redis(s.redis_url)
+    who = operator_name(actor)
+    try:
+        if step:
+            if shards is not None:
+                raise click.UsageError(f"--{step} takes no --shards")
+            done = (reshard.finish if step == "finish" else reshard.abort)(s, open_store(s), engine, actor=who)
+            click.echo(json.dumps(done))
+            return
+        if shards is None:
+            raise click.UsageError("give --shards N (or --finish / --abort for a reshard in progress)")
+        state = reshard.begin(s, engine, shards, actor=who)
+        bar = tqdm_bar(f"resharding {engine} (new shards)", shards)
+        report = reshard.build(s, open_store(s), engine, progress=lambda done, _of: bar(done), actor=who)
+    except GalleryRefused as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(
+        f"{engine} {report.version}: {report.old} -> {report.new} shards built in {report.seconds:.1f}s "
+        f"({len(report.skipped)} built by an earlier run; {report.dropped_no_record} templates of subjects "
+        f"expunged meanwhile left out); writes go to both layouts since {state['started_at']}"
+    )
+    for b in report.built:
+        click.echo(f"  shard {b['shard']}/{report.new}: {b['templates']} templates, {b['subjects']} subjects")
+    click.echo(
+        f"next: set QUORUM_SHARDS={engine}={report.new}, restart {engine}'s workers and start its new shard workers "
+        f"(quorum worker {engine} --shard I/{report.new}), then: quorum gallery reshard {engine} --finish"
+    )
 
 
 @gallery.command("migrate-keys")

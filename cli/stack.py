@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import redis as redis_lib
 import structlog
 
-from ..broker import keys
+from ..broker import keys, liveness
 from ..broker.app import ROLE_QUEUES, parse_reindex_role, parse_shard_role, shard_role
 from ..core import local_redis
 from ..core.config import Settings
@@ -388,7 +388,7 @@ class Stack:
                 # process: kombu's pidbox keeps it) fails once, then reconnects.
                 replies = []
             ready = {next(iter(rep)).split("@", 1)[0] for rep in replies}
-            gateway_ok = "gateway" not in roles or any(True for _ in r.scan_iter(keys.GATEWAY_ALIVE_PREFIX + "*"))
+            gateway_ok = "gateway" not in roles or liveness.live(r, keys.GATEWAY_ALIVE) > 0
             if want <= ready and gateway_ok:
                 return
             if time.monotonic() > deadline:

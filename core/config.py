@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     # Gallery shards per engine (README "Scaling"): a subject lives in shard workers.shards.shard_of(id, S)
     # of its engine; the engine's embed workers scatter each probe's vector to every shard's queue.
     # In the environment "sface=4,dlib=2"; an engine not named has one shard (its workers hold it all).
-    # Changing an engine's count moves subjects between shards: re-enrol that engine after changing it.
+    # Changing an engine's count moves subjects between shards: `quorum gallery reshard` (gallery.reshard) first.
     shards: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()  # (engine, count) pairs; hashable
     device: Literal["auto", "cpu", "gpu"] = "auto"  # execution provider for the onnxruntime engines
     # FaceNet runs as ONNX converted from its TF graph (workers/conversion/tf_to_onnx.py) on onnxruntime,

@@ -69,6 +69,8 @@ def reindex(
     (``gallery.reindex``) at the start and at the end."""
     if engine not in s.engines:
         raise GalleryRefused(f"{engine} is not a configured engine ({', '.join(s.engines)})")
+    if connect(s.redis_url).exists(keys.gallery_reshard(engine)):
+        raise GalleryRefused(f"{engine} is being resharded: finish or abort it first (quorum gallery reshard)")
     t0 = time.monotonic()
     run = _Reindex(s, engine, actor)
     run.report.skipped, _ = run_batches(

@@ -28,7 +28,7 @@ def live_versions(r, kind: str, engine: str) -> dict[str, str]:
     """Live workers of one kind (``engine``, ``shard``, ``reindex``) for an engine: node -> the engine
     version it runs (from its heartbeat)."""
     if kind == "shard":
-        sets = [keys.as_str(k) for k in r.scan_iter(keys.shard_alive_pattern(engine), count=100)]
+        sets = liveness.indexed_sets(r, keys.shard_alive_index(engine))
     else:
         sets = [keys.engine_alive(engine) if kind == "engine" else keys.reindex_alive(engine)]
     out: dict[str, str] = {}
@@ -84,7 +84,8 @@ def gallery_status(s: Settings, store: ObjectStore) -> list[dict]:
                     "reindex_workers": sum(v == version for v in serving["reindex"].values()),
                 }
             )
-        out.append({"engine": engine, "shards": shards, "versions": versions})
+        resharding = {keys.as_str(k): keys.as_str(v) for k, v in r.hgetall(keys.gallery_reshard(engine)).items()}
+        out.append({"engine": engine, "shards": shards, "versions": versions, "reshard": resharding or None})
     return out
 
 

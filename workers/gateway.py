@@ -23,7 +23,7 @@ Agencies need no Python: each writes ``XADD quorum:intake:<agency> * payload <Pr
    pending and retried later, by this gateway or another; nothing runs or is refused unaudited. A Redis
    outage does not stop the loop: it logs, waits ``backoff_s`` and carries on.
 
-It also keeps a heartbeat key (``broker.keys.gateway_alive``), samples the Celery queue lengths for the
+It also keeps its heartbeat in a liveness set (``broker.keys.GATEWAY_ALIVE``), samples the Celery queue lengths for the
 metrics, counts received and rejected probes, and anchors the audit chain head every
 ``audit_anchor_interval_s``.
 """
@@ -41,7 +41,7 @@ import structlog
 
 from ..accountability import audit
 from ..accountability.policy import RegistrySnapshot
-from ..broker import deadlines, keys
+from ..broker import deadlines, keys, liveness
 from ..broker.app import INTAKE_QUEUE, TASK_PREPARE, app, oldest_message_age, queues_of
 from ..broker.intake import IDLE_S, Entry, IntakeReader, Limits, interleave, rotated
 from ..broker.keys import as_str
@@ -67,7 +67,11 @@ from .admission import (
 
 log = structlog.get_logger()
 UNACKED_HASH = "unacked"  # kombu's Redis transport: messages delivered to a worker, not yet acknowledged
-STRAY_SCAN_S = 30.0  # how often intake streams of unregistered agencies are looked for (a keyspace SCAN)
+# Intake streams of unregistered agencies are looked for by a SCAN walked a little at each discovery round
+# (every 2 s): this many calls of COUNT 1000, so its cost does not grow with the keyspace (a whole walk of
+# 1 M keys takes 830 ms of Redis time: BENCHMARKS.md "Liveness lookups"); a bigger keyspace only takes
+# longer to walk (1 M keys: about 3 minutes; a small one: every round).
+STRAY_SCAN_CALLS = 10
 
 
 class LazyRegistry:
@@ -144,7 +148,7 @@ class Gateway:
         self._last_heartbeat = 0.0
         self._last_trim = 0.0
         self._last_discover = 0.0
-        self._last_stray_scan = 0.0
+        self._stray_cursor = 0  # where the walk for unregistered agencies' streams goes on from
         self._last_sample = 0.0
         self._last_anchor = time.monotonic()
         self._last_anchor_ok = time.monotonic()  # the age counts from start until the first anchor
@@ -182,8 +186,7 @@ class Gateway:
         from .admission import snapshot
 
         names = [keys.intake_stream(agency) for agency in snapshot(self.admission).agencies]
-        if force or time.monotonic() - self._last_stray_scan >= STRAY_SCAN_S:
-            names += self._stray_streams()
+        names += self._stray_streams()
         for name in names:
             if name in self.streams:
                 continue
@@ -193,12 +196,18 @@ class Gateway:
 
     def _stray_streams(self) -> list[str]:
         """Intake streams of no registered agency (written by a service or admin user, or where Redis runs
-        without the ACL), found by a keyspace SCAN only every STRAY_SCAN_S, so their entries are answered
-        UNKNOWN_AGENCY rather than left unread."""
-        self._last_stray_scan = time.monotonic()
+        without the ACL), so their entries are answered UNKNOWN_AGENCY rather than left unread: the next
+        STRAY_SCAN_CALLS steps of a keyspace SCAN that goes on where the last round stopped."""
+        found: list[str] = []
         with redis_boundary("looking for intake streams of unregistered agencies"):
-            found = self.redis.scan_iter(match=f"{keys.INTAKE_STREAM_PREFIX}*", count=1000, _type="STREAM")
-            return [keys.as_str(k) for k in found]
+            for _ in range(STRAY_SCAN_CALLS):
+                self._stray_cursor, batch = self.redis.scan(
+                    self._stray_cursor, match=f"{keys.INTAKE_STREAM_PREFIX}*", count=1000, _type="STREAM"
+                )
+                found += [keys.as_str(k) for k in batch]
+                if not self._stray_cursor:
+                    break
+        return found
 
     def sample_queues(self) -> None:
         if time.monotonic() - self._last_sample < 5.0:
@@ -246,7 +255,7 @@ class Gateway:
         if time.monotonic() - self._last_heartbeat < 1.0:
             return
         with redis_boundary("setting the heartbeat"):
-            self.redis.set(keys.gateway_alive(self.consumer), "1", ex=15)
+            liveness.heartbeat(self.redis, keys.GATEWAY_ALIVE, self.consumer, ttl_s=15)
         self._last_heartbeat = time.monotonic()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -272,6 +281,10 @@ class Gateway:
             except ServiceError as err:
                 log.warning("gateway.unavailable", code=err.code.value, error=err.message, retry_in_s=self.backoff_s)
                 stop.wait(self.backoff_s)
+        try:  # gone at once from the liveness set rather than when its heartbeat runs out
+            liveness.leave(self.redis, keys.GATEWAY_ALIVE, self.consumer)
+        except Exception as exc:  # Redis away at shutdown: the heartbeat runs out by itself
+            log.warning("gateway.leave_failed", error=str(exc))
         log.info("gateway.stopped", consumer=self.consumer)
 
     def recover(self) -> int:

@@ -9,7 +9,7 @@ import contextlib
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import hnswlib
@@ -78,6 +78,19 @@ class GalleryIndex:
 
     def __contains__(self, subject_id: object) -> bool:
         return subject_id in self.subject_labels
+
+    def templates_of(self, keep: Callable[[str], bool]) -> tuple[list[int], list[str]]:
+        """The templates (labels, subjects) of the subjects ``keep`` accepts, in label order."""
+        with self._lock:
+            pairs = sorted((lab, subj) for lab, subj in self.label_subject.items() if keep(subj))
+        return [lab for lab, _ in pairs], [subj for _, subj in pairs]
+
+    def vectors(self, labels: Sequence[int]) -> np.ndarray:
+        """The stored vectors of ``labels`` (as the index holds them: normalised, for the cosine space)."""
+        with self._lock:
+            if not labels:
+                return np.empty((0, self.dim), dtype=np.float32)
+            return np.asarray(self._index.get_items(list(labels)), dtype=np.float32).reshape(-1, self.dim)
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """The ``k`` most similar subjects (best template per subject), most similar first."""

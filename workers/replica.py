@@ -230,23 +230,33 @@ def enrolled_member(subject: str, image_key: str, version: str) -> str:
 
 
 # The conditional add, atomic in Redis: for each template whose subject still has its record (an
-# expunge deletes the record first), append it to its log, mark it enrolled, and count it for its
-# version (and take it off the dropped versions, if it was there). KEYS: subjects hash, enrolled set,
-# versions hash, dropped set, then one log key per template. ARGV: version, then label, subject, image,
-# member, vector per template. Returns the labels written.
+# expunge deletes the record first), append it to its log (to each layout's log while a reshard runs),
+# mark it enrolled, and count it for its version (and take it off the dropped versions, if it was
+# there). KEYS: subjects hash, enrolled set, versions hash, dropped set, the engine's reshard hash, then
+# L log keys per template. ARGV: version, L, the reshard layout the caller saw ("" for none), then
+# label, subject, image, member, vector per template. Returns the labels written, or the error
+# RESHARD_CHANGED when a reshard began or ended since the caller looked (it looks again).
 _ADD_SCRIPT = """
+local seen = redis.call('HGET', KEYS[5], 'layout') or ''
+if seen ~= ARGV[3] then
+  return redis.error_reply('RESHARD_CHANGED')
+end
+local per = tonumber(ARGV[2])
 local out = {}
 local n = 0
-for i = 5, #KEYS do
-  local a = 2 + (i - 5) * 5
+local t = 0
+for a = 4, #ARGV, 5 do
   local subject = ARGV[a + 1]
   if redis.call('HEXISTS', KEYS[1], subject) == 1 then
-    redis.call('XADD', KEYS[i], '*', 'op', 'add', 'label', ARGV[a], 'subject', subject,
-               'version', ARGV[1], 'image', ARGV[a + 2], 'vec', ARGV[a + 4])
+    for l = 1, per do
+      redis.call('XADD', KEYS[5 + t * per + l], '*', 'op', 'add', 'label', ARGV[a], 'subject', subject,
+                 'version', ARGV[1], 'image', ARGV[a + 2], 'vec', ARGV[a + 4])
+    end
     redis.call('SADD', KEYS[2], ARGV[a + 3])
     n = n + 1
     out[n] = ARGV[a]
   end
+  t = t + 1
 end
 redis.call('HINCRBY', KEYS[3], ARGV[1], n)
 if n > 0 then
@@ -254,6 +264,21 @@ if n > 0 then
 end
 return out
 """
+
+
+def reshard_layouts(redis, engine: str, engine_version: str, shards: int) -> tuple[str, tuple[int, ...]]:
+    """The shard counts an add or removal of ``engine_version`` is written for: the caller's ``shards``,
+    and while a reshard of that version runs (``keys.gallery_reshard``) both of its layouts; with the
+    reshard's ``layout`` field as read ("" for none)."""
+    from ..broker import keys
+
+    layout, version = (
+        as_str(x) if x is not None else "" for x in redis.hmget(keys.gallery_reshard(engine), ["layout", "version"])
+    )
+    counts = {shards}
+    if layout and version == engine_version:
+        counts |= {int(x) for x in layout.split(":")}
+    return layout, tuple(sorted(counts))
 
 
 def log_add_entries(
@@ -267,28 +292,43 @@ def log_add_entries(
     shards: int = 1,
 ) -> list[int]:
     """Append templates to an engine version's gallery log (each to its subject's shard's log when the
-    engine has ``shards`` > 1) and mark them in ``keys.gallery_enrolled``; labels come from one atomic
-    counter per engine, unique across its shards and versions.
+    engine has ``shards`` > 1; to both layouts' logs while a reshard runs) and mark them in
+    ``keys.gallery_enrolled``; labels come from one atomic counter per engine, unique across its shards,
+    layouts and versions.
 
     Only templates whose subject is recorded (``keys.GALLERY_SUBJECTS``) are written, checked and written
     in one Lua script: a subject expunged while its images were being embedded is not written back.
     Returns the labels written (those of expunged subjects are left out)."""
     from ..broker import keys
-    from .shards import shard_of
 
     n = len(subjects)
     if n == 0:
         return []
     last = redis.incrby(keys.gallery_label_counter(engine), n)
     labels = list(range(last - n + 1, last + 1))
-    log_keys = [keys.gallery_log(engine, engine_version, shard_of(subj, shards), shards) for subj in subjects]
-    args: list = [engine_version]
+    args: list = []
     for lab, subj, vec, img in zip(labels, subjects, vectors, images, strict=True):
         args += [lab, subj, img, enrolled_member(subj, img, engine_version), _vec_to_bytes(vec)]
-    script = redis.register_script(_ADD_SCRIPT)  # EVALSHA: the script's text is sent once per server
     state = [keys.GALLERY_SUBJECTS, keys.gallery_enrolled(engine), keys.gallery_versions(engine)]
-    written = script(keys=[*state, keys.gallery_dropped(engine), *log_keys], args=args)
-    return [int(x) for x in written]
+    state += [keys.gallery_dropped(engine), keys.gallery_reshard(engine)]
+    script = redis.register_script(_ADD_SCRIPT)  # EVALSHA: the script's text is sent once per server
+    for _ in range(3):  # a reshard that begins or ends between the look and the script: look again
+        layout, counts = reshard_layouts(redis, engine, engine_version, shards)
+        logs = [_log_of(engine, engine_version, subj, c) for subj in subjects for c in counts]
+        try:
+            written = script(keys=[*state, *logs], args=[engine_version, len(counts), layout, *args])
+            return [int(x) for x in written]
+        except Exception as exc:  # redis.ResponseError, not imported here
+            if "RESHARD_CHANGED" not in str(exc):
+                raise
+    raise RuntimeError(f"{engine}: the reshard state kept changing while templates were being written")
+
+
+def _log_of(engine: str, version: str, subject: str, shards: int) -> str:
+    from ..broker import keys
+    from .shards import shard_of
+
+    return keys.gallery_log(engine, version, shard_of(subject, shards), shards)
 
 
 def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1, versions: Iterable[str] = ()) -> int:
@@ -298,7 +338,6 @@ def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1
     templates that was. Call it after the subject's record is deleted (as ``gallery.expunge.expunge``
     does), so no add can follow it."""
     from ..broker import keys
-    from .shards import shard_of
 
     present = {as_str(v) for v in redis.hkeys(keys.gallery_versions(engine))} | set(versions)
     done_key = keys.gallery_enrolled(engine)
@@ -308,11 +347,12 @@ def log_remove(redis, engine: str, subject: str, reason: str, *, shards: int = 1
         version = as_str(m).rsplit("|", 1)[-1]
         per_version[version] = per_version.get(version, 0) + 1
     pipe = redis.pipeline(transaction=True)
+    # The reshard state is read after the subject's record is gone (the caller deleted it): a reshard that
+    # began before this look gets the removal in both layouts, one that begins after it copies no template
+    # of the subject (gallery.reshard checks the records).
     for version in sorted(present | set(per_version)):
-        pipe.xadd(
-            keys.gallery_log(engine, version, shard_of(subject, shards), shards),
-            {"op": "remove", "subject": subject, "reason": reason},
-        )
+        for count in reshard_layouts(redis, engine, version, shards)[1]:
+            pipe.xadd(_log_of(engine, version, subject, count), {"op": "remove", "subject": subject, "reason": reason})
         if per_version.get(version):
             pipe.hincrby(keys.gallery_versions(engine), version, -per_version[version])
     if stale:

@@ -105,7 +105,13 @@ def _load(runtime, role: str, node: str, s) -> None:
     reindexing = parse_reindex_role(role)
     if shard:
         engine, i, n = shard
-        _start_heartbeat(runtime.redis, keys.shard_alive(engine, i, n), node, _version_of(runtime, engine))
+        _start_heartbeat(
+            runtime.redis,
+            keys.shard_alive(engine, i, n),
+            node,
+            _version_of(runtime, engine),
+            keys.shard_alive_index(engine),
+        )
         rep = runtime.replica(engine, i)  # loads only this shard's snapshot and log
         metrics.GALLERY_TEMPLATES.labels(rep.name).set(len(rep.index))
     elif reindexing:
@@ -140,15 +146,18 @@ class Heartbeat(Observer):
     it the engine version it runs (``broker.liveness``); entries that ran out are dropped on each beat.
     A worker stopped on purpose leaves at once, so fusion stops waiting for it."""
 
-    def __init__(self, redis, key: str, node: str, version=lambda: "", every_s: float = 3.0) -> None:
+    def __init__(self, redis, key: str, node: str, version=lambda: "", every_s: float = 3.0, index: str = "") -> None:
         self.redis, self.key, self.node, self.version, self.every_s = redis, key, node, version, every_s
+        self.index = index  # shards: the engine's index of shard liveness sets (``quorum gallery status``)
         self.stopped = threading.Event()
 
     def beat(self) -> None:
         while not self.stopped.is_set():
             metrics.beat()  # /live
             try:
-                liveness.heartbeat(self.redis, self.key, self.node, ttl_s=self.every_s * 4, version=self.version())
+                liveness.heartbeat(
+                    self.redis, self.key, self.node, ttl_s=self.every_s * 4, version=self.version(), index=self.index
+                )
             except Exception as exc:  # Redis briefly away: keep beating
                 log.warning("heartbeat.failed", error=str(exc))
             self.stopped.wait(self.every_s)
@@ -161,8 +170,8 @@ class Heartbeat(Observer):
             log.warning("heartbeat.leave_failed", error=str(exc))
 
 
-def _start_heartbeat(redis, key: str, node: str, version=lambda: "", every_s: float = 3.0) -> None:
-    heartbeat = Heartbeat(redis, key, node, version, every_s)
+def _start_heartbeat(redis, key: str, node: str, version=lambda: "", index: str = "", every_s: float = 3.0) -> None:
+    heartbeat = Heartbeat(redis, key, node, version, every_s, index)
     lifecycle.register(heartbeat)
     threading.Thread(target=heartbeat.beat, name="engine-heartbeat", daemon=True).start()
 
