@@ -394,7 +394,7 @@ def _agency_line(row: Any) -> str:
     pw = f"#{row.redis_password_sha256}" if row.redis_password_sha256 else "nopass"
     return (
         f"user {redis_user(row.id)} {state} {pw} resetkeys resetchannels {' '.join(agency_key_patterns(row.id))} "
-        "-@all +xadd +xread +get +mget +ping +hello +client|setname "
+        "-@all +xadd +xread +get +mget +ping +hello +client|setname +wait "
         # a selector: XRANGE, and only XRANGE, may read its own intake stream (is my entry still there?)
         f"(%R~{keys.intake_stream(row.id)} +xrange)"
     )

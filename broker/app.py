@@ -20,6 +20,7 @@ from ..core.config import settings
 from ..core.engines import ENGINE_NAMES
 from . import lifecycle
 from .lifecycle import SENT_AT_HEADER
+from .sentinel import celery_config
 
 # Task names: the workers register these names (workers.tasks); senders use them (no import of workers).
 TASK_PREPARE = "quorum.intake.prepare"
@@ -130,7 +131,8 @@ def own_queue(name: str) -> Queue:
 def make_app(redis_url: str | None = None) -> Celery:
     s = settings()
     url = redis_url or s.redis_url
-    app = Celery("quorum", broker=url, backend=url, include=["quorum.workers.tasks"])
+    conn = celery_config(url)  # one server, or Sentinel: kombu's sentinel:// transport and result backend
+    app = Celery("quorum", broker=conn["broker_url"], backend=conn["result_backend"], include=["quorum.workers.tasks"])
     app.conf.update(
         task_queues=[own_queue(q) for q in ALL_QUEUES],
         task_default_queue=INTAKE_QUEUE,
@@ -156,7 +158,9 @@ def make_app(redis_url: str | None = None) -> Celery:
             "visibility_timeout": s.task_visibility_timeout_s,
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
+            **conn["transport_options"],
         },
+        result_backend_transport_options=conn["transport_options"],
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,

@@ -23,6 +23,7 @@ from ..core.errors import Code
 from ..schemas import CandidateList, ErrorResult, InlineImage, ObjectImage, ProbeRequest, parse_result
 from . import keys, signing
 from .keys import as_str
+from .sentinel import open_redis
 
 
 def new_request_id() -> str:
@@ -33,8 +34,23 @@ class QuorumClient:
     """``secret``: the agency's signing secret (``quorum registry agency add`` prints it once); without
     it, submissions go unsigned and the gateway refuses them with ``BAD_SIGNATURE``."""
 
-    def __init__(self, redis_url: str, agency_id: str, user_id: str, secret: str | None = None) -> None:
-        self.redis = redis_lib.Redis.from_url(redis_url)
+    def __init__(
+        self,
+        redis_url: str,
+        agency_id: str,
+        user_id: str,
+        secret: str | None = None,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
+        """``redis_url``: one server, or ``redis+sentinel://`` (the primary its sentinels name, followed
+        through a failover). ``wait_replicas``: after each XADD, WAIT until that many replicas have the
+        entry (deploy/README.md "Redis failover"); ``unconfirmed`` counts entries they did not confirm in
+        time (a failover may lose those: the client submits them again, see :meth:`resubmit_lost`)."""
+        self.redis = open_redis(redis_url)
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
+        self.unconfirmed = 0
         self.agency_id = agency_id
         self.user_id = user_id
         self.secret = secret
@@ -120,7 +136,14 @@ class QuorumClient:
 
     def submit_fields(self, fields: dict) -> str:
         """Write an intake entry with exactly these fields. Returns the entry id."""
-        entry = self.redis.xadd(keys.intake_stream(self.agency_id), fields)
+        if self.wait_replicas <= 0:
+            entry = self.redis.xadd(keys.intake_stream(self.agency_id), fields)
+        else:  # on one connection: WAIT counts the writes of its own connection
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(keys.intake_stream(self.agency_id), fields)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            entry, acked = pipe.execute()
+            self.unconfirmed += int(acked) < self.wait_replicas
         return entry.decode() if isinstance(entry, bytes) else entry
 
     def result(self, request_id: str) -> CandidateList | ErrorResult | None:
@@ -227,7 +250,7 @@ class QuorumClient:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{len(pending)} of {len(pending) + len(done)} results not published in time")
-        resp: list = self.redis.xread({stream: last}, block=int(min(remaining, 1.0) * 1000) or 1, count=1000)  # type: ignore[assignment]  # redis-py's union return
+        resp: list = self.redis.xread({stream: last}, block=int(min(remaining, 1.0) * 1000) or 1, count=1000)
         for _, entries in resp or []:
             for entry_id, fields in entries:
                 last = as_str(entry_id)

@@ -64,9 +64,12 @@ class BoundaryRedis(redis.Redis):
 
 
 def connect(url: str, **kwargs) -> BoundaryRedis:
-    """The Redis client for ``url`` (``redis://`` or ``rediss://``, with its user and password);
+    """The Redis client for ``url`` (``redis://`` or ``rediss://``, with its user and password, or
+    ``redis+sentinel://``: the primary its sentinels name, followed through a failover, broker.sentinel);
     ``kwargs`` as ``redis.Redis.from_url`` takes them."""
-    client = BoundaryRedis.from_url(url, **kwargs)
+    from .sentinel import open_redis
+
+    client = open_redis(url, BoundaryRedis, **kwargs)
     assert isinstance(client, BoundaryRedis)
     return client
 

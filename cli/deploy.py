@@ -250,15 +250,28 @@ def init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> Non
 @deploy_group.command("acl-load")
 def acl_load() -> None:
     """Make Redis re-read its ACL file (after `quorum registry redis-acl` rendered it again): ACL LOAD as
-    the configured Redis user (compose: `docker-compose run --rm admin quorum deploy acl-load`)."""
+    the configured Redis user (compose: `docker-compose run --rm admin quorum deploy acl-load`). Behind
+    Sentinel (a redis+sentinel:// URL) on every data node, the primary and each replica: the ACL is not
+    replicated, and a replica promoted by a failover must know the same users."""
+    from ..broker.sentinel import data_nodes
+    from ..core.config import settings
+
+    url = settings().redis_url
+    nodes = data_nodes(url, socket_connect_timeout=5)
+    for client in nodes:
+        kw = client.connection_pool.connection_kwargs
+        where = f"{kw.get('host')}:{kw.get('port')}"
+        said, users = _acl_load_one(client)
+        click.echo(f"{where}: {said}: {len(users)} users now ({', '.join(users)})")
+    _compare_with_registry(nodes[0])
+
+
+def _acl_load_one(client) -> tuple[str, list[str]]:
     import redis as redis_lib
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from ..core.config import settings
-
-    url = settings().redis_url
-    client = redis_lib.Redis.from_url(url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0))
+    client.connection_pool.connection_kwargs["retry"] = Retry(NoBackoff(), 0)
     closed = False
     try:
         client.execute_command("ACL", "LOAD")
@@ -273,12 +286,9 @@ def acl_load() -> None:
         ) from None
     except redis_lib.exceptions.ResponseError as err:  # the file does not parse: Redis keeps the old ACL
         raise click.ClickException(f"Redis refused the ACL file, the previous ACL stays in force: {err}") from None
-    client.close()
-    client = redis_lib.Redis.from_url(url, socket_connect_timeout=5)
+    client.connection_pool.disconnect()
     users = [u.decode() if isinstance(u, bytes) else u for u in client.execute_command("ACL", "USERS")]
-    said = "ACL LOAD sent, the connection closed before its reply" if closed else "ACL reloaded"
-    click.echo(f"{said}: {len(users)} users now ({', '.join(users)})")
-    _compare_with_registry(client)
+    return ("ACL LOAD sent, the connection closed before its reply" if closed else "ACL reloaded"), users
 
 
 def _compare_with_registry(client) -> None:

@@ -67,13 +67,14 @@ def status() -> None:
 
     from ..broker import keys
     from ..broker.app import ALL_QUEUES
+    from ..broker.sentinel import open_redis
     from .stack import Stack
 
     s = settings()
     for name, state in Stack(s).status().items():
         click.echo(f"{name:<10} {state}")
     try:
-        r = redis_lib.Redis.from_url(s.redis_url, socket_connect_timeout=1)
+        r = open_redis(s.redis_url, socket_connect_timeout=1)
         click.echo("queues:   " + "  ".join(f"{q}={r.llen(q)}" for q in ALL_QUEUES))
         click.echo(f"subjects: {r.hlen(keys.GALLERY_SUBJECTS)}")
     except redis_lib.RedisError as exc:

@@ -35,6 +35,7 @@ import structlog
 
 from ..broker import keys, liveness
 from ..broker.app import ROLE_QUEUES, parse_reindex_role, parse_shard_role, shard_role
+from ..broker.sentinel import open_redis
 from ..core import local_redis
 from ..core.config import Settings
 from ..core.files import atomic_write
@@ -105,7 +106,7 @@ class Stack:
     def _redis_answer(self, url: str | None = None) -> str:
         """``ok`` (PING answered), ``refused`` (a Redis answers but refuses these credentials: NOAUTH,
         WRONGPASS) or ``down`` (nothing answers)."""
-        client = redis_lib.Redis.from_url(url or self.s.redis_url, socket_connect_timeout=0.5)
+        client = open_redis(url or self.s.redis_url, socket_connect_timeout=0.5)
         try:
             client.ping()
         except redis_lib.AuthenticationError:
@@ -373,7 +374,7 @@ class Stack:
         from ..broker.app import make_app
 
         app = make_app(self.s.redis_url)
-        r = redis_lib.Redis.from_url(self.s.redis_url)
+        r = open_redis(self.s.redis_url)
         want = {r_ for r_ in roles if r_ != "gateway"}
         deadline = time.monotonic() + timeout
         while True:

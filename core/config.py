@@ -192,6 +192,11 @@ class Settings(BaseSettings):
     # delivery; after it only the request-id claim stays (idempotency), and the result is read from the
     # object store (results/<agency>/<request id>.json) until result_ttl_s.
     result_hold_s: int = Field(default=3600, ge=10)
+    # Redis failover (broker/sentinel.py): an intake entry is acknowledged, and a result published, only
+    # once this many replicas confirmed the writes before it (WAIT, at most redis_wait_timeout_ms; on a
+    # timeout the work goes on, counted in quorum_redis_replication_wait_short_total). 0: no WAIT (one server).
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(default=1000, ge=10, le=60_000)
     metrics_port: int = 0  # 0: no HTTP exporter in this process
     data_dir: str = ""  # labelled faces for the demo; default ../shared/data next to the repo
     log_level: str = "INFO"

@@ -166,7 +166,10 @@ def running_address(home: str | Path) -> str | None:
 
 
 def owns(home: str | Path, url: str) -> bool:
-    """Whether ``url`` names the redis-server this home's stack started (and it runs)."""
+    """Whether ``url`` names the redis-server this home's stack started (and it runs); never a Sentinel
+    URL (``redis+sentinel://``: servers of their own, the stack starts none)."""
+    if url.split("://", 1)[0].endswith("+sentinel"):
+        return False
     addr = running_address(home)
     return addr is not None and addr == server_address(url)
 

@@ -56,6 +56,11 @@ EMBED_BATCH_WAIT = Histogram(
 ENGINE_FAILURES = Counter("quorum_engine_failures_total", "Engine results with an error", ["engine", "code"])
 GALLERY_TEMPLATES = Gauge("quorum_gallery_templates", "Live templates in this worker's index", ["engine"])
 QUEUE_LENGTH = Gauge("quorum_queue_length", "Messages waiting in a Celery queue", ["queue"])
+REDIS_WAIT_SHORT = Counter(
+    "quorum_redis_replication_wait_short_total",
+    "Writes acknowledged after WAIT timed out with fewer replicas than QUORUM_REDIS_WAIT_REPLICAS confirming",
+    ["where"],
+)
 QUEUE_OLDEST_AGE = Gauge(
     "quorum_queue_oldest_message_age_seconds",
     "How long the oldest message waiting in a Celery queue has waited (0: empty)",

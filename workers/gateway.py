@@ -47,6 +47,7 @@ from ..broker.intake import IDLE_S, Entry, IntakeReader, Limits, interleave, rot
 from ..broker.keys import as_str
 from ..broker.redis_errors import ensure_group, redis_boundary
 from ..broker.results import archive, publish
+from ..broker.sentinel import replicated
 from ..core import metrics
 from ..core.config import Settings
 from ..core.errors import Code, QuorumError, ServiceError
@@ -384,6 +385,10 @@ class Gateway:
                     purpose=outcome.job.purpose,
                 )
             with redis_boundary("acknowledging an entry"):
+                # What admitting or answering wrote goes to a replica first (broker.sentinel): acknowledged
+                # only then, so a failover cannot lose an accepted probe.
+                s = self.settings
+                replicated(self.redis, s.redis_wait_replicas, s.redis_wait_timeout_ms, "intake_ack")
                 # Answered or admitted: the entry (and the probe image it may carry, now in the object
                 # store under its retention) leaves Redis. Only entries not yet handled stay.
                 pipe = self.redis.pipeline(transaction=True)

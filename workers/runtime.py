@@ -115,21 +115,31 @@ class Runtime:
             self._engines[name] = get_engine(name, device=self.settings.device, s=self.settings)
         return self._engines[name]
 
+    def identity(self, name: str) -> tuple[str, int]:
+        """(version, dimension) of an engine: from its model when this process loaded it, else without
+        loading it (a shard worker never loads the model: ``workers.engines.engine_identity``)."""
+        if name in self._engines:
+            eng = self._engines[name]
+            return eng.version, eng.dim
+        from .engines import engine_identity
+
+        return engine_identity(name, self.settings)
+
     def replica(self, name: str, shard: int = 0):
         """This process's replica of an engine's gallery (or of one shard of it, when the engine is
         sharded: ``settings.shards``): snapshot loaded, log applied."""
         if (name, shard) not in self._replicas:
             from .replica import GalleryReplica
 
-            eng = self.engine(name)
             s = self.settings
             shards = s.shards_of(name)
             if not 0 <= shard < shards:
                 raise ValueError(f"{name} has {shards} shard(s); there is no shard {shard}")
+            version, dim = self.identity(name)
             rep = GalleryReplica(
                 name,
-                eng.version,
-                eng.dim,
+                version,
+                dim,
                 self.redis,
                 self.store,
                 m=s.hnsw_m,

@@ -105,14 +105,11 @@ def _load(runtime, role: str, node: str, s) -> None:
     reindexing = parse_reindex_role(role)
     if shard:
         engine, i, n = shard
+        version = runtime.identity(engine)[0]  # the engine's version without its model: a shard embeds nothing
         _start_heartbeat(
-            runtime.redis,
-            keys.shard_alive(engine, i, n),
-            node,
-            _version_of(runtime, engine),
-            keys.shard_alive_index(engine),
+            runtime.redis, keys.shard_alive(engine, i, n), node, lambda: version, keys.shard_alive_index(engine)
         )
-        rep = runtime.replica(engine, i)  # loads only this shard's snapshot and log
+        rep = runtime.replica(engine, i)  # loads only this shard's snapshot and log, never the model
         metrics.GALLERY_TEMPLATES.labels(rep.name).set(len(rep.index))
     elif reindexing:
         # Embeds the stored images with the engine version this process runs, into that version's logs
@@ -125,11 +122,11 @@ def _load(runtime, role: str, node: str, s) -> None:
         # Beat from the start: a worker that is (re)starting will answer, so fusion waits for it
         # (bounded by the search timeout) rather than degrading the list while it loads.
         _start_heartbeat(runtime.redis, keys.engine_alive(role), node, _version_of(runtime, role))
+        runtime.engine(role)  # the model, before taking work
         if s.shards_of(role) == 1:
-            runtime.replica(role)  # loads the model and catches up with the gallery before taking work
+            runtime.replica(role)  # and the gallery, caught up
             metrics.GALLERY_TEMPLATES.labels(role).set(len(runtime.replica(role).index))
-        else:
-            runtime.engine(role)  # embeds and scatters: the shards' workers hold the gallery
+        # else: it embeds and scatters; the shards' workers hold the gallery
     elif role == "intake":
         _ = runtime.detector
 

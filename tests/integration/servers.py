@@ -41,11 +41,12 @@ def free_port(span: int = 1) -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, *, aof: bool = False) -> None:
+    def __init__(self, workdir: Path, *, aof: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.dir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.aof = aof  # append-only file, fsync every second: what the local stack and compose run
+        self.extra = extra  # more arguments, e.g. ("--replicaof", "127.0.0.1", "6379")
 
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server")
@@ -72,6 +73,7 @@ class RedisServer:
                 "everysec",
                 "--logfile",
                 str(self.dir / "redis.log"),
+                *self.extra,
             ],
             check=True,
         )
@@ -101,6 +103,45 @@ class RedisServer:
                 return
             time.sleep(0.05)
         raise RuntimeError("redis-server did not stop")
+
+
+class SentinelServer:
+    """One redis-sentinel on loopback watching ``master`` (quorum 2 of 3, down after 1 s)."""
+
+    def __init__(self, workdir: Path, master: str, primary_port: int) -> None:
+        self.dir, self.master, self.primary_port = workdir, master, primary_port
+        self.port = free_port()
+
+    def start(self) -> SentinelServer:
+        exe = shutil.which("redis-sentinel")
+        assert exe, "redis-sentinel is not installed: apt-get install -y redis-sentinel"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "sentinel.conf"
+        if not conf.exists():  # a restarted sentinel keeps what it learnt (it rewrites its file)
+            conf.write_text(
+                f"port {self.port}\nbind 127.0.0.1\ndaemonize yes\npidfile {self.dir / 'sentinel.pid'}\n"
+                f"logfile {self.dir / 'sentinel.log'}\ndir {self.dir}\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.primary_port} 2\n"
+                f"sentinel down-after-milliseconds {self.master} 1000\n"
+                f"sentinel failover-timeout {self.master} 5000\n"
+                f"sentinel parallel-syncs {self.master} 1\n"
+            )
+        subprocess.run([exe, str(conf)], check=True)
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-sentinel did not start")
+
+    def kill(self) -> None:
+        os.kill(int((self.dir / "sentinel.pid").read_text()), signal.SIGKILL)
+
+    def stop(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            self.kill()
 
 
 class S3Server:

