@@ -27,7 +27,6 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
 
 from ..broker import keys
-from ..broker.redis_errors import connect
 from ..core.config import Settings
 from ..core.errors import Code, InputError, ServiceError, require_id
 from ..core.files import atomic_write
@@ -613,13 +612,25 @@ def sync_local_redis(s: Settings) -> list[str] | None:
     admin_url = local_redis.service_url(s.home, s.redis_url, local_redis.ADMIN)
     if admin_url is None:
         return None
+    from ..broker.sentinel import data_nodes
+
     eng = db.get_engine(s)
     write_local_acl(eng, s.home, local_redis.read_passwords(s.home))
-    client = connect(admin_url, socket_connect_timeout=5, socket_timeout=10)  # a hung server is reported
+    # Every data node (behind Sentinel the replica too: the ACL is not replicated); the record of what was
+    # applied is written on the primary (a replica refuses writes). A hung server is reported.
+    primary, *replicas = data_nodes(admin_url, socket_connect_timeout=5, socket_timeout=10)
     try:
-        return push_redis_acl(eng, client)
+        for replica in replicas:
+            try:
+                apply_redis_acl(eng, replica)
+            except ServiceError:
+                raise
+            except Exception as exc:
+                raise ServiceError(Code.REDIS_ACL_NOT_APPLIED, f"replica: {type(exc).__name__}: {exc}") from exc
+        return push_redis_acl(eng, primary)
     finally:
-        client.close()
+        for client in (primary, *replicas):
+            client.close()
 
 
 class AclWatch:

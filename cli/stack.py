@@ -146,6 +146,7 @@ class Stack:
             if self.owns_redis():  # started by an earlier `up` of this home: keep its ACL file current
                 from ..accountability.registry import sync_local_redis
 
+                self._heal_topology()
                 sync_local_redis(self.s)
             return False
         if answer == "refused":
@@ -169,31 +170,9 @@ class Stack:
 
         passwords = local_redis.ensure_passwords(self.home)
         aclfile = write_local_acl(db.get_engine(self.s), self.home, passwords)
-        subprocess.run(
-            [
-                exe,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(url.port or 6379),
-                "--daemonize",
-                "yes",
-                "--pidfile",
-                str(local_redis.pid_file(self.home)),
-                "--dir",
-                str(data),
-                "--logfile",
-                str(self.log_dir / "redis.log"),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--aclfile",
-                str(aclfile),
-                *local_redis.limit_args(self.s),
-            ],
-            check=True,
-        )
+        port = url.port or 6379
+        args = self._redis_args(port, data, local_redis.pid_file(self.home), "redis", aclfile)
+        subprocess.run([exe, *args, *self._replication_auth(passwords)], check=True)
         # Recorded at once (``down`` stops it even if it never answers); from now on this home's
         # commands log in as its admin user.
         local_redis.record_started(self.home, self.s.redis_url)
@@ -206,11 +185,124 @@ class Stack:
             passwords=str(local_redis.passwords_file(self.home)),
         )
         for _ in range(100):
-            self._use_local_admin()  # once the pid file is there
-            if self._redis_answer() == "ok":
-                return True
+            if self._redis_answer(local_redis.service_url(self.home, self.s.redis_url, local_redis.ADMIN)) == "ok":
+                break
             time.sleep(0.05)
-        raise RuntimeError("redis-server did not start; see " + str(self.log_dir / "redis.log"))
+        else:
+            raise RuntimeError("redis-server did not start; see " + str(self.log_dir / "redis.log"))
+        if self.s.local_sentinel:
+            self._start_topology(exe, port, aclfile, passwords[local_redis.ADMIN])
+        self._use_local_admin()
+        return True
+
+    def _redis_args(self, port: int, data: Path, pidfile: Path, name: str, aclfile: Path) -> list[str]:
+        """redis-server's arguments for a data node of this home (the primary, or the replica)."""
+        data.mkdir(parents=True, exist_ok=True)
+        return [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(pidfile),
+            "--dir",
+            str(data),
+            "--logfile",
+            str(self.log_dir / f"{name}.log"),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--aclfile",
+            str(aclfile),
+            *local_redis.limit_args(self.s),
+        ]
+
+    def _start_topology(self, exe: str, port: int, aclfile: Path, admin_password: str) -> None:
+        """A replica at ``port``+1 and three sentinels at +2..+4 beside the primary just started, the
+        sentinels logging in as ``admin`` (its ACL user on both data nodes); waits until they see the
+        replica and each other. From then on every URL handed out names the sentinels."""
+        topo = local_redis.topology_dir(self.home)
+        local_redis.record_topology(self.home, port, port + 1, [port + 2, port + 3, port + 4])
+        replica = self._redis_args(port + 1, topo / "replica", topo / "replica.pid", "redis-replica", aclfile)
+        auth = ["--masteruser", local_redis.ADMIN, "--masterauth", admin_password]
+        subprocess.run([exe, *replica, "--replicaof", "127.0.0.1", str(port), *auth], check=True)
+        sentinel_exe = shutil.which("redis-sentinel")
+        if not sentinel_exe:
+            raise RuntimeError("redis-sentinel is not installed (apt-get install -y redis-sentinel)")
+        for i, sport in enumerate((port + 2, port + 3, port + 4)):
+            conf = topo / f"sentinel-{i}.conf"
+            m = local_redis.SENTINEL_MASTER
+            conf.write_text(
+                f"port {sport}\nbind 127.0.0.1\ndaemonize yes\npidfile {topo / f'sentinel-{i}.pid'}\n"
+                f"logfile {self.log_dir / f'redis-sentinel-{i}.log'}\ndir {topo}\n"
+                f"sentinel monitor {m} 127.0.0.1 {port} 2\nsentinel auth-user {m} {local_redis.ADMIN}\n"
+                f"sentinel auth-pass {m} {admin_password}\nsentinel down-after-milliseconds {m} 2000\n"
+                f"sentinel failover-timeout {m} 10000\n"
+            )
+            conf.chmod(0o600)  # it holds the admin password
+            subprocess.run([sentinel_exe, str(conf)], check=True)
+        deadline = time.monotonic() + 60
+        while not self._topology_settled(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the local sentinels did not see the replica; see {self.log_dir}/redis-sentinel-*.log"
+                )
+            time.sleep(0.2)
+        log.info("stack.redis_sentinel_started", primary=port, replica=port + 1, sentinels=f"{port + 2}-{port + 4}")
+
+    def _replication_auth(self, passwords: dict[str, str]) -> list[str]:
+        """With Sentinel, each data node may become a replica (after a failover): it then logs in to the
+        new primary as ``admin``."""
+        if not self.s.local_sentinel:
+            return []
+        return ["--masteruser", local_redis.ADMIN, "--masterauth", passwords[local_redis.ADMIN]]
+
+    def _heal_topology(self) -> list[str]:
+        """Start again whatever of this home's topology is not running (a primary a failover replaced comes
+        back as a replica: the sentinels reconfigure it). Names what was started."""
+        topo = local_redis.topology(self.home)
+        exe = shutil.which("redis-server")
+        if topo is None or exe is None:
+            return []
+        from ..accountability import db
+        from ..accountability.registry import write_local_acl
+
+        passwords = local_redis.read_passwords(self.home)
+        aclfile = write_local_acl(db.get_engine(self.s), self.home, passwords)
+        d = local_redis.topology_dir(self.home)
+        started = []
+        nodes = (
+            (topo["primary"], self.home / "redis", local_redis.pid_file(self.home), "redis"),
+            (topo["replica"], d / "replica", d / "replica.pid", "redis-replica"),
+        )
+        for port, data, pidfile, name in nodes:
+            if not self._alive(pidfile):
+                args = self._redis_args(port, data, pidfile, name, aclfile)
+                subprocess.run([exe, *args, *self._replication_auth(passwords)], check=True)
+                started.append(name)
+        sentinel_exe = shutil.which("redis-sentinel") or "redis-sentinel"
+        for i in range(len(topo["sentinels"])):
+            if not self._alive(d / f"sentinel-{i}.pid"):
+                subprocess.run([sentinel_exe, str(d / f"sentinel-{i}.conf")], check=True)
+                started.append(f"sentinel-{i}")
+        if started:
+            log.info("stack.redis_topology_healed", started=",".join(started))
+        return started
+
+    def _topology_settled(self, port: int) -> bool:
+        try:
+            for sport in (port + 2, port + 3, port + 4):
+                c = redis_lib.Redis(port=sport, socket_connect_timeout=0.5)
+                if len(c.sentinel_slaves(local_redis.SENTINEL_MASTER)) < 1:
+                    return False
+                if len(c.sentinel_sentinels(local_redis.SENTINEL_MASTER)) < 2:
+                    return False
+            return True
+        except redis_lib.RedisError:
+            return False
 
     # ---- processes --------------------------------------------------------------------------
     def _pidfile(self, role: str, i: int = 0) -> Path:
@@ -425,15 +517,18 @@ class Stack:
         return stopped
 
     def _stop_redis(self) -> bool:
-        """Stop the redis-server this home's stack started, if it runs. True if it was running."""
+        """Stop the redis-server this home's stack started (and its replica and sentinels), if it runs.
+        True if something was running."""
         marker = local_redis.started_file(self.home)
         if not marker.exists():
             return False
-        pid = self._alive(local_redis.pid_file(self.home))
-        if pid:
+        files = local_redis.topology_pid_files(self.home) if local_redis.topology(self.home) else []
+        pids = [pid for f in [*reversed(files[1:]), local_redis.pid_file(self.home)] if (pid := self._alive(f))]
+        for pid in pids:  # the sentinels first (or they fail over to the replica), then replica and primary
             _terminate(pid)
         marker.unlink(missing_ok=True)
-        return pid is not None
+        (local_redis.topology_dir(self.home) / "topology.json").unlink(missing_ok=True)
+        return bool(pids)
 
     def status(self) -> dict[str, str]:
         out = {"redis": "up" if self._redis_reachable() else "down"}

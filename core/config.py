@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     # once this many replicas confirmed the writes before it (WAIT, at most redis_wait_timeout_ms; on a
     # timeout the work goes on, counted in quorum_redis_replication_wait_short_total). 0: no WAIT (one server).
     redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    # `quorum up` starts a Sentinel topology on loopback instead of one redis-server: the primary at the
+    # configured port, a replica at port+1, three sentinels at port+2..+4 (core.local_redis).
+    local_sentinel: bool = False
     redis_wait_timeout_ms: int = Field(default=1000, ge=10, le=60_000)
     metrics_port: int = 0  # 0: no HTTP exporter in this process
     data_dir: str = ""  # labelled faces for the demo; default ../shared/data next to the repo

@@ -12,6 +12,11 @@ are made once and kept across restarts in ``<home>/secrets/redis-services.json``
 The stack records the server it started in ``<home>/run/redis.started`` (``host:port``). A command run
 in the same home whose URL carries no credentials and points at that server (while it runs) logs in as
 ``admin`` (:func:`local_credentials`), so ``quorum enroll``, ``search``, ``status``... need no setup.
+
+With ``QUORUM_LOCAL_SENTINEL=true`` the stack starts a Sentinel topology instead of one server: the
+primary at the configured port, a replica at the next, and three sentinels at the three after it
+(recorded in ``<home>/run/redis-topology/topology.json``); every URL handed out then names the sentinels
+(``redis+sentinel://``, broker.sentinel), so processes and commands follow the primary through a failover.
 """
 
 from __future__ import annotations
@@ -59,6 +64,50 @@ def started_file(home: str | Path) -> Path:
 
 def pid_file(home: str | Path) -> Path:
     return Path(home) / "run" / "redis.pid"
+
+
+SENTINEL_MASTER = "quorum"  # the name the local sentinels monitor
+
+
+def topology_dir(home: str | Path) -> Path:
+    """The replica's and the sentinels' files (pid, config, data), apart from the processes' pid files."""
+    return Path(home) / "run" / "redis-topology"
+
+
+def topology(home: str | Path) -> dict | None:
+    """The Sentinel topology this home's stack started: primary, replica and sentinel ports; None if none."""
+    try:
+        return json.loads((topology_dir(home) / "topology.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def record_topology(home: str | Path, primary: int, replica: int, sentinels: list[int]) -> None:
+    doc = {"primary": primary, "replica": replica, "sentinels": sentinels, "master": SENTINEL_MASTER}
+    topology_dir(home).mkdir(parents=True, exist_ok=True)
+    atomic_write(topology_dir(home) / "topology.json", json.dumps(doc))
+
+
+def topology_pid_files(home: str | Path) -> list[Path]:
+    """Every process of the topology: the primary, the replica, the sentinels."""
+    topo = topology(home) or {"sentinels": []}
+    d = topology_dir(home)
+    return [pid_file(home), d / "replica.pid", *(d / f"sentinel-{i}.pid" for i in range(len(topo["sentinels"])))]
+
+
+def sentinel_url(home: str | Path, user: str, password: str) -> str:
+    topo = topology(home)
+    assert topo is not None
+    hosts = ",".join(f"127.0.0.1:{p}" for p in topo["sentinels"])
+    return f"redis+sentinel://{quote(user, safe='')}:{quote(password, safe='')}@{hosts}/{topo['master']}/0"
+
+
+def _alive(path: Path) -> bool:
+    try:
+        os.kill(int(path.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def role_user(role: str) -> str:
@@ -158,20 +207,24 @@ def running_address(home: str | Path) -> str | None:
     """``host:port`` of the redis-server this home's stack started, while it runs; else None."""
     try:
         addr = started_file(home).read_text().strip()
-        pid = int(pid_file(home).read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+    except OSError:
         return None
-    return addr or None
+    # A topology runs while any of its processes does (its primary may be the one a failover replaced).
+    alive = any(_alive(p) for p in topology_pid_files(home)) if topology(home) else _alive(pid_file(home))
+    return (addr or None) if alive else None
 
 
 def owns(home: str | Path, url: str) -> bool:
     """Whether ``url`` names the redis-server this home's stack started (and it runs); never a Sentinel
     URL (``redis+sentinel://``: servers of their own, the stack starts none)."""
-    if url.split("://", 1)[0].endswith("+sentinel"):
-        return False
     addr = running_address(home)
-    return addr is not None and addr == server_address(url)
+    if addr is None:
+        return False
+    if url.split("://", 1)[0].endswith("+sentinel"):  # our sentinels' URL (broker.sentinel's form)
+        hosts = url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+        topo = topology(home)
+        return bool(topo) and hosts == ",".join(f"127.0.0.1:{p}" for p in topo["sentinels"])  # type: ignore[index]
+    return addr == server_address(url)
 
 
 def service_url(home: str | Path, url: str, user: str) -> str | None:
@@ -179,7 +232,9 @@ def service_url(home: str | Path, url: str, user: str) -> str | None:
     if not owns(home, url):
         return None
     password = read_passwords(home).get(user)
-    return with_credentials(url, user, password) if password else None
+    if not password:
+        return None
+    return sentinel_url(home, user, password) if topology(home) else with_credentials(url, user, password)
 
 
 def local_credentials(home: str | Path, url: str) -> str | None:
@@ -194,7 +249,7 @@ def write_url_file(home: str | Path, url: str, user: str) -> Path:
     """The file a process of ``user`` reads its Redis URL from (``QUORUM_REDIS_URL_FILE``), mode 0600."""
     password = read_passwords(home)[user]
     path = url_file(home, user)
-    _write_private(path, with_credentials(url, user, password))
+    _write_private(path, service_url(home, url, user) or with_credentials(url, user, password))
     return path
 
 
