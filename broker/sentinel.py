@@ -4,7 +4,8 @@ failover.
 
     redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB][?sentinel_password=...]
     rediss+sentinel://...   TLS to the sentinels and the data nodes (ssl_ca_certs=..., as for rediss://):
-                            Quorum's own clients only; Celery's transport refuses it (not supported yet)
+                            Quorum's own clients only, not yet tried against TLS sentinels; Celery's
+                            transport refuses it (not supported yet)
 
 USER and PASSWORD are the data nodes' ACL user (the same on every node: the ACL file is loaded on each,
 ``quorum deploy acl-load`` does so); ``sentinel_password`` is the sentinels' own, if they require one.
