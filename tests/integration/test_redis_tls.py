@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -347,20 +348,32 @@ def test_review_app_signs_in_over_tls_as_its_own_user(tls_redis, tmp_path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if request("GET", "/signin").status == 200:
+                form = request("GET", "/signin")
+                if form.status == 200:
                     break
             except OSError:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "review.log").read_text()[-2000:]
             time.sleep(0.3)
-        resp = request("POST", "/signin", urllib.parse.urlencode({"token": token}))
+        # As a browser does: the form's token comes back both in the form and in its cookie.
+        form_cookie = form.getheader("Set-Cookie", "").split(";", 1)[0]
+        form_token = re.search(rb'name="form_token" value="([^"]+)"', form.read())
+        assert form_cookie.startswith("quorum_signin=") and form_token, form_cookie
+        body = urllib.parse.urlencode({"token": token, "form_token": form_token[1].decode()})
+        resp = request("POST", "/signin", body, cookie=form_cookie)
         assert resp.status == 303, resp.read()[:500]
         cookie = resp.getheader("Set-Cookie", "").split(";", 1)[0]
         assert cookie
         page = request("GET", "/", cookie=cookie)
         assert page.status == 200 and b"rev-1" in page.read()
-        again = request("POST", "/signin", urllib.parse.urlencode({"token": token}))  # one-time: GETDEL
-        assert again.status == 403
+        # One-time (GETDEL): the same token again, with a fresh form, is refused for the token itself.
+        form = request("GET", "/signin")
+        form_cookie = form.getheader("Set-Cookie", "").split(";", 1)[0]
+        fresh = re.search(rb'name="form_token" value="([^"]+)"', form.read())
+        assert fresh
+        body = urllib.parse.urlencode({"token": token, "form_token": fresh[1].decode()})
+        again = request("POST", "/signin", body, cookie=form_cookie)
+        assert again.status == 403 and b"FORM_EXPIRED" not in again.read()
     finally:
         proc.terminate()
         proc.wait(timeout=20)
