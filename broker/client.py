@@ -43,6 +43,7 @@ class QuorumClient:
         *,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        submit_retry_s: float = 30.0,
     ) -> None:
         """``redis_url``: one server, or ``redis+sentinel://`` (the primary its sentinels name, followed
         through a failover). ``wait_replicas``: after each XADD, WAIT until that many replicas have the
@@ -51,6 +52,7 @@ class QuorumClient:
         self.redis = open_redis(redis_url)
         self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self.unconfirmed = 0
+        self.submit_retry_s = submit_retry_s
         self.agency_id = agency_id
         self.user_id = user_id
         self.secret = secret
@@ -120,7 +122,21 @@ class QuorumClient:
 
     def submit_raw(self, payload: str | bytes, *, sign: bool = True) -> str:
         """Write an arbitrary payload (used by tests to send broken messages), signed when it is a JSON
-        object and the client has a secret. Returns the entry id."""
+        object and the client has a secret. Returns the entry id.
+
+        Redis unreachable or read-only (a failover under way: the old primary gone or demoted) is waited
+        out for up to ``submit_retry_s``, signing afresh each time (a new nonce): should an earlier try
+        have landed after all, the gateway answers the copy ``DUPLICATE_REQUEST``, which is ignored."""
+        deadline = time.monotonic() + self.submit_retry_s
+        while True:
+            try:
+                return self.submit_fields(self._fields(payload, sign))
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.exceptions.ReadOnlyError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _fields(self, payload: str | bytes, sign: bool) -> dict:
         fields: dict = {"payload": payload}
         if sign and self.secret:
             try:
@@ -132,7 +148,7 @@ class QuorumClient:
                     fields = signing.sign(self.secret, payload)
                 except Exception:  # e.g. image.data_b64 not base64: send it unsigned, the gateway says why
                     fields = {"payload": payload}
-        return self.submit_fields(fields)
+        return fields
 
     def submit_fields(self, fields: dict) -> str:
         """Write an intake entry with exactly these fields. Returns the entry id."""

@@ -143,3 +143,24 @@ def test_redis_away_for_the_whole_wait_is_a_timeout_not_a_connection_traceback(c
     client.redis = _Outage(client.redis, 10_000)
     with pytest.raises(TimeoutError, match="Redis unreachable"):
         client.wait(rid, timeout=1.5)
+
+
+def test_a_submission_waits_out_a_failover_and_gives_up_after_its_limit(client: QuorumClient) -> None:
+    """Redis unreachable while the sentinels promote a replica: the client tries again (signing afresh),
+    and says so only once ``submit_retry_s`` has passed."""
+    import time
+
+    import redis
+
+    real = client.redis
+    client.redis = _Outage(real, 2)  # two refused tries, then the new primary answers
+    rid = client.submit(b"x", case_number="C-9", offence_code="PC211", purpose="criminal-investigation")
+    entries = real.xrange(keys.intake_stream("lasd"))
+    assert [e for e, _ in entries if e.decode() == client.entries[rid]]
+    assert len(entries) == 1  # one entry: the refused tries wrote nothing
+    client.redis = _Outage(real, 10_000)
+    client.submit_retry_s = 0.6
+    t0 = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        client.submit(b"y", case_number="C-10", offence_code="PC211", purpose="criminal-investigation")
+    assert 0.5 <= time.monotonic() - t0 < 5

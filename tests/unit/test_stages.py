@@ -383,11 +383,32 @@ def test_the_intake_watchdog_sends_prepare_again_only_when_intake_has_nothing_qu
     assert late.published.retryable and late.send == ()
 
 
-def test_the_watchdog_does_nothing_once_intake_ran_and_a_deadline_without_a_face_waits(w):
+def test_after_intake_the_watchdog_sends_lost_searches_and_a_lost_fuse_again(w):
+    """A Redis failover can drop what the old primary had not replicated: an engine's search, the last
+    engine's fuse. The watchdog (a timer replicated before the entry was acknowledged) keeps coming back
+    until the request is answered."""
     job = w.prepared()
+    watch = (TASK_FUSE, {"request_id": job.request_id, "final": True, "watchdog": True}, FUSION_QUEUE, 5.0)
     res = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
-    assert res.status == "intake_done" and res.send == () and res.published is None
-    fresh = w.job()
+    assert res.status == "watching" and res.published is None  # no engine alive: nothing to send again
+    assert [(m.task, m.kwargs, m.queue, m.countdown) for m in res.send] == [watch]
+    liveness.heartbeat(w.redis, keys.engine_alive("e1"), "node-1", ttl_s=30)  # alive, its queue empty: lost
+    lost = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
+    assert lost.detail == {"missing": ["e1", "e2"], "redriven": ["e1"]}
+    assert [(m.task, m.kwargs, m.queue) for m in lost.send[:1]] == [
+        (TASK_SEARCH, {"request_id": job.request_id, "engine": "e1"}, engine_queue("e1"))
+    ]
+    w.redis.rpush(engine_queue("e1"), b"a backlog, not a loss")
+    busy = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
+    assert busy.detail["redriven"] == [] and [m.task for m in busy.send] == [TASK_FUSE]
+    _both_engines(w, job)  # every engine in, and the fuse the last one sent lost: the watchdog sends it
+    done = stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True)
+    assert done.status == "intake_done" and [(m.task, m.kwargs) for m in done.send] == [
+        (TASK_FUSE, {"request_id": job.request_id, "final": False})
+    ]
+    assert isinstance(stages.fuse(w.ctx(), request_id=job.request_id, final=False).published, CandidateList)
+    assert stages.fuse(w.ctx(), request_id=job.request_id, final=True, watchdog=True).status == "gone"
+    fresh = w.job()  # a deadline (not the watchdog) for a probe without a face yet: nothing to do
     assert stages.fuse(w.ctx(), request_id=fresh.request_id, final=True).status == "gone"
 
 

@@ -49,7 +49,8 @@ class Outcome(StrEnum):
     MERGED = "merged"  # shard: the last one in, the engine's result merged from every shard
     LATE = "late"  # shard: the engine's result was merged already (perhaps without this shard)
     INTAKE_PENDING = "intake_pending"  # intake watchdog: intake has not run yet, checks again later
-    INTAKE_DONE = "intake_done"  # intake watchdog: intake ran, the deadlines take over
+    INTAKE_DONE = "intake_done"  # intake watchdog: intake ran, every engine answered; fuses (a lost fuse re-sent)
+    WATCHING = "watching"  # watchdog after intake: engines still missing; lost searches re-sent, back later
     WAITING = "waiting"  # fusion: not every engine has answered
     EXTENDED = "extended"  # fusion: a missing engine is alive and busy, another deadline given
     HELD = "held"  # fusion: another process is answering this request now; asks again later

@@ -78,7 +78,8 @@ def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: b
     the missing engine's search again if that engine's queue is empty: a message a worker took and
     lost, e.g. killed between Redis handing it over and recording it as unacknowledged).
 
-    ``watchdog=True`` is the intake watchdog the gateway schedules at admission (:func:`_watch_intake`).
+    ``watchdog=True`` is the watchdog the gateway schedules at admission: it re-sends a lost ``prepare``
+    (:func:`_watch_intake`), then lost searches and a lost fuse (:func:`_watch_engines`), until answered.
     """
     r, s = ctx.redis, ctx.settings
     job = load_job(r, request_id)
@@ -87,7 +88,7 @@ def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: b
     if job.face is None:
         return _watch_intake(ctx, job) if watchdog else StageResult("fusion", Outcome.GONE, job)
     if watchdog:
-        return StageResult("fusion", Outcome.INTAKE_DONE, job)
+        return _watch_engines(ctx, job)
     raw = r.hgetall(keys.job_results_key(request_id))
     results = {keys.as_str(k): EngineResult.model_validate_json(v) for k, v in raw.items()}
     if not final and len(results) < len(job.engines):
@@ -113,7 +114,7 @@ def fuse(ctx: StageContext, *, request_id: str, final: bool = False, watchdog: b
 def _watch_intake(ctx: StageContext, job: Job) -> StageResult:
     """The intake watchdog, for a probe that has no face yet (intake has not run): it sends ``prepare``
     again if the intake queue is empty and checks again a deadline later; past the search timeout it
-    answers ``SEARCH_TIMEOUT``. Once intake has run it has nothing to do (the deadlines take over)."""
+    answers ``SEARCH_TIMEOUT``. Once intake has run, :func:`_watch_engines` takes over."""
     s = ctx.settings
     if ctx.now() - job.received_at >= s.search_timeout_s:
         err = ServiceError(Code.SEARCH_TIMEOUT, f"the probe was not through intake after {s.search_timeout_s:.0f}s")
@@ -125,6 +126,25 @@ def _watch_intake(ctx: StageContext, job: Job) -> StageResult:
     if redriven:
         send.insert(0, prepare_message(job.request_id))
     return StageResult("fusion", Outcome.INTAKE_PENDING, job, send=tuple(send), detail={"redriven": redriven})
+
+
+def _watch_engines(ctx: StageContext, job: Job) -> StageResult:
+    """The watchdog once intake has run: until the request is answered it comes back every deadline, so
+    that a message lost on the way (a Redis failover drops what the old primary had not replicated: an
+    engine's search, the last engine's fuse) is sent again. An alive engine (or shard) that has not
+    answered and whose queue is empty gets its search again (a repeat is harmless: results are recorded
+    once); with every engine in, the fuse is sent. Past the search timeout the backstop answers."""
+    r, s = ctx.redis, ctx.settings
+    answered = {keys.as_str(k) for k in r.hkeys(keys.job_results_key(job.request_id))}
+    missing = [e for e in job.engines if e not in answered]
+    if not missing:
+        return StageResult("fusion", Outcome.INTAKE_DONE, job, send=(fuse_message(job.request_id, final=False),))
+    if ctx.now() - job.received_at >= s.search_timeout_s:
+        return StageResult("fusion", Outcome.WATCHING, job)  # the backstop fuse answers now
+    _, redrive = _still_coming(ctx, job, missing)
+    again = watchdog_message(job.request_id, s.fusion_deadline_s)
+    detail = {"missing": missing, "redriven": [m.kwargs.get("engine") for m in redrive]}
+    return StageResult("fusion", Outcome.WATCHING, job, send=(*redrive, again), detail=detail)
 
 
 def _partial_shards(ctx: StageContext, job: Job, missing: Sequence[str]) -> dict[str, EngineResult]:
