@@ -5,7 +5,8 @@ A layout is the engine set and each engine's shard count (the settings ``QUORUM_
 ``QUORUM_SHARDS``) and the templates each engine is sized for. From it come one Deployment per role
 and per shard (never written by hand per shard), their readiness and liveness probes (``/ready`` and
 ``/live`` on the metrics port), PodDisruptionBudgets, resource requests from the measured RAM figures
-(BENCHMARKS.md: index bytes per template at 128 and 512 dimensions, and a worker's own memory), and
+(BENCHMARKS.md "Three engines through the queue": memory per template in a shard process, and each
+engine worker's), and
 HorizontalPodAutoscalers of the engine and shard pools on the queue length the gateway exports
 (``quorum_queue_length``, an External metric through prometheus-adapter, whose rule is rendered too).
 The same layout gives ``docker-compose.shards.yml``. :func:`consumed_queues` reads a rendered command
@@ -23,10 +24,16 @@ from typing import Any
 
 from ..broker.app import queues_of, role_queue, shard_role
 
-# Index bytes per template (HNSW M=32), BENCHMARKS.md "Index at scale": 788 B at 128-d (1 M), 2,324 B at 512-d.
-TEMPLATE_BYTES = {128: 788, 512: 2324}
+# Memory per template in a shard worker process (the HNSW index, M=32, and its label maps), measured by
+# bench/three_engines_e2e.py (BENCHMARKS.md "Three engines through the queue"): 828 MB for 500k 128-d
+# templates, 470-482 MB for 125k 512-d ones, less a process's own ~130 MB.
+TEMPLATE_BYTES = {128: 1400, 512: 2720}
 ENGINE_DIM = {"sface": 128, "dlib": 128, "facenet": 512, "arcface": 512}
-WORKER_MIB = 700  # one worker process: Python, Celery, onnxruntime and its model (~0.5 GB measured) and headroom
+# An engine's embed worker (Python, Celery, the runtime and its model), measured in the same run (RSS 637,
+# 995 and 370 MB) with a quarter more; dlib's not measured there.
+ENGINE_WORKER_MIB = {"sface": 800, "facenet": 1250, "arcface": 500, "dlib": 700}
+WORKER_MIB = 700  # any other worker process (measured 100-140 MB: room for bursts of large probe images)
+SHARD_BASE_MIB = 150  # a shard worker without its index (it loads no model)
 SHARD_HEADROOM = 1.25  # a shard's index grows until the next snapshot; a reload holds two copies briefly
 METRICS_PORT = 9100
 REVIEW_PORT = 8470
@@ -82,9 +89,14 @@ class Role:
     port: int | None = None  # served to others (review)
 
 
-def shard_memory_mib(layout: Layout, engine: str) -> int:
+def gallery_mib(layout: Layout, engine: str) -> int:
+    """One shard's templates in memory (the whole gallery for an unsharded engine), with headroom."""
     per_shard = layout.templates / layout.shards_of(engine) * TEMPLATE_BYTES[ENGINE_DIM[engine]]
-    return int(per_shard * SHARD_HEADROOM / 2**20) + WORKER_MIB
+    return int(per_shard * SHARD_HEADROOM / 2**20)
+
+
+def shard_memory_mib(layout: Layout, engine: str) -> int:
+    return gallery_mib(layout, engine) + SHARD_BASE_MIB
 
 
 def roles(layout: Layout) -> list[Role]:
@@ -96,7 +108,7 @@ def roles(layout: Layout) -> list[Role]:
     for e in layout.engines:
         n = layout.shards_of(e)
         # Unsharded, the engine's workers hold its whole gallery; sharded, they embed and scatter only.
-        mem = WORKER_MIB if n > 1 else shard_memory_mib(layout, e)
+        mem = ENGINE_WORKER_MIB[e] + (gallery_mib(layout, e) if n == 1 else 0)
         out.append(Role(e, ("quorum", "worker", e), memory_mib=mem, cpu="1", engine=e, queue=f"engine.{e}"))
     out += [
         Role("fusion", ("quorum", "worker", "fusion")),
@@ -117,7 +129,14 @@ def roles(layout: Layout) -> list[Role]:
             out.append(Role(f"{e}-shard-{i}of{n}", cmd, "shard", memory_mib=mem, queue=queue))
     # Reindex workers run only while `quorum gallery reindex` builds a new version: 0 until scaled up.
     out += [
-        Role(f"{e}-reindex", ("quorum", "worker", e, "--reindex"), "reindex", replicas=0, cpu="1")
+        Role(
+            f"{e}-reindex",
+            ("quorum", "worker", e, "--reindex"),
+            "reindex",
+            replicas=0,
+            memory_mib=ENGINE_WORKER_MIB[e],
+            cpu="1",
+        )
         for e in layout.engines
     ]
     return out
