@@ -37,19 +37,7 @@ DIM = 128
 
 
 def _replica(s, r, store, shard: int, shards: int) -> GalleryReplica:
-    return GalleryReplica(
-        "sface",
-        VERSION,
-        DIM,
-        r,
-        store,
-        m=s.hnsw_m,
-        ef_construction=s.hnsw_ef_construction,
-        ef_search=s.hnsw_ef_search,
-        capacity=s.gallery_capacity,
-        shard=shard,
-        shards=shards,
-    )
+    return GalleryReplica.for_settings(s, "sface", VERSION, DIM, r, store, shard=shard, shards=shards)
 
 
 def fill(s, r, n: int, old: int, tail: int) -> float:

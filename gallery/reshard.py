@@ -137,19 +137,7 @@ def build(
 
 
 def _replica(s: Settings, r, store: ObjectStore, engine: str, version: str, shard: int, shards: int, dim: int):
-    return GalleryReplica(
-        engine,
-        version,
-        dim,
-        r,
-        store,
-        m=s.hnsw_m,
-        ef_construction=s.hnsw_ef_construction,
-        ef_search=s.hnsw_ef_search,
-        capacity=s.gallery_capacity,
-        shard=shard,
-        shards=shards,
-    )
+    return GalleryReplica.for_settings(s, engine, version, dim, r, store, shard=shard, shards=shards)
 
 
 def _old_templates(s, store, r, report: ReshardReport, j: int) -> Iterator[tuple[list[int], list[str], np.ndarray]]:

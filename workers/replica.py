@@ -64,6 +64,25 @@ class GalleryReplica:
         self.skipped_other_version = 0
         self._lock = threading.RLock()  # one catch-up (or snapshot) at a time among a worker's threads
 
+    @classmethod
+    def for_settings(
+        cls, s, engine: str, engine_version: str, dim: int, redis, store, *, shard: int = 0, shards: int = 1
+    ) -> GalleryReplica:
+        """A replica with the deployment's HNSW settings (``hnsw_m``, ``hnsw_ef_*``, ``gallery_capacity``)."""
+        return cls(
+            engine,
+            engine_version,
+            dim,
+            redis,
+            store,
+            m=s.hnsw_m,
+            ef_construction=s.hnsw_ef_construction,
+            ef_search=s.hnsw_ef_search,
+            capacity=s.gallery_capacity,
+            shard=shard,
+            shards=shards,
+        )
+
     # Snapshots live under gallery/<engine>/<version slug>/ (a shard's under .../shard-<i>of<S>/) with a
     # pointer object naming the newest one: one pointer per engine version and shard.
     @property

@@ -136,19 +136,7 @@ class Runtime:
             if not 0 <= shard < shards:
                 raise ValueError(f"{name} has {shards} shard(s); there is no shard {shard}")
             version, dim = self.identity(name)
-            rep = GalleryReplica(
-                name,
-                version,
-                dim,
-                self.redis,
-                self.store,
-                m=s.hnsw_m,
-                ef_construction=s.hnsw_ef_construction,
-                ef_search=s.hnsw_ef_search,
-                capacity=s.gallery_capacity,
-                shard=shard,
-                shards=shards,
-            )
+            rep = GalleryReplica.for_settings(s, name, version, dim, self.redis, self.store, shard=shard, shards=shards)
             rep.load_snapshot()
             applied = rep.sync()
             log.info("gallery.replica_ready", engine=rep.name, templates=len(rep.index), log_entries_applied=applied)
