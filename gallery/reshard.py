@@ -62,6 +62,15 @@ def _state(r, engine: str) -> dict[str, str]:
     return {keys.as_str(k): keys.as_str(v) for k, v in r.hgetall(keys.gallery_reshard(engine)).items()}
 
 
+def _in_progress(r, engine: str, hint: str = "") -> tuple[dict[str, str], int, int]:
+    """The reshard in progress: its state and the shard counts from and to; refused when there is none."""
+    state = _state(r, engine)
+    if not state:
+        raise GalleryRefused(f"{engine}: no reshard in progress{hint}")
+    old, new = (int(x) for x in state["layout"].split(":"))
+    return state, old, new
+
+
 def _version(r, engine: str) -> str:
     """The one engine version to reshard: refused while a reindex runs or several versions are held."""
     if live_versions(r, "reindex", engine):
@@ -114,10 +123,7 @@ def build(
 ) -> ReshardReport:
     """Step 2: build every new shard not built yet, from the old layout's snapshots and logs."""
     r = connect(s.redis_url)
-    state = _state(r, engine)
-    if not state:
-        raise GalleryRefused(f"{engine}: no reshard in progress (quorum gallery reshard {engine} --shards N)")
-    old, new = (int(x) for x in state["layout"].split(":"))
+    state, old, new = _in_progress(r, engine, f" (quorum gallery reshard {engine} --shards N)")
     report = ReshardReport(engine, state["version"], old, new)
     t0 = time.monotonic()
     for j in range(new):
@@ -194,10 +200,7 @@ def _dim(r, store: ObjectStore, report: ReshardReport, shard: int) -> int:
 def finish(s: Settings, store: ObjectStore, engine: str, *, actor: str = "operator") -> dict:
     """Step 4: writes go to the new layout only; the old layout's logs and snapshots are deleted."""
     r = connect(s.redis_url)
-    state = _state(r, engine)
-    if not state:
-        raise GalleryRefused(f"{engine}: no reshard in progress")
-    old, new = (int(x) for x in state["layout"].split(":"))
+    state, old, new = _in_progress(r, engine)
     missing = [j for j in range(new) if not state.get(f"done:{j}")]
     if missing:
         raise GalleryRefused(f"{engine}: new shard(s) {missing} not built yet: run the reshard again first")
@@ -214,10 +217,7 @@ def finish(s: Settings, store: ObjectStore, engine: str, *, actor: str = "operat
 def abort(s: Settings, store: ObjectStore, engine: str, *, actor: str = "operator") -> dict:
     """Give the reshard up: the new layout's logs and snapshots are deleted, the old one stays."""
     r = connect(s.redis_url)
-    state = _state(r, engine)
-    if not state:
-        raise GalleryRefused(f"{engine}: no reshard in progress")
-    old, new = (int(x) for x in state["layout"].split(":"))
+    state, old, new = _in_progress(r, engine)
     if s.shards_of(engine) != old:
         raise GalleryRefused(f"{engine}: QUORUM_SHARDS gives {s.shards_of(engine)}: switch the workers back to {old}")
     return _drop_layout(s, store, r, engine, state, drop=new, outcome="aborted", actor=actor)
