@@ -40,6 +40,18 @@ def free_port(span: int = 1) -> int:
     raise RuntimeError("no free port range")
 
 
+def _wait_ping(port: int, what: str) -> None:
+    """Until the server on ``port`` answers PING (5 s at most)."""
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
 class RedisServer:
     def __init__(self, workdir: Path, *, aof: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.dir = workdir
@@ -77,14 +89,8 @@ class RedisServer:
             ],
             check=True,
         )
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        _wait_ping(self.port, "redis-server")
+        return self
 
     def stop(self) -> None:
         with contextlib.suppress(redis.RedisError):
@@ -127,14 +133,8 @@ class SentinelServer:
                 f"sentinel parallel-syncs {self.master} 1\n"
             )
         subprocess.run([exe, str(conf)], check=True)
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-sentinel did not start")
+        _wait_ping(self.port, "redis-sentinel")
+        return self
 
     def kill(self) -> None:
         os.kill(int((self.dir / "sentinel.pid").read_text()), signal.SIGKILL)
